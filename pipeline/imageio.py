@@ -1,0 +1,92 @@
+"""Image and label-map I/O: RGB images whatever their mode, VOC-palette PNG label maps."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageReadError(OSError):
+    """An image file is missing or cannot be decoded."""
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, (n, 3) uint8 (bit-interleaved class index)."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB; grayscale, palette and RGBA are converted."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+                # Composite on black rather than dropping alpha blindly.
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(background, im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image without decoding all of it."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            w, h = im.size
+            return h, w
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map PNG as (H, W) uint8 class indices (palette indices, not colours)."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise ImageReadError(f"label map {path} has mode {im.mode}; expected indices (P or L)")
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def write_palette_png(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write (H, W) uint8 indices as a VOC-palette PNG, atomically (temp file, then rename)."""
+    label = np.asarray(label)
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise ValueError(f"label map must be (H, W) uint8, got {label.dtype} {label.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(label, mode="P")
+    im.putpalette(VOC_PALETTE.tobytes())
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 RGB image as PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""Per-image artifact stores: one zarr v3 group per image, written atomically.
+
+A store is a directory ``<name>.zarr`` holding one group per image id. A group is first written
+complete under ``<name>.zarr.partial/<random>`` (same filesystem) and then renamed into place, so
+a killed run leaves only complete images and readers never see half an image. Store-level
+attributes record provenance; ``fingerprint`` identifies the parameters an image depends on, and a
+store whose fingerprint differs from the current one is reset rather than silently mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+class StoreError(RuntimeError):
+    """A store exists but cannot be used as asked (wrong producer, unreadable)."""
+
+
+class ImageStore:
+    """A zarr v3 directory store with one group of arrays per image id."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise StoreError(f"no store at {self.path} (run the stage that produces it first)")
+        self._root = zarr.open_group(str(self.path), mode="r")
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def open_for_writing(cls, path: str | os.PathLike, attrs: Mapping[str, Any]) -> "ImageStore":
+        """Open ``path`` for (resumed) writing with the given store attributes.
+
+        ``attrs['fingerprint']`` must identify everything the stored images depend on. If the
+        store exists with the same fingerprint, its complete images are kept (resume); otherwise
+        it is recreated empty.
+        """
+        path = Path(path)
+        attrs = _jsonable(dict(attrs))
+        if (path / "zarr.json").exists():
+            old = dict(zarr.open_group(str(path), mode="r").attrs)
+            if old.get("fingerprint") == attrs.get("fingerprint"):
+                if old != attrs:
+                    zarr.open_group(str(path), mode="r+").attrs.put(attrs)
+                shutil.rmtree(_partial_dir(path), ignore_errors=True)
+                return cls(path)
+            shutil.rmtree(path)
+        shutil.rmtree(_partial_dir(path), ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        root.attrs.put(attrs)
+        return cls(path)
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return dict(self._root.attrs)
+
+    def ids(self) -> list[str]:
+        """Ids of the complete images, sorted."""
+        return sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and (p / "zarr.json").exists()
+        )
+
+    def __contains__(self, image_id: str) -> bool:
+        return (self.path / _check_id(image_id) / "zarr.json").exists()
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def read(self, image_id: str) -> dict[str, np.ndarray]:
+        group = self._group(image_id)
+        return {name: arr[...] for name, arr in group.arrays()}
+
+    def read_attrs(self, image_id: str) -> dict:
+        return dict(self._group(image_id).attrs)
+
+    def _group(self, image_id: str) -> zarr.Group:
+        if image_id not in self:
+            raise KeyError(f"image {image_id!r} is not in {self.path}")
+        return zarr.open_group(str(self.path / image_id), mode="r")
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(
+        self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write one image's arrays atomically (replacing an existing group of that id)."""
+        write_group(self.path, image_id, arrays, attrs)
+
+
+def write_group(
+    store_path: str | os.PathLike,
+    image_id: str,
+    arrays: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``arrays`` as group ``image_id`` of the store at ``store_path``, atomically.
+
+    A function of paths only, so dask workers in other processes can call it.
+    """
+    store_path = Path(store_path)
+    final = store_path / _check_id(image_id)
+    tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    if attrs:
+        group.attrs.put(_jsonable(dict(attrs)))
+    for name, value in arrays.items():
+        value = np.ascontiguousarray(value)
+        # One chunk per array: images are read whole, and one file per array keeps stores small.
+        arr = group.create_array(
+            name,
+            shape=value.shape,
+            dtype=value.dtype,
+            chunks=value.shape if value.ndim else (),
+            compressors=[_COMPRESSOR] if value.ndim else None,
+        )
+        arr[...] = value
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def finish(store_path: str | os.PathLike) -> None:
+    """Remove the temporary directory of a store once a stage has completed."""
+    shutil.rmtree(_partial_dir(Path(store_path)), ignore_errors=True)
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _check_id(image_id: str) -> str:
+    if not image_id or "/" in image_id or "\\" in image_id or image_id.startswith((".", "__")):
+        raise ValueError(f"invalid image id {image_id!r} (no slashes, no leading '.' or '__')")
+    return image_id
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in store attributes")

@@ -1,0 +1,207 @@
+"""What every stage shares: params loading, typed sections, errors, per-image execution.
+
+Per-image stages call :func:`run_per_image` with a task function and a :class:`WorkerResource`
+(the model). With ``compute.scheduler: local`` the tasks run in this process under a tqdm bar; with
+``local-cluster`` a dask LocalCluster of ``compute.workers`` processes is started; with a scheduler
+address (``tcp://host:8786``) the tasks go to that existing dask cluster. In every case each
+process builds the resource once and reuses it for all of its tasks, and tasks write their own
+results (atomically), so the artifacts do not depend on where a task ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import click
+import yaml
+from tqdm.auto import tqdm
+
+from pipeline.config import ConfigError, from_mapping, to_dict
+
+T = TypeVar("T")
+log = logging.getLogger("wsss")
+
+PARAMS_OPTION = click.option(
+    "--params", "params_path", default="params.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="Parameter file (DVC's params.yaml).",
+)
+
+
+class StageError(click.ClickException):
+    """A user-facing failure: one clear line, non-zero exit."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"parameter file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StageError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(params, dict):
+        raise StageError(f"{path} must hold a mapping of sections")
+    return params
+
+
+def section(params: Mapping[str, Any], key: str, cls: type[T]) -> T:
+    """The typed config of dotted section ``key`` (e.g. ``seeds.fine``); errors name the key."""
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise StageError(f"missing parameter section {key!r} in params.yaml")
+        node = node[part]
+    try:
+        return from_mapping(cls, node, key)
+    except ConfigError as exc:
+        raise StageError(f"params.yaml: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    scheduler: str = "local"
+    """``local`` (this process), ``local-cluster`` (dask LocalCluster), or a scheduler address."""
+    workers: int = 2
+    """Worker processes for ``local-cluster``."""
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
+
+
+def torch_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"compute.device is {name!r} but no CUDA device is available")
+    return dev
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (configs, checksums, versions)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("wsss-pipeline")
+    except Exception:  # running from a source tree that is not installed
+        return "0+source"
+
+
+# -- per-image execution ------------------------------------------------------------------------
+
+_RESOURCES: dict[Any, Any] = {}
+_RESOURCE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerResource:
+    """An expensive object (a model) that each process builds once and reuses.
+
+    ``factory`` must be a module-level function and ``kwargs`` plain data, so the resource can
+    travel to dask workers; the built object is cached per process, keyed by both.
+    """
+
+    factory: Callable[..., Any]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, factory: Callable[..., Any], **kwargs: Any) -> "WorkerResource":
+        return cls(factory, tuple(sorted(kwargs.items())))
+
+    def get(self) -> Any:
+        key = (self.factory.__module__, self.factory.__qualname__, _freeze(self.kwargs))
+        with _RESOURCE_LOCK:
+            if key not in _RESOURCES:
+                _RESOURCES[key] = self.factory(**dict(self.kwargs))
+            return _RESOURCES[key]
+
+
+def _freeze(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    return obj
+
+
+def _run_task(task: Callable[[Any, Any], Any], resource: WorkerResource | None, item: Any) -> Any:
+    return task(resource.get() if resource is not None else None, item)
+
+
+def run_per_image(
+    task: Callable[[Any, Any], Any],
+    items: Iterable[Any],
+    compute: ComputeConfig,
+    resource: WorkerResource | None = None,
+    desc: str = "images",
+) -> list[Any]:
+    """Run ``task(resource_object, item)`` for every item; returns the results in item order.
+
+    Tasks must be idempotent and write their own artifacts atomically. An exception in a task
+    stops the stage with that exception (the artifacts written so far stay, complete).
+    """
+    items = list(items)
+    if not items:
+        return []
+    if compute.scheduler == "local":
+        obj = resource.get() if resource is not None else None
+        return [task(obj, item) for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True)]
+    return _run_dask(task, items, compute, resource, desc)
+
+
+def _run_dask(task, items, compute: ComputeConfig, resource, desc) -> list[Any]:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if compute.scheduler == "local-cluster":
+        cluster = LocalCluster(
+            n_workers=compute.workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(compute.scheduler, timeout="30s")
+        except OSError as exc:
+            raise StageError(f"cannot reach dask scheduler {compute.scheduler!r}: {exc}") from exc
+    try:
+        futures = [
+            client.submit(_run_task, task, resource, item, pure=False, retries=0) for item in items
+        ]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[Any] = [None] * len(items)
+        with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for future in as_completed(futures):
+                results[index[future.key]] = future.result()
+                bar.update(1)
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def asdict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
