@@ -1,0 +1,47 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pipeline.config import ConfigError, from_mapping, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    alpha: float = 0.6
+    levels: tuple[float, float, float] = (0.0, 0.0, 0.1)
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    n: int = 3
+    mode: Literal["score", "cam"] = "score"
+    path: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_builds_nested_and_coerces():
+    cfg = from_mapping(Outer, {"name": "x", "n": 5, "inner": {"alpha": 1, "levels": [0, 0, 1]}}, "sec")
+    assert cfg == Outer("x", 5, "score", None, Inner(1.0, (0.0, 0.0, 1.0)))
+    assert isinstance(cfg.inner.alpha, float)
+    assert to_dict(cfg)["inner"] == {"alpha": 1.0, "levels": [0.0, 0.0, 1.0]}
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"name": "x", "nn": 1}, "unknown parameter 'sec.nn'"),
+        ({}, "missing parameter 'sec.name'"),
+        ({"name": "x", "n": 1.5}, "'sec.n' must be an integer"),
+        ({"name": "x", "n": True}, "'sec.n' must be an integer"),
+        ({"name": "x", "mode": "both"}, "'sec.mode' must be one of"),
+        ({"name": "x", "inner": {"alpa": 1}}, "unknown parameter 'sec.inner.alpa'"),
+        ({"name": "x", "inner": {"levels": [0, 1]}}, "'sec.inner.levels' must have 3 entries"),
+        ({"name": "x", "inner": {"alpha": "high"}}, "'sec.inner.alpha' must be a number"),
+        ({"name": 3}, "'sec.name' must be a string"),
+    ],
+)
+def test_errors_name_the_key(mapping, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        from_mapping(Outer, mapping, "sec")
