@@ -17,8 +17,6 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	@if [ ! -d .dvc ]; then $(BIN)/dvc init $$( [ -d .git ] || echo --no-scm ) -q; fi
-	$(BIN)/dvc config core.analytics false
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc metrics show
 
