@@ -1,0 +1,170 @@
+"""``wsss configure voc|coco|custom``: switch params.yaml from the embedded default to a real setup.
+
+Writes the paper's values (algorithms.md) for the chosen dataset, the dataset root and the model
+checkpoints, after checking that every path exists. Comments and layout of params.yaml are kept;
+every changed key is printed as ``key: old -> new``. ``git checkout params.yaml`` returns to the
+embedded default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.common import StageError
+
+# The paper's settings shared by every real run (algorithms.md §1, §7, §9).
+_REAL = {
+    "compute.device": "auto",
+    "sam.model": "vit_h",
+    "sam.pred_iou_thresh": 0.86,
+    "sam.stability_score_thresh": 0.92,
+    "clip.model": "ViT-B-16",
+    "prompts.cls.warmup_iterations": 500,
+    "prompts.seg.warmup_iterations": 500,
+    "prompts.cls.checkpoint_every": 500,
+    "prompts.seg.checkpoint_every": 500,
+    "clip_features.n_views": 16,
+    "segmenter.model": "deeplabv3plus_r101",
+    "segmenter.crop_size": 512,
+    "segmenter.batch_size": 16,
+    # §9 gives no iteration count; 20k at batch 16 is the common DeepLabV3+ VOC-aug schedule.
+    "segmenter.iterations": 20000,
+    "segmenter.val_every": 2000,
+    "segmenter.checkpoint_every": 1000,
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "voc": {
+        **_REAL,
+        "dataset.name": "voc",
+        "dataset.train_split": "train_aug",
+        "dataset.eval_split": "val",
+        "prompts.cls.iterations": 1800,
+        "prompts.seg.iterations": 17000,
+        "seeds.coarse.alpha": 0.6,
+        "seeds.fine.alpha": 0.7,
+        "cams.cls.caa.enabled": True,
+        "cams.cls.caa.t_box": 0.4,
+        "cams.cls.caa.propagate": "score",
+        "cams.seg.caa.enabled": True,
+        "cams.seg.caa.t_box": 0.5,
+        "cams.seg.caa.propagate": "cam",
+    },
+    "coco": {
+        **_REAL,
+        "dataset.name": "coco",
+        "dataset.train_split": "train",
+        "dataset.eval_split": "val",
+        "clip_features.augment.long_side_range": [318, 530],
+        "prompts.cls.iterations": 20500,
+        "prompts.cls.warmup_iterations": 1000,
+        "prompts.cls.grad_accum": 4,
+        "prompts.seg.iterations": 75000,
+        "prompts.seg.warmup_iterations": 1000,
+        "prompts.seg.grad_accum": 8,
+        # COCO uses the classification-style prompts for both sets (§2).
+        "prompts.seg.shared_context": True,
+        "prompts.seg.class_position": "end",
+        "prompts.seg.background": "names",
+        "prompts.seg.init_std": 0.015,
+        "cams.cls.caa.enabled": True,
+        "cams.cls.caa.t_box": 0.6,
+        "cams.cls.caa.propagate": "cam",
+        "cams.seg.caa.enabled": False,
+        # §5: COCO coarse alpha is chosen in 0.3-0.5 on train ground truth; 0.4 is the middle.
+        "seeds.coarse.alpha": 0.4,
+        "seeds.fine.alpha": 1.0,
+    },
+    "custom": {
+        **_REAL,
+        "dataset.name": "custom",
+        "prompts.cls.iterations": 1800,
+        "prompts.seg.iterations": 17000,
+    },
+}
+
+
+def _get(tree, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(tree, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _require_file(path: str | None, option: str) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise StageError(f"{option}: file not found: {path}")
+    return path
+
+
+def plan(profile: str, root: str | None, sam_checkpoint: str | None, clip_checkpoint: str | None,
+         backbone_weights: str | None, class_names: str | None, labels_file: str | None) -> dict[str, Any]:
+    """The dotted keys to set for ``profile``, after validating every given path."""
+    if root is None or not Path(root).is_dir():
+        raise StageError(f"--root: dataset folder not found: {root}")
+    changes = dict(PROFILES[profile])
+    changes["dataset.root"] = str(root)
+    if profile == "custom":
+        changes["dataset.class_names"] = _require_file(class_names, "--class-names")
+        changes["dataset.labels_file"] = _require_file(labels_file, "--labels-file")
+        if class_names is None or labels_file is None:
+            raise StageError("custom data needs --class-names and --labels-file")
+    for value, key, option in (
+        (sam_checkpoint, "sam.checkpoint", "--sam-checkpoint"),
+        (clip_checkpoint, "clip.checkpoint", "--clip-checkpoint"),
+        (backbone_weights, "segmenter.encoder_weights", "--backbone-weights"),
+    ):
+        if value is None:
+            raise StageError(f"{option} is required: real runs load local weights only (see README)")
+        changes[key] = _require_file(value, option)
+    return changes
+
+
+@click.command("configure")
+@click.argument("profile", type=click.Choice(sorted(PROFILES)))
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--root", help="Dataset root folder.")
+@click.option("--sam-checkpoint", help="SAM ViT-H checkpoint (sam_vit_h_4b8939.pth).")
+@click.option("--clip-checkpoint", help="CLIP ViT-B/16 OpenAI weights (open_clip format).")
+@click.option("--backbone-weights", help="ResNet-101 ImageNet-1k weights for DeepLabV3+.")
+@click.option("--class-names", help="custom: class list file (one name per line).")
+@click.option("--labels-file", help="custom: CSV or JSON, image id -> class names.")
+@click.option("--dry-run", is_flag=True, help="Print the changes without writing.")
+def command(profile, params_path, root, sam_checkpoint, clip_checkpoint, backbone_weights,
+            class_names, labels_file, dry_run) -> None:
+    """Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."""
+    from ruamel.yaml import YAML
+
+    path = Path(params_path)
+    if not path.is_file():
+        raise StageError(f"parameter file not found: {path}")
+    changes = plan(profile, root, sam_checkpoint, clip_checkpoint, backbone_weights, class_names, labels_file)
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    tree = yaml.load(path.read_text())
+    for key, value in changes.items():
+        try:
+            old = _get(tree, key)
+        except (KeyError, TypeError):
+            raise StageError(f"{path} has no key {key!r}; is it from another version of the pipeline?")
+        if old != value:
+            click.echo(f"{key}: {old} -> {value}")
+            _set(tree, key, value)
+    if dry_run:
+        click.echo("(dry run: nothing written)")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        yaml.dump(tree, f)
+    tmp.replace(path)
+    click.echo(f"wrote {path}; run `dvc repro` (or `dvc status` to see what reruns)")

@@ -1,0 +1,94 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages.cli import main
+from stages.configure import PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _get(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_key_exists_in_params(profile):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key in PROFILES[profile]:
+        _get(params, key)  # KeyError names the stale key
+
+
+def _files(tmp_path):
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    root.mkdir(parents=True)
+    paths = {}
+    for name in ("sam_vit_h_4b8939.pth", "clip.bin", "resnet101.pth", "classes.txt", "labels.csv"):
+        (tmp_path / name).write_bytes(b"x")
+        paths[name] = str(tmp_path / name)
+    return root, paths
+
+
+def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    root, p = _files(tmp_path)
+    result = CliRunner().invoke(main, [
+        "configure", "voc", "--params", str(params), "--root", str(root),
+        "--sam-checkpoint", p["sam_vit_h_4b8939.pth"], "--clip-checkpoint", p["clip.bin"],
+        "--backbone-weights", p["resnet101.pth"]])
+    assert result.exit_code == 0, result.output
+    assert "sam.model: tiny -> vit_h" in result.output
+    assert "dataset.name: demo -> voc" in result.output
+    text = params.read_text()
+    assert "# Every hyper-parameter of the pipeline." in text  # comments kept
+    tree = yaml.safe_load(text)
+    assert tree["dataset"]["root"] == str(root) and tree["dataset"]["train_split"] == "train_aug"
+    assert tree["sam"]["checkpoint"] == p["sam_vit_h_4b8939.pth"]
+    assert tree["sam"]["pred_iou_thresh"] == 0.86 and tree["sam"]["stability_score_thresh"] == 0.92
+    assert tree["prompts"]["cls"]["iterations"] == 1800 and tree["prompts"]["seg"]["iterations"] == 17000
+    assert tree["seeds"]["fine"]["alpha"] == 0.7
+    # untouched keys stay as they were
+    original = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert tree["sam"]["points_per_side"] == original["sam"]["points_per_side"]
+
+
+def test_configure_coco_and_custom(tmp_path):
+    root, p = _files(tmp_path)
+    common = ["--root", str(root), "--sam-checkpoint", p["sam_vit_h_4b8939.pth"],
+              "--clip-checkpoint", p["clip.bin"], "--backbone-weights", p["resnet101.pth"]]
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    result = CliRunner().invoke(main, ["configure", "coco", "--params", str(params), *common])
+    assert result.exit_code == 0, result.output
+    tree = yaml.safe_load(params.read_text())
+    assert tree["cams"]["seg"]["caa"]["enabled"] is False and tree["seeds"]["fine"]["alpha"] == 1.0
+    assert tree["clip_features"]["augment"]["long_side_range"] == [318, 530]
+    shutil.copy(REPO / "params.yaml", params)
+    result = CliRunner().invoke(main, ["configure", "custom", "--params", str(params), *common,
+                                       "--class-names", p["classes.txt"], "--labels-file", p["labels.csv"]])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(params.read_text())["dataset"]["labels_file"] == p["labels.csv"]
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("--root", "--root: dataset folder not found"),
+    ("--sam-checkpoint", "--sam-checkpoint: file not found"),
+])
+def test_configure_validates_paths(tmp_path, drop, message):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_text()
+    root, p = _files(tmp_path)
+    args = {"--root": str(root), "--sam-checkpoint": p["sam_vit_h_4b8939.pth"],
+            "--clip-checkpoint": p["clip.bin"], "--backbone-weights": p["resnet101.pth"]}
+    args[drop] = str(tmp_path / "missing")
+    result = CliRunner().invoke(main, ["configure", "voc", "--params", str(params),
+                                       *[x for kv in args.items() for x in kv]])
+    assert result.exit_code != 0 and message in result.output
+    assert params.read_text() == before
