@@ -1,0 +1,180 @@
+"""Segmentation evaluation (algorithms.md §8): confusion matrices, IoU, CAM background sweeps.
+
+The confusion matrix counts pixels with ``0 <= gt < K`` (255 and any other value is ignored);
+rows are ground truth, columns prediction. mIoU averages over the classes that have ground-truth
+pixels, so a class absent from the evaluated images neither helps nor hurts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Ground-truth value excluded from evaluation (VOC boundaries and "difficult" regions).
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) int64 pixel counts, ``[gt, pred]``, over pixels with ``0 <= gt < num_classes``."""
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    gt = np.asarray(gt).reshape(-1).astype(np.int64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction has {pred.size} pixels, ground truth {gt.size}")
+    valid = (gt >= 0) & (gt < num_classes)
+    pred, gt = pred[valid], gt[valid]
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"prediction labels must lie in [0, {num_classes}) where gt is valid")
+    counts = np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """Scores of one confusion matrix; per-class arrays are NaN where undefined."""
+
+    iou: np.ndarray
+    """(K,) TP / (TP + FP + FN); NaN for a class neither in ground truth nor predicted."""
+    precision: np.ndarray
+    """(K,) TP / (TP + FP); NaN for a class never predicted."""
+    recall: np.ndarray
+    """(K,) TP / (TP + FN); NaN for a class without ground-truth pixels."""
+    present: np.ndarray
+    """(K,) bool: the class has ground-truth pixels."""
+    miou: float
+    """Mean IoU over present classes (NaN when no pixel was evaluated)."""
+    macro_precision: float
+    """Mean precision over present classes, a never-predicted present class counting 0."""
+    macro_recall: float
+    """Mean recall over present classes."""
+    accuracy: float
+    """Correct pixels / evaluated pixels."""
+
+    def as_dict(self, class_names: list[str] | None = None) -> dict:
+        """JSON-able summary; per-class IoU keyed by name (present classes only)."""
+        names = class_names or [str(k) for k in range(len(self.iou))]
+        return {
+            "miou": _num(self.miou),
+            "precision": _num(self.macro_precision),
+            "recall": _num(self.macro_recall),
+            "accuracy": _num(self.accuracy),
+            "per_class_iou": {
+                names[k]: _num(self.iou[k]) for k in range(len(self.iou)) if self.present[k]
+            },
+        }
+
+
+def scores_from_confusion(conf: np.ndarray) -> SegmentationScores:
+    """IoU, precision, recall and accuracy of a (K, K) ``[gt, pred]`` confusion matrix."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    gt_count = conf.sum(axis=1)
+    pred_count = conf.sum(axis=0)
+    union = gt_count + pred_count - tp
+    present = gt_count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        precision = np.where(pred_count > 0, tp / pred_count, np.nan)
+        recall = np.where(present, tp / gt_count, np.nan)
+    total = conf.sum()
+    if not present.any():
+        nan = float("nan")
+        return SegmentationScores(iou, precision, recall, present, nan, nan, nan, nan)
+    return SegmentationScores(
+        iou=iou,
+        precision=precision,
+        recall=recall,
+        present=present,
+        miou=float(iou[present].mean()),
+        macro_precision=float(np.nan_to_num(precision[present], nan=0.0).mean()),
+        macro_recall=float(recall[present].mean()),
+        accuracy=float(tp.sum() / total),
+    )
+
+
+class ConfusionAccumulator:
+    """Sums confusion matrices over images."""
+
+    def __init__(self, num_classes: int):
+        """``num_classes``: K = foreground classes + 1 (background is label 0)."""
+        self.num_classes = int(num_classes)
+        self.matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        self.matrix += confusion_matrix(pred, gt, self.num_classes)
+
+    def scores(self) -> SegmentationScores:
+        return scores_from_confusion(self.matrix)
+
+
+def cam_labels(score: np.ndarray | torch.Tensor, fg_cls: np.ndarray, bg_power: float) -> np.ndarray:
+    """Label map of §3 scores (P, H, W): argmax over ``[(1 - max score) ** p, scores]``.
+
+    Ties go to the first channel (background first). With no present class, all background.
+    """
+    score = torch.as_tensor(np.asarray(score, dtype=np.float32))
+    fg_cls = np.asarray(fg_cls, dtype=np.int64).reshape(-1)
+    if score.shape[0] == 0:
+        return np.zeros(tuple(score.shape[1:]), np.uint8)
+    bg = (1 - score.max(dim=0).values) ** bg_power
+    k = torch.cat([bg[None], score], 0).argmax(dim=0).numpy()
+    return np.concatenate([[0], fg_cls + 1])[k].astype(np.uint8)
+
+
+def cam_confusions(
+    score: np.ndarray | torch.Tensor,
+    fg_cls: np.ndarray,
+    gt: np.ndarray,
+    bg_powers: list[float] | tuple[float, ...],
+    num_classes: int,
+) -> np.ndarray:
+    """(n_powers, K, K) confusion matrices of one image's CAM labels, one per background power."""
+    return np.stack([
+        confusion_matrix(cam_labels(score, fg_cls, p), gt, num_classes) for p in bg_powers
+    ])
+
+
+class CamEvaluator:
+    """Confusion matrices of CAM label maps for a sweep of background powers (§8)."""
+
+    def __init__(self, num_classes: int, bg_powers: list[float] | tuple[float, ...]):
+        """
+        Args:
+            num_classes: K = foreground classes + 1.
+            bg_powers: the exponents p of the background score ``(1 - max score) ** p`` to try;
+                the best one (highest mIoU) is reported.
+        """
+        if not bg_powers:
+            raise ValueError("bg_powers must list at least one background power")
+        self.bg_powers = [float(p) for p in bg_powers]
+        self.num_classes = int(num_classes)
+        self.accumulators = [ConfusionAccumulator(num_classes) for _ in self.bg_powers]
+
+    def add(self, score: np.ndarray | torch.Tensor, fg_cls: np.ndarray, gt: np.ndarray) -> None:
+        """One image: its §3 scores (P, H, W), their classes (P,), and ground truth (H, W)."""
+        self.add_confusions(cam_confusions(score, fg_cls, gt, self.bg_powers, self.num_classes))
+
+    def add_confusions(self, confusions: np.ndarray) -> None:
+        """Add (n_powers, K, K) matrices from :func:`cam_confusions` (computed elsewhere)."""
+        for acc, conf in zip(self.accumulators, confusions):
+            acc.matrix += conf
+
+    def results(self) -> dict:
+        """``{"miou_by_power": {p: miou}, "best_power": p, "best_miou": miou}``."""
+        mious = [acc.scores().miou for acc in self.accumulators]
+        finite = [(m, i) for i, m in enumerate(mious) if np.isfinite(m)]
+        best = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else 0
+        return {
+            "miou_by_power": {_key(p): _num(m) for p, m in zip(self.bg_powers, mious)},
+            "best_power": self.bg_powers[best],
+            "best_miou": _num(mious[best]),
+        }
+
+
+def _num(x: float) -> float | None:
+    """A float for JSON; undefined (NaN) becomes null."""
+    return None if not np.isfinite(x) else float(x)
+
+
+def _key(p: float) -> str:
+    return f"{p:g}"

@@ -1,0 +1,64 @@
+"""Inspection panels (numpy only): quasi-superpixels by level, CAM heat maps, label maps."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.imageio import VOC_PALETTE
+
+#: Grey gap between panels, in pixels.
+PANEL_GAP = 4
+#: Weight of the colour layer over the image in overlays.
+OVERLAY_WEIGHT = 0.5
+
+
+def mask_colours(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3) uint8 random but deterministic colours, one per mask."""
+    return np.random.default_rng(seed).integers(40, 256, (n, 3), dtype=np.uint8)
+
+
+def masks_panel(image: np.ndarray, masks: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Masks (S, H, W) painted in order (later on top), each in its colour, over a dimmed image."""
+    out = (image.astype(np.float32) * 0.3).astype(np.uint8)
+    if masks.shape[0] == 0:
+        return out
+    colours = mask_colours(masks.shape[0], seed)
+    # Index of the last covering mask: first hit of the reversed stack.
+    last = masks.shape[0] - 1 - np.argmax(masks[::-1], axis=0)
+    covered = masks.any(axis=0)
+    blend = _blend(image, colours[last])
+    return np.where(covered[..., None], blend, out)
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """Jet-like colour map of values in [0, 1] -> (..., 3) uint8 (blue low, red high)."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def cam_panel(image: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The max over classes of the §3 scores (P, H, W) as a jet overlay (no class: all blue)."""
+    top = score.max(axis=0) if score.shape[0] else np.zeros(image.shape[:2], np.float32)
+    return _blend(image, jet(top))
+
+
+def label_panel(label: np.ndarray) -> np.ndarray:
+    """A label map (H, W) uint8 in VOC colours (255 in VOC's boundary colour)."""
+    return VOC_PALETTE[label]
+
+
+def hstack_panels(panels: list[np.ndarray]) -> np.ndarray:
+    """Panels of equal height side by side with grey gaps."""
+    h = panels[0].shape[0]
+    gap = np.full((h, PANEL_GAP, 3), 128, np.uint8)
+    parts = []
+    for i, p in enumerate(panels):
+        if i:
+            parts.append(gap)
+        parts.append(p)
+    return np.concatenate(parts, axis=1)
+
+
+def _blend(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    mixed = (1 - OVERLAY_WEIGHT) * image.astype(np.float32) + OVERLAY_WEIGHT * colour
+    return mixed.astype(np.uint8)

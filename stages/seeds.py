@@ -1,0 +1,228 @@
+"""Stage ``seeds@coarse|fine``: CAMs + quasi-superpixels -> palette seed PNGs + metrics (§5, §8).
+
+Every usable image of the train split gets ``<out>/<id>.png``. Where the split has ground truth,
+the seeds and the CAMs they came from are scored (seed mIoU etc.; CAM mIoU for each background
+power of ``seeds.cam_bg_powers``). An image missing from the quasi-superpixel store, or with no
+quasi-superpixel, is seeded by the thresholded CAM argmax and counted as a fallback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import click
+import numpy as np
+
+from pipeline.datasets import DatasetError, load_split
+from pipeline.imageio import ImageReadError, read_label, write_palette_png
+from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions, confusion_matrix
+from pipeline.sams import image_scores, seed_or_fallback
+from pipeline.store import ImageStore, StoreError
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.seeds")
+
+
+@dataclass(frozen=True)
+class SeedVariant:
+    """One seed set (``seeds.coarse`` or ``seeds.fine``)."""
+
+    alpha: float
+    """Background exponent of ``(1 - max score) ** alpha`` (§5). Paper runs: VOC coarse 0.6,
+    VOC fine 0.7 (the paper's text says 0.6), COCO coarse 0.3-0.5, COCO fine 1.0."""
+
+
+@dataclass(frozen=True)
+class SeedsConfig:
+    """Section ``seeds`` of params.yaml."""
+
+    coarse: SeedVariant
+    fine: SeedVariant
+    cam_bg_powers: tuple[float, ...]
+    """Background powers p of ``(1 - max score) ** p`` tried when scoring the CAMs (§8)."""
+    fallback_thresh: float = 0.5
+    """Images without quasi-superpixels: background where the best CAM score is below this.
+    Not in the reference (which paints nothing there); a project deviation."""
+
+
+class Item(NamedTuple):
+    image_id: str
+    height: int
+    width: int
+    label: str | None
+    out_png: str
+    alpha: float
+    fallback_thresh: float
+    bg_powers: tuple[float, ...]
+    num_classes: int
+
+
+class Outcome(NamedTuple):
+    image_id: str
+    fallback: bool
+    missing_masks: bool
+    cam_key: str
+    seed_confusion: np.ndarray | None
+    cam_confusions: np.ndarray | None
+
+
+def _open_stores(cams: str, sam_masks: str) -> tuple[ImageStore, ImageStore]:
+    """Both input stores, opened once per process (WorkerResource factory)."""
+    return ImageStore(cams), ImageStore(sam_masks)
+
+
+def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
+    """Seed one image, write its PNG, and score it against its ground truth if any."""
+    cams, sam = stores
+    hw = (item.height, item.width)
+    if item.image_id not in cams:
+        raise StageError(f"image {item.image_id} is not in the CAM store {cams.path} "
+                         "(run the cams stage, or import-cams, for this split)")
+    arrays = cams.read(item.image_id)
+    cam_key = "cam_caa" if "cam_caa" in arrays else "cam"
+    if cam_key not in arrays or "fg_cls" not in arrays:
+        raise StageError(f"image {item.image_id} in {cams.path} lacks 'cam' or 'fg_cls'")
+    cam, fg_cls = arrays[cam_key].astype(np.float32), arrays["fg_cls"].astype(np.int64)
+    if cam.ndim != 3 or cam.shape[0] != fg_cls.shape[0]:
+        raise StageError(f"image {item.image_id}: {cam_key} {cam.shape} does not match "
+                         f"fg_cls {fg_cls.shape}")
+    attrs = cams.read_attrs(item.image_id)
+    if "height" in attrs and (attrs["height"], attrs["width"]) != hw:
+        raise StageError(f"image {item.image_id}: CAM store says {attrs['height']}x"
+                         f"{attrs['width']}, the index {hw[0]}x{hw[1]}")
+    missing = item.image_id not in sam
+    if missing:
+        masks, levels = np.zeros((0, *hw), bool), np.zeros(0, np.uint8)
+    else:
+        qs = sam.read(item.image_id)
+        masks, levels = qs["masks"], qs["levels"]
+        if tuple(masks.shape[1:]) != hw:
+            raise StageError(f"image {item.image_id}: quasi-superpixels are "
+                             f"{masks.shape[1]}x{masks.shape[2]}, the image {hw[0]}x{hw[1]}")
+    result = seed_or_fallback(cam, fg_cls, masks, levels, item.alpha, hw, item.fallback_thresh)
+    write_palette_png(item.out_png, result.seed)
+    seed_conf = cam_conf = None
+    if item.label is not None:
+        try:
+            gt = read_label(item.label)
+        except (ImageReadError, OSError) as exc:
+            raise StageError(f"image {item.image_id}: cannot read ground truth: {exc}") from exc
+        if gt.shape != hw:
+            raise StageError(f"image {item.image_id}: ground truth is {gt.shape}, image {hw}")
+        seed_conf = confusion_matrix(result.seed, gt, item.num_classes)
+        cam_conf = cam_confusions(image_scores(cam, hw), fg_cls, gt, item.bg_powers,
+                                  item.num_classes)
+    return Outcome(item.image_id, result.fallback, missing, cam_key, seed_conf, cam_conf)
+
+
+def summarise(
+    outcomes: list[Outcome], class_names: list[str], cfg: SeedsConfig, which: str,
+    untrained: bool, note: str | None,
+) -> tuple[dict, list[dict]]:
+    """The metrics JSON and the per-class IoU plot records."""
+    num_classes = len(class_names) + 1
+    names = ["background", *class_names]
+    seeds_acc = ConfusionAccumulator(num_classes)
+    cam_eval = CamEvaluator(num_classes, cfg.cam_bg_powers)
+    evaluated = [o for o in outcomes if o.seed_confusion is not None]
+    for o in evaluated:
+        seeds_acc.matrix += o.seed_confusion
+        cam_eval.add_confusions(o.cam_confusions)
+    fallbacks = sorted(o.image_id for o in outcomes if o.fallback)
+    metrics: dict = {
+        "which": which,
+        "alpha": getattr(cfg, which).alpha,
+        "n_images": len(outcomes),
+        "n_evaluated": len(evaluated),
+        "n_fallback": len(fallbacks),
+        "n_missing_masks": sum(o.missing_masks for o in outcomes),
+        "fallback_ids": fallbacks,
+        "cam_source": sorted({o.cam_key for o in outcomes}),
+        "untrained": untrained,
+    }
+    if note:
+        metrics["note"] = note
+    plots: list[dict] = []
+    if evaluated:
+        scores = seeds_acc.scores()
+        metrics["seed"] = scores.as_dict(names)
+        metrics["cam"] = cam_eval.results()
+        per_class = metrics["seed"]["per_class_iou"]
+        plots = [{"class": cls, "iou": iou} for cls, iou in per_class.items()]
+    return metrics, plots
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _remove_stale(out: Path, keep: set[str]) -> int:
+    """Delete PNGs of ids no longer in the split (and temp files of a killed run)."""
+    stale = [p for p in out.glob("*.png") if p.stem not in keep] + list(out.glob(".*.tmp"))
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+@click.command("seeds")
+@click.option("--which", type=click.Choice(["coarse", "fine"]), required=True,
+              help="Seed set: coarse (cls CAMs) or fine (seg CAMs); picks seeds.<which>.alpha.")
+@PARAMS_OPTION
+@click.option("--index", "index_dir", default="cache/index", show_default=True,
+              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@click.option("--cams", required=True, type=click.Path(file_okay=False),
+              help="CAM store (cache/cams/cls.zarr, seg.zarr or an imported one).")
+@click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True,
+              type=click.Path(file_okay=False), help="Quasi-superpixel store.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory of <id>.png seeds.")
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False),
+              help="Metrics JSON to write.")
+@click.option("--plots", "plots_path", required=True, type=click.Path(dir_okay=False),
+              help="Per-class IoU plot JSON (dvc plots) to write.")
+@click.option("--note", default=None, help="Free text copied into the metrics.")
+def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, cams: str,
+            sam_masks: str, out: str, metrics_path: str, plots_path: str, note: str | None) -> None:
+    """SAMS seeds for every image of the train split, with seed and CAM evaluation."""
+    params = load_params(params_path)
+    cfg = section(params, "seeds", SeedsConfig)
+    if not cfg.cam_bg_powers:
+        raise StageError("params.yaml: seeds.cam_bg_powers must list at least one power")
+    dataset = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    try:
+        split = load_split(index_dir, dataset.train_split)
+        stores = _open_stores(cams, sam_masks)
+    except (DatasetError, StoreError) as exc:
+        raise StageError(str(exc)) from exc
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = split.good()
+    num_classes = len(split.class_names) + 1
+    items = [
+        Item(r.id, r.height, r.width, r.label, str(out_dir / f"{r.id}.png"),
+             getattr(cfg, which).alpha, cfg.fallback_thresh, tuple(cfg.cam_bg_powers), num_classes)
+        for r in records
+    ]
+    resource = WorkerResource.of(_open_stores, cams=str(cams), sam_masks=str(sam_masks))
+    outcomes = run_per_image(seed_image, items, compute, resource, desc=f"seeds {which}")
+    removed = _remove_stale(out_dir, {r.id for r in records})
+    untrained = bool(stores[0].attrs.get("untrained") or stores[1].attrs.get("untrained"))
+    metrics, plots = summarise(outcomes, split.class_names, cfg, which, untrained, note)
+    _write_json(Path(metrics_path), metrics)
+    _write_json(Path(plots_path), plots)
+    seed_miou = metrics.get("seed", {}).get("miou")
+    log.info("seeds %s: %d images (%d fallbacks, %d stale removed), seed mIoU %s",
+             which, len(outcomes), metrics["n_fallback"], removed,
+             "n/a" if seed_miou is None else f"{100 * seed_miou:.1f}")
