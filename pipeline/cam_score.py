@@ -20,6 +20,9 @@ def cam_score(cam, size: tuple[int, int] | None = None, eps: float = SCORE_EPS):
     x = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32)) if as_numpy else cam
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = x.float()
+    if x.shape[0] == 0:  # no present class: an empty score map of the requested size
+        out = x.new_zeros((0, *(tuple(int(s) for s in size) if size is not None else x.shape[-2:])))
+        return out.numpy() if as_numpy else out
     if size is not None and tuple(size) != tuple(x.shape[-2:]):
         x = F.interpolate(x[None], size=tuple(int(s) for s in size), mode="bilinear",
                           align_corners=False)[0]

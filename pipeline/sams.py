@@ -44,10 +44,7 @@ def resize_cam(cam: np.ndarray | torch.Tensor, image_hw: tuple[int, int]) -> tor
 
 def image_scores(cam: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """§3 scores (P, H, W) float32 of raw CAMs (P, h, w); (0, H, W) when no class is present."""
-    cam = np.asarray(cam, dtype=np.float32)
-    if cam.shape[0] == 0:
-        return np.zeros((0, int(image_hw[0]), int(image_hw[1])), np.float32)
-    return cam_score(cam, tuple(int(v) for v in image_hw))
+    return cam_score(np.asarray(cam, dtype=np.float32), tuple(int(v) for v in image_hw))
 
 
 def sams_seed(

@@ -52,3 +52,9 @@ def test_caa_propagates_only_from_boxes():
         class_aware_attention_affinity(cam, att, propagate="both")
     with pytest.raises(ValueError, match="does not match"):
         class_aware_attention_affinity(cam, att[:5, :5])
+
+
+def test_cam_score_with_no_present_class_is_empty():
+    out = cam_score(np.zeros((0, 4, 5), np.float32), (16, 20))
+    assert out.shape == (0, 16, 20) and out.dtype == np.float32
+    assert cam_score(torch.zeros(0, 4, 5)).shape == (0, 4, 5)
