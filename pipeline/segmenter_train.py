@@ -1,0 +1,110 @@
+"""Training the final segmenter on seeds (algorithms.md §9): augmentation, batches, SGD + poly.
+
+The recipe is DeepLabV3+'s: SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with the poly schedule
+``lr = base * (1 - step / total) ** 0.9``, random scale 0.5-2.0, 512 x 512 random crop, horizontal
+flip, cross-entropy ignoring 255. Seeds contain no 255; the padding of crops larger than the
+scaled image does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.segmenter import IGNORE_INDEX, IMAGENET_MEAN, forward_padded, to_input
+
+#: Image padding colour: the normalisation mean, so padded pixels are 0 after :func:`to_input`.
+PAD_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+
+
+@dataclass(frozen=True)
+class SegmentationAugment:
+    """Random scale, pad, random crop and horizontal flip of an (image, label) pair."""
+
+    crop_size: int = 512
+    """Side of the square training crop (§9: 512)."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Range of the uniform random resize factor (§9: 0.5-2.0)."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip."""
+    ignore_index: int = IGNORE_INDEX
+    """Label of padded pixels, ignored by the loss."""
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(crop, crop, 3) uint8 image and (crop, crop) uint8 label; draws only from ``rng``."""
+        H, W = label.shape
+        s = rng.uniform(*self.scale_range)
+        h, w = max(1, round(H * s)), max(1, round(W * s))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+        c = self.crop_size
+        ph, pw = max(0, c - h), max(0, c - w)
+        if ph or pw:
+            image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=PAD_RGB)
+            label = cv2.copyMakeBorder(
+                label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=self.ignore_index
+            )
+        y0 = int(rng.integers(0, image.shape[0] - c + 1))
+        x0 = int(rng.integers(0, image.shape[1] - c + 1))
+        image, label = image[y0 : y0 + c, x0 : x0 + c], label[y0 : y0 + c, x0 : x0 + c]
+        if rng.random() < self.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def collate(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal-size (image, label) pairs -> normalised (B, 3, h, w) float32 and (B, h, w) int64."""
+    images = np.stack([p[0] for p in pairs])
+    labels = np.stack([p[1] for p in pairs])
+    return to_input(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:
+    """Poly schedule ``base * (1 - step / total) ** power`` (DeepLab; §9 power 0.9)."""
+    return base_lr * (1.0 - min(step, total_steps) / max(total_steps, 1)) ** power
+
+
+def build_optimizer(
+    net: torch.nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
+    """SGD over all parameters with the §9 hyper-parameters (lr 0.01, momentum 0.9, wd 5e-4)."""
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    multiple: int = 16,
+    ignore_index: int = IGNORE_INDEX,
+) -> float:
+    """One SGD step at learning rate ``lr`` on a batch; returns the cross-entropy loss.
+
+    Args:
+        multiple: inputs are padded to a multiple of the encoder's output stride.
+        ignore_index: label the loss skips (padding and dataset ignore bands).
+
+    A batch whose pixels are all ignored gives no gradient (loss 0) instead of NaN.
+    """
+    device = next(net.parameters()).device
+    images, labels = images.to(device), labels.to(device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    net.train()
+    logits = forward_padded(net, images, multiple)
+    valid = labels != ignore_index
+    if not bool(valid.any()):
+        return 0.0
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

@@ -1,0 +1,233 @@
+"""Stage ``predict``: eval images + trained segmenter (+ SAMS post-processing) -> label maps, mIoU.
+
+For every image: multi-scale + flip softmax probabilities (algorithms.md §9), the raw argmax
+(``<out>/raw/<id>.png``) and, with ``predict.postprocess``, SAMS post-processing over the image's
+quasi-superpixels (§5, ``<out>/<id>.png``; without post-processing that file is the raw map).
+With ground truth, the metrics JSON holds mIoU and per-class IoU of both, and the mIoU of every
+``predict.alpha_sweep`` value (the paper sweeps the background exponent 1-5).
+
+``--images DIR`` predicts a folder of new images instead (no index, no ground truth); their
+quasi-superpixels are computed on the fly with the ``sam`` params when post-processing is on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pipeline.config import to_dict
+from pipeline.datasets import DatasetError, load_split
+from pipeline.imageio import ImageReadError, read_label, read_rgb, write_palette_png
+from pipeline.metrics import confusion_matrix, scores_from_confusion
+from pipeline.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
+from pipeline.sams import sams_postprocess
+from pipeline.segmenter import ARCHS, load_segmenter, predict_probs
+from pipeline.store import ImageStore, StoreError
+from pipeline.weights import CheckpointError
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
+    torch_device,
+)
+from stages.prepare import IMAGE_EXTS, DatasetConfig
+from stages.sam_masks import SamConfig
+
+log = logging.getLogger("wsss.predict")
+
+@dataclass(frozen=True)
+class PredictConfig:
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    """Multi-scale inference factors (§9)."""
+    flip: bool = True
+    """Also average horizontally flipped views."""
+    postprocess: bool = True
+    """Apply SAMS post-processing (§5) to the prediction."""
+    alpha: float = 1.0
+    """Background exponent of the post-processing (paper: sweep 1-5)."""
+    alpha_sweep: list[float] = field(default_factory=list)
+    """Extra alphas evaluated in the metrics (empty: none)."""
+
+    def __post_init__(self):
+        if not self.scales or min(self.scales) <= 0:
+            raise StageError(
+                f"params.yaml: predict.scales must be a non-empty list of positive factors, got {self.scales}"
+            )
+
+
+# -- per-image work (module level, so dask workers can run it) ----------------------------------
+
+
+def load_resources(model_path: str, device: str, sam: dict | None) -> dict[str, Any]:
+    """The trained segmenter and, for folder mode with post-processing, a SAM generator."""
+    net, meta = load_segmenter(model_path, torch_device(device))
+    generator = None
+    if sam is not None:
+        from pipeline.sam_models import build_sam_predictor
+
+        settings = dict(sam)
+        predictor = build_sam_predictor(
+            settings.pop("model"), settings.pop("checkpoint", None),
+            settings.pop("checkpoint_sha256", None), torch_device(device),
+            settings.pop("mask_threshold", 0.0),
+        )
+        generator = QuasiSuperpixelGenerator(predictor, **settings)
+    return {"net": net, "meta": meta, "generator": generator}
+
+
+def predict_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """Predict, post-process and write one image. Returns ``no_masks`` (post-processing had no
+    quasi-superpixel) and, with ground truth, the confusion matrices ``raw`` and ``post``
+    (per alpha); without ground truth those are None."""
+    net, image_id = res["net"], item["id"]
+    image = read_rgb(item["image"])
+    probs = predict_probs(net, image, item["scales"], item["flip"], ARCHS[res["meta"]["model"]].encoder_output_stride)
+    raw = probs.argmax(0).numpy().astype(np.uint8)
+    out = Path(item["out"])
+    write_palette_png(out / "raw" / f"{image_id}.png", raw)
+    posts: dict[float, np.ndarray] = {}
+    no_masks = False
+    if item["postprocess"]:
+        if res["generator"] is not None:
+            qs = res["generator"].generate(image)
+        else:
+            qs = QuasiSuperpixels.from_arrays(ImageStore(item["sam_masks"]).read(image_id))
+        if qs.masks.shape[1:] != image.shape[:2]:
+            raise StageError(f"image {image_id}: SAM masks are {qs.masks.shape[1:]}, image is {image.shape[:2]}")
+        no_masks = len(qs) == 0
+        alphas = [item["alpha"]] + (item["alpha_sweep"] if item["label"] else [])
+        for a in dict.fromkeys(alphas):
+            # Deviation: with no quasi-superpixel SAMS would paint all background; an image SAM
+            # found nothing in keeps its raw prediction instead.
+            posts[a] = sams_postprocess(probs, qs.masks, qs.levels, a) if not no_masks else raw
+    write_palette_png(out / f"{image_id}.png", posts[item["alpha"]] if posts else raw)
+    if not item["label"]:
+        return {"no_masks": no_masks, "raw": None, "post": None}
+    gt = read_label(item["label"])
+    k = probs.shape[0]
+    return {
+        "no_masks": no_masks,
+        "raw": confusion_matrix(raw, gt, k),
+        "post": {a: confusion_matrix(p, gt, k) for a, p in posts.items()},
+    }
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def _folder_items(images_dir: Path) -> list[dict[str, Any]]:
+    if not images_dir.is_dir():
+        raise StageError(f"--images: folder not found: {images_dir}")
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise StageError(f"--images: no image files ({', '.join(IMAGE_EXTS)}) in {images_dir}")
+    stems = [p.stem for p in files]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise StageError(f"--images: several files share the id {dupes[0]!r} in {images_dir}")
+    return [{"id": p.stem, "image": str(p), "label": None} for p in files]
+
+
+def _sam_settings(params: dict) -> dict:
+    """The validated ``sam`` section as plain data (the generator travels to dask workers)."""
+    return to_dict(section(params, "sam", SamConfig))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], model: str) -> dict:
+    """The metrics JSON: raw and post-processed scores and the alpha sweep (over images with gt)."""
+    scored = [r for r in results if r["raw"] is not None]
+    names = ["background", *class_names]
+    metrics: dict[str, Any] = {
+        "images": len(results), "images_with_ground_truth": len(scored), "model": model,
+        "images_without_sam_masks": sum(r["no_masks"] for r in results),
+    }
+    if not scored:
+        return metrics
+    metrics["raw"] = scores_from_confusion(sum(r["raw"] for r in scored)).as_dict(names)
+    if cfg.postprocess:
+        post = scores_from_confusion(sum(r["post"][cfg.alpha] for r in scored)).as_dict(names)
+        metrics["postprocessed"] = {"alpha": cfg.alpha, **post}
+        if cfg.alpha_sweep:
+            metrics["alpha_sweep"] = {
+                f"{a:g}": scores_from_confusion(sum(r["post"][a] for r in scored)).as_dict()["miou"]
+                for a in cfg.alpha_sweep
+            }
+    metrics["miou"] = metrics["postprocessed" if cfg.postprocess else "raw"]["miou"]
+    return metrics
+
+
+@click.command("predict")
+@PARAMS_OPTION
+@click.option("--index", "index_dir", default="cache/index", show_default=True, type=click.Path(file_okay=False))
+@click.option("--images", "images_dir", default=None, type=click.Path(file_okay=False),
+              help="Predict this folder of images instead of the eval split (no index, no metrics).")
+@click.option("--segmenter", "segmenter_dir", default="cache/segmenter", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--out", default="cache/predictions", show_default=True, type=click.Path(file_okay=False))
+@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
+              help="Metrics JSON (index mode; e.g. cache/metrics/predict.json).")
+def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, metrics_path) -> None:
+    """Multi-scale + flip inference with SAMS post-processing; mIoU on the eval split."""
+    params = load_params(params_path)
+    cfg = section(params, "predict", PredictConfig)
+    compute = section(params, "compute", ComputeConfig)
+    model_path = Path(segmenter_dir) / "model.pt"
+    try:
+        _, meta = load_segmenter(model_path)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    sam = None
+    if images_dir is not None:
+        items = _folder_items(Path(images_dir))
+        if cfg.postprocess:
+            sam = _sam_settings(params)
+    else:
+        data = section(params, "dataset", DatasetConfig)
+        try:
+            split = load_split(index_dir, data.eval_split)
+        except DatasetError as exc:
+            raise StageError(str(exc)) from exc
+        if list(split.class_names) != meta["class_names"]:
+            raise StageError(
+                f"the segmenter was trained on classes {meta['class_names']}, the index has {split.class_names}"
+            )
+        items = [{"id": r.id, "image": r.image, "label": r.label} for r in split.good()]
+        if cfg.postprocess:
+            try:
+                store = ImageStore(sam_masks)
+            except StoreError as exc:
+                raise StageError(str(exc)) from exc
+            missing = [it["id"] for it in items if it["id"] not in store]
+            if missing:
+                raise StageError(
+                    f"no SAM masks for image {missing[0]} in {sam_masks} ({len(missing)} missing; "
+                    "run `wsss sam-masks`)"
+                )
+    common = {"scales": list(cfg.scales), "flip": cfg.flip, "postprocess": cfg.postprocess, "alpha": cfg.alpha,
+              "alpha_sweep": list(cfg.alpha_sweep), "out": out, "sam_masks": sam_masks}
+    items = [{**common, **it} for it in items]
+    resource = WorkerResource.of(load_resources, model_path=str(model_path), device=compute.device, sam=sam)
+    try:
+        results = run_per_image(predict_image, items, compute, resource, desc="predict")
+    except (ImageReadError, CheckpointError) as exc:
+        raise StageError(str(exc)) from exc
+    metrics = summarise(results, cfg, meta["class_names"], meta["model"])
+    if metrics_path:
+        _write_json(Path(metrics_path), metrics)
+    if "miou" in metrics:
+        log.info("mIoU %.4f (raw %.4f) on %d images", metrics["miou"] or float("nan"),
+                 metrics["raw"]["miou"] or float("nan"), metrics["images_with_ground_truth"])

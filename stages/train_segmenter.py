@@ -1,0 +1,217 @@
+"""Stage ``train_segmenter``: train split images + fine seeds -> ``cache/segmenter/model.pt``.
+
+Trains DeepLabV3+ on the seeds (algorithms.md §9) on ``compute.device``. Every
+``checkpoint_every`` iterations the model, optimizer, step and random states are saved atomically
+to ``checkpoint.pt``; a rerun with the same params and seeds resumes from it (the result equals an
+uninterrupted run), a rerun with different ones starts over. Loss, learning rate and the
+single-scale val mIoU (every ``val_every`` iterations, eval split with ground truth) go to a CSV
+for ``dvc plots``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.datasets import DatasetError, Record, load_split
+from pipeline.imageio import ImageReadError, read_label, read_rgb
+from pipeline.metrics import ConfusionAccumulator
+from pipeline.segmenter import ARCHS, build_segmenter, predict_probs, save_atomic, save_segmenter
+from pipeline.segmenter_train import (
+    SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
+)
+from pipeline.weights import CheckpointError
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, section, torch_device,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.train_segmenter")
+CSV_FIELDS = ("step", "loss", "lr", "val_miou")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    model: str = "tiny"
+    """``deeplabv3plus_r101`` (paper) or ``tiny`` (embedded default, random init)."""
+    encoder_weights: str | None = None
+    """Path of the ImageNet ResNet-101 state dict (required for deeplabv3plus_r101)."""
+    encoder_weights_sha256: str | None = None
+    """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
+    iterations: int = 60
+    batch_size: int = 4
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop_size: int = 512
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip_prob: float = 0.5
+    val_every: int = 20
+    """Evaluate on the eval split every this many iterations (0: only at the end)."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every this many iterations."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in ARCHS:
+            raise StageError(f"params.yaml: segmenter.model must be one of {sorted(ARCHS)}, got {self.model!r}")
+        # BatchNorm in the ASPP image-pooling branch sees one value per channel per image.
+        if self.batch_size < 2:
+            raise StageError(f"params.yaml: segmenter.batch_size must be at least 2, got {self.batch_size}")
+        for key in ("iterations", "crop_size", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise StageError(f"params.yaml: segmenter.{key} must be positive, got {getattr(self, key)}")
+        if self.val_every < 0:
+            raise StageError(f"params.yaml: segmenter.val_every must be >= 0, got {self.val_every}")
+
+    def training_fingerprint(self, data_digest: str) -> str:
+        """What the trained weights depend on (not the evaluation or checkpoint cadence)."""
+        relevant = {k: v for k, v in self.__dict__.items() if k not in ("val_every", "checkpoint_every")}
+        return fingerprint(relevant, data_digest)
+
+
+def seed_path(seeds_dir: Path, image_id: str) -> Path:
+    return seeds_dir / f"{image_id}.png"
+
+
+def data_digest(records: list[Record], seeds_dir: Path, class_names: list[str]) -> str:
+    """A hash of the training set (ids, images, seed contents), so new seeds restart training."""
+    h = hashlib.sha256("\n".join(class_names).encode())
+    for r in records:
+        h.update(f"{r.id}\t{r.image}\n".encode())
+        h.update(seed_path(seeds_dir, r.id).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = read_rgb(record.image)
+        seed = read_label(seed_path(seeds_dir, record.id))
+    except (ImageReadError, OSError) as exc:
+        raise StageError(f"image {record.id}: {exc}") from exc
+    if seed.shape != image.shape[:2]:
+        raise StageError(f"image {record.id}: seed is {seed.shape}, image is {image.shape[:2]}")
+    return image, seed
+
+
+def evaluate(net: torch.nn.Module, records: list[Record], num_classes: int) -> float:
+    """Single-scale mIoU of the argmax prediction against ground truth (quick training curve)."""
+    acc = ConfusionAccumulator(num_classes)
+    net.eval()
+    for r in records:
+        probs = predict_probs(net, read_rgb(r.image), scales=(1.0,), flip=False)
+        acc.add(probs.argmax(0).numpy(), read_label(r.label))
+    return acc.scores().miou
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _rng_state(rng: np.random.Generator, device: torch.device) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict, device: torch.device) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@click.command("train-segmenter")
+@PARAMS_OPTION
+@click.option("--index", "index_dir", default="cache/index", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seeds", "seeds_dir", default="cache/seeds/fine", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="cache/segmenter", show_default=True, type=click.Path(file_okay=False))
+@click.option("--plots", default="cache/plots/segmenter_train.csv", show_default=True, type=click.Path(dir_okay=False))
+def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: str) -> None:
+    """Train the final segmenter (DeepLabV3+) on the fine seeds of the train split."""
+    params = load_params(params_path)
+    cfg = section(params, "segmenter", SegmenterConfig)
+    data = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    device = torch_device(compute.device)
+    seeds, out_dir = Path(seeds_dir), Path(out)
+    try:
+        train = load_split(index_dir, data.train_split)
+        val = load_split(index_dir, data.eval_split)
+    except DatasetError as exc:
+        raise StageError(str(exc)) from exc
+    records = train.good()
+    missing = [r.id for r in records if not seed_path(seeds, r.id).is_file()]
+    if missing:
+        raise StageError(f"no seed for image {missing[0]} in {seeds} ({len(missing)} missing; run `wsss seeds`)")
+    val_records = [r for r in val.good() if r.label is not None]
+    num_classes = len(train.class_names) + 1
+    fp = cfg.training_fingerprint(data_digest(records, seeds, train.class_names))
+
+    try:
+        net = build_segmenter(cfg.model, num_classes, cfg.encoder_weights, cfg.encoder_weights_sha256, cfg.seed)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    net.to(device)
+    optimizer = build_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    start, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") == fp:
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(rng, ckpt["rng"], device)
+            start, history = int(ckpt["step"]), list(ckpt["history"])
+            log.info("resuming from iteration %d of %d", start, cfg.iterations)
+        else:
+            log.info("checkpoint %s is from other params or seeds; training from scratch", ckpt_path)
+
+    def save_checkpoint(step: int) -> None:
+        save_atomic(
+            {"fingerprint": fp, "step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": _rng_state(rng, device), "history": history},
+            ckpt_path,
+        )
+
+    augment = SegmentationAugment(cfg.crop_size, cfg.scale_range, cfg.flip_prob)
+    multiple = ARCHS[cfg.model].encoder_output_stride
+    bar = tqdm(range(start, cfg.iterations), desc="train segmenter", unit="it", dynamic_ncols=True)
+    for step in bar:
+        batch = rng.choice(len(records), size=cfg.batch_size, replace=len(records) < cfg.batch_size)
+        pairs = [augment(*load_pair(records[i], seeds), rng) for i in batch]
+        lr = poly_lr(cfg.lr, step, cfg.iterations, cfg.poly_power)
+        loss = train_step(net, optimizer, *collate(pairs), lr, multiple=multiple)
+        done = step + 1
+        row = {"step": done, "loss": round(loss, 6), "lr": lr, "val_miou": ""}
+        if val_records and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
+            row["val_miou"] = round(evaluate(net, val_records, num_classes), 6)
+        history.append(row)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            save_checkpoint(done)
+    save_segmenter(out_dir / "model.pt", net, cfg.model, train.class_names)
+    write_csv(Path(plots), history)
+    final = history[-1]["loss"] if history else "n/a"
+    log.info("segmenter trained for %d iterations; final loss %s", cfg.iterations, final)

@@ -1,0 +1,201 @@
+"""The final segmenter: model factory, weights, training helpers, multi-scale inference, SAMS post."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sams import sams_postprocess
+from pipeline.segmenter import (
+    ARCHS, SegmenterArch, build_segmenter, load_segmenter, predict_probs, save_segmenter, to_input,
+)
+from pipeline.segmenter_train import (
+    SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
+)
+from pipeline.weights import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared CPU cores: intra-op threads only add contention for these tiny tensors.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _shapes_set(n: int, size: int, seed: int = 0):
+    """Noisy grey images with one red disk (class 1) or blue square (class 2) and its seed map."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    data = []
+    for i in range(n):
+        image = rng.integers(90, 160, size=(size, size, 3)).astype(np.uint8)
+        seed_map = np.zeros((size, size), np.uint8)
+        cy, cx, r = rng.integers(18, size - 18, size=2).tolist() + [int(rng.integers(9, 16))]
+        if i % 2 == 0:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            image[mask] = (220, 40, 40)
+        else:
+            mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+            image[mask] = (40, 60, 220)
+        seed_map[mask] = 1 + i % 2
+        data.append((image, seed_map))
+    return data
+
+
+def test_training_reduces_loss():
+    data = _shapes_set(8, size=48)
+    net = build_segmenter("tiny", 3, seed=0)
+    opt = build_optimizer(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    augment = SegmentationAugment(crop_size=48, scale_range=(0.75, 1.25))
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    losses = []
+    steps = 20
+    for step in range(steps):
+        batch = rng.choice(len(data), size=4, replace=False)
+        x, y = collate([augment(*data[i], rng) for i in batch])
+        losses.append(train_step(net, opt, x, y, poly_lr(0.01, step, steps, 0.9)))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert first > 0.9  # ~log(3) from a random head
+    assert last < 0.5 * first, losses
+    # It learnt the shapes, not just the class prior (~80% background): most pixels of both
+    # kinds are right on the training images.
+    net.eval()
+    for image, seed_map in data[:4]:
+        pred = predict_probs(net, image, (1.0,), flip=False).argmax(0).numpy()
+        fg = seed_map > 0
+        assert (pred[fg] == seed_map[fg]).mean() > 0.75
+        assert (pred[~fg] == 0).mean() > 0.75
+
+
+def test_postprocess_hand_built_case():
+    # Channels: background, class 1, class 2, class 3; 7 pixels in one row.
+    probs = np.array(
+        [
+            [0.50, 0.05, 0.00, 0.45],  # p0 argmax bg (class 3 is never an argmax)
+            [0.50, 0.05, 0.00, 0.45],  # p1 bg
+            [0.10, 0.80, 0.10, 0.00],  # p2 class 1
+            [0.40, 0.50, 0.10, 0.00],  # p3 class 1
+            [0.45, 0.00, 0.55, 0.00],  # p4 class 2
+            [0.90, 0.00, 0.10, 0.00],  # p5 bg
+            [0.00, 1.00, 0.00, 0.00],  # p6 class 1, covered by no mask
+        ],
+        np.float32,
+    ).T.reshape(4, 1, 7)
+    masks = np.zeros((4, 1, 7), bool)
+    masks[0, 0, [0, 1]] = True  # whole: bg .5 (class 3 would win with .45 > .5**2 if it counted)
+    masks[1, 0, [2, 3]] = True  # part: class 1 .65
+    masks[2, 0, [3, 4]] = True  # whole: bg .425, class 1 .25, class 2 .325
+    masks[3, 0, [5]] = True     # sub-part: bg .9
+    levels = np.array([2, 1, 2, 0], np.uint8)
+    # alpha 2: mask 2's background .425**2 = .18 loses to class 2; it overwrites mask 1 at p3
+    # (higher level); mask 0 stays background (.25) because class 3 is not a channel.
+    np.testing.assert_array_equal(
+        sams_postprocess(probs, masks, levels, 2.0), np.array([[0, 0, 1, 2, 2, 0, 0]], np.uint8)
+    )
+    # alpha 1: mask 2 is background (.425) and still overwrites the part at p3.
+    np.testing.assert_array_equal(
+        sams_postprocess(probs, masks, levels, 1.0), np.array([[0, 0, 1, 0, 0, 0, 0]], np.uint8)
+    )
+
+
+def test_multiscale_flip_probabilities():
+    net = build_segmenter("tiny", 5, seed=1).eval()
+    image = np.random.default_rng(0).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    probs = predict_probs(net, image, scales=(0.5, 0.75, 1.0, 1.25, 1.5), flip=True)
+    assert probs.shape == (5, 37, 53) and probs.dtype == torch.float32
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(0), torch.ones(37, 53), atol=1e-5, rtol=0)
+    # Flip averaging: the result for a mirrored image is the mirrored result (width 48 is a
+    # multiple of the output stride, so no one-sided padding breaks the symmetry).
+    square = image[:32, :48]
+    a = predict_probs(net, square, scales=(1.0,), flip=True)
+    b = predict_probs(net, np.ascontiguousarray(square[:, ::-1]), scales=(1.0,), flip=True)
+    torch.testing.assert_close(a, b.flip(-1), atol=1e-5, rtol=1e-4)
+    # One scale without flip is the plain softmax of the network.
+    single = predict_probs(net, square, scales=(1.0,), flip=False)
+    with torch.no_grad():
+        expected = net(to_input(square)).softmax(1)[0]
+    torch.testing.assert_close(single, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_build_is_deterministic_and_save_load_round_trips(tmp_path):
+    a, b = build_segmenter("tiny", 3, seed=0), build_segmenter("tiny", 3, seed=0)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    save_segmenter(tmp_path / "model.pt", a, "tiny", ["ball", "box"])
+    net, meta = load_segmenter(tmp_path / "model.pt")
+    assert meta == {"model": "tiny", "class_names": ["ball", "box"]}
+    image = np.full((32, 32, 3), 120, np.uint8)
+    torch.testing.assert_close(predict_probs(net, image, (1.0,), False), predict_probs(a.eval(), image, (1.0,), False))
+
+
+def test_trained_model_loads_without_its_encoder_weights(tmp_path, monkeypatch):
+    # A model that needs ImageNet weights to be built, but not to be loaded once trained.
+    monkeypatch.setitem(ARCHS, "tiny_pretrained", SegmenterArch("resnet18", 32, 16, True))
+    torch.save(build_segmenter("tiny", 3, seed=5).encoder.state_dict(), tmp_path / "enc.pth")
+    with pytest.raises(CheckpointError):
+        build_segmenter("tiny_pretrained", 3)
+    net = build_segmenter("tiny_pretrained", 3, encoder_weights=tmp_path / "enc.pth")
+    save_segmenter(tmp_path / "model.pt", net, "tiny_pretrained", ["a", "b"])
+    (tmp_path / "enc.pth").unlink()
+    loaded, meta = load_segmenter(tmp_path / "model.pt")
+    assert meta["model"] == "tiny_pretrained"
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_missing_encoder_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"segmenter\.encoder_weights.*never download"):
+        build_segmenter("deeplabv3plus_r101", 21, encoder_weights=None)
+    with pytest.raises(CheckpointError, match="not found"):
+        build_segmenter("deeplabv3plus_r101", 21, encoder_weights=tmp_path / "absent.pth")
+
+
+def test_encoder_weights_are_loaded_from_a_local_file(tmp_path):
+    source = build_segmenter("tiny", 3, seed=5)
+    state = {**source.encoder.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "resnet18.pth")
+    net = build_segmenter("tiny", 3, encoder_weights=tmp_path / "resnet18.pth", seed=0)
+    for k, v in source.encoder.state_dict().items():
+        assert torch.equal(net.encoder.state_dict()[k], v), k
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="do not fit the encoder"):
+        build_segmenter("tiny", 3, encoder_weights=tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        build_segmenter("tiny", 3, encoder_weights=tmp_path / "resnet18.pth", encoder_weights_sha256="0" * 64)
+
+
+def test_augment_pads_with_ignore_and_is_reproducible():
+    image = np.full((20, 30, 3), 200, np.uint8)
+    label = np.ones((20, 30), np.uint8)
+    augment = SegmentationAugment(crop_size=48, scale_range=(1.0, 1.0), flip_prob=0.0)
+    out_img, out_lab = augment(image, label, np.random.default_rng(0))
+    assert out_img.shape == (48, 48, 3) and out_lab.shape == (48, 48)
+    # A 20x30 image in a 48 crop: exactly 600 labelled pixels, the rest padding (255).
+    assert (out_lab == 1).sum() == 600 and (out_lab == 255).sum() == 48 * 48 - 600
+    assert (out_img[out_lab == 255] == (124, 116, 104)).all()  # the ImageNet mean colour
+    assert (out_img[out_lab == 1] == 200).all()
+    big = SegmentationAugment(crop_size=16)
+    r1, r2 = big(image, label, np.random.default_rng(3)), big(image, label, np.random.default_rng(3))
+    assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
+    x, y = collate([r1, r2])
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_poly_lr():
+    assert poly_lr(0.01, 0, 100) == 0.01
+    assert poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def test_all_ignored_batch_gives_no_update():
+    net = build_segmenter("tiny", 3, seed=0)
+    opt = build_optimizer(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    x = torch.zeros(2, 3, 32, 32)
+    y = torch.full((2, 32, 32), 255, dtype=torch.int64)
+    assert train_step(net, opt, x, y, 0.01) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -1,0 +1,279 @@
+"""Stages ``train-segmenter`` and ``predict`` on a tiny demo index (CliRunner, tiny models)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.datasets import load_split
+from pipeline.demo_data import DEMO_CLASSES
+from pipeline.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
+from pipeline.metrics import ConfusionAccumulator
+from pipeline.sams import sams_postprocess
+from pipeline.segmenter import load_segmenter, predict_probs
+from pipeline.store import ImageStore
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+ITERATIONS = 4
+
+
+def _params(tmp: Path, **overrides) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["dataset"].update(name="demo", train_split="train", eval_split="val")
+    params["dataset"]["demo"] = {"n_train": 6, "n_val": 3, "seed": 0}
+    params["compute"].update(scheduler="local", device="cpu")
+    params["sam"].update(model="tiny", points_per_side=4, crop_n_layers=0, min_mask_region_area=0)
+    params["segmenter"].update(
+        model="tiny", encoder_weights=None, iterations=ITERATIONS, batch_size=2, crop_size=64,
+        val_every=2, checkpoint_every=2, seed=0,
+    )
+    params["predict"].update(scales=[0.75, 1.0], flip=True, postprocess=True, alpha=1.0, alpha_sweep=[1.0, 3.0])
+    for key, value in overrides.items():
+        sec, name = key.split(".")
+        params[sec][name] = value
+    path = tmp / f"params_{abs(hash(tuple(sorted(map(str, overrides.items())))))}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def _ok(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def _qs_arrays(masks: np.ndarray, levels: np.ndarray) -> dict[str, np.ndarray]:
+    S = len(masks)
+    return {
+        "masks": masks, "levels": levels.astype(np.uint8),
+        "predicted_iou": np.ones(S, np.float32), "stability_score": np.ones(S, np.float32),
+        "bbox_xywh": np.zeros((S, 4), np.int64), "point_coords": np.zeros((S, 2)),
+        "crop_box_xywh": np.zeros((S, 4), np.int64),
+    }
+
+
+def _gt_masks(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quasi-superpixels from ground truth: the background (level 2) and each class (level 2),
+    plus the left half of the image as a part (level 1)."""
+    values = [v for v in np.unique(gt) if v != 255]
+    masks = [gt == v for v in values]
+    half = np.zeros(gt.shape, bool)
+    half[:, : gt.shape[1] // 2] = True
+    return np.stack(masks + [half]), np.array([2] * len(masks) + [1])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared CPU cores; also keeps CPU results bitwise repeatable
+    tmp = tmp_path_factory.mktemp("segmenter_stages")
+    params = _params(tmp)
+    _ok(_invoke("prepare", "--params", params, "--out", tmp / "index"))
+    seeds = tmp / "seeds"
+    for r in load_split(tmp / "index", "train").good():
+        gt = read_label(r.label)
+        write_palette_png(seeds / f"{r.id}.png", np.where(gt == 255, 0, gt).astype(np.uint8))
+    store = ImageStore.open_for_writing(tmp / "sam_masks.zarr", {"fingerprint": "test"})
+    for r in load_split(tmp / "index", "val").good():
+        store.write(r.id, _qs_arrays(*_gt_masks(read_label(r.label))))
+    out = tmp / "segmenter"
+    _ok(_invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", seeds,
+                "--out", out, "--plots", tmp / "plots" / "train.csv"))
+    yield tmp, params
+    torch.set_num_threads(threads)
+
+
+def test_train_writes_model_checkpoint_and_curves(workspace):
+    tmp, _ = workspace
+    net, meta = load_segmenter(tmp / "segmenter" / "model.pt")
+    assert meta == {"model": "tiny", "class_names": list(DEMO_CLASSES)}
+    assert net.segmentation_head[0].out_channels == len(DEMO_CLASSES) + 1
+    ckpt = torch.load(tmp / "segmenter" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == ITERATIONS
+    rows = list(csv.DictReader((tmp / "plots" / "train.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, ITERATIONS + 1))
+    assert float(rows[0]["lr"]) == pytest.approx(0.01)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.01 * (1 / ITERATIONS) ** 0.9)
+    assert all(float(r["loss"]) > 0 for r in rows)
+    # val mIoU every val_every (2) iterations, blank otherwise
+    assert [r["val_miou"] != "" for r in rows] == [False, True, False, True]
+    assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows if r["val_miou"])
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypatch):
+    tmp, params = workspace
+    import stages.train_segmenter as ts
+
+    calls = {"n": 0}
+    real_step = ts.train_step
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    out, plots = tmp / "resumed", tmp / "plots" / "resumed.csv"
+    args = ("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "seeds",
+            "--out", out, "--plots", plots)
+    monkeypatch.setattr(ts, "train_step", crash_on_third)
+    result = _invoke(*args)
+    assert result.exit_code != 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (out / "model.pt").exists()
+    monkeypatch.setattr(ts, "train_step", real_step)
+    _ok(_invoke(*args))
+    a = torch.load(tmp / "segmenter" / "model.pt")["state_dict"]
+    b = torch.load(out / "model.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert plots.read_text() == (tmp / "plots" / "train.csv").read_text()
+
+
+def test_changed_params_restart_instead_of_resuming(workspace):
+    tmp, _ = workspace
+    out = tmp / "restarted"
+    shutil.copytree(tmp / "segmenter", out)  # a finished run of other params
+    params = _params(tmp, **{"segmenter.lr": 0.02})
+    _ok(_invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "seeds",
+                "--out", out, "--plots", tmp / "plots" / "restarted.csv"))
+    rows = list(csv.DictReader((tmp / "plots" / "restarted.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, ITERATIONS + 1))
+    assert float(rows[0]["lr"]) == pytest.approx(0.02)
+    a = torch.load(tmp / "segmenter" / "model.pt")["state_dict"]
+    b = torch.load(out / "model.pt")["state_dict"]
+    assert not torch.equal(a["segmentation_head.0.weight"], b["segmentation_head.0.weight"])
+
+
+def test_predict_on_eval_split(workspace):
+    tmp, params = workspace
+    out, metrics_path = tmp / "predictions", tmp / "metrics" / "predict.json"
+    _ok(_invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", tmp / "segmenter",
+                "--sam-masks", tmp / "sam_masks.zarr", "--out", out, "--metrics", metrics_path))
+    records = load_split(tmp / "index", "val").good()
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(r.id for r in records)
+    net, _ = load_segmenter(tmp / "segmenter" / "model.pt")
+    raw_acc, post_acc, sweep3 = (ConfusionAccumulator(len(DEMO_CLASSES) + 1) for _ in range(3))
+    store = ImageStore(tmp / "sam_masks.zarr")
+    for r in records:
+        with Image.open(out / f"{r.id}.png") as im:
+            assert im.mode == "P" and im.size == (r.width, r.height)
+            assert np.array_equal(np.array(im.getpalette()[:768], np.uint8).reshape(256, 3), VOC_PALETTE)
+        post, raw = read_label(out / f"{r.id}.png"), read_label(out / "raw" / f"{r.id}.png")
+        probs = predict_probs(net, read_rgb(r.image), (0.75, 1.0), flip=True)
+        np.testing.assert_array_equal(raw, probs.argmax(0).numpy())
+        arrays = store.read(r.id)
+        np.testing.assert_array_equal(post, sams_postprocess(probs, arrays["masks"], arrays["levels"], 1.0))
+        # Post-processed labels are constant inside each whole (ground-truth region) mask.
+        for m, level in zip(arrays["masks"], arrays["levels"]):
+            if level == 2:
+                assert len(np.unique(post[m])) == 1
+        gt = read_label(r.label)
+        raw_acc.add(raw, gt)
+        post_acc.add(post, gt)
+        sweep3.add(sams_postprocess(probs, arrays["masks"], arrays["levels"], 3.0), gt)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["images"] == metrics["images_with_ground_truth"] == len(records)
+    assert metrics["raw"]["miou"] == pytest.approx(raw_acc.scores().miou)
+    assert metrics["postprocessed"]["miou"] == pytest.approx(post_acc.scores().miou)
+    assert metrics["postprocessed"]["alpha"] == 1.0
+    assert metrics["miou"] == metrics["postprocessed"]["miou"]
+    assert metrics["alpha_sweep"] == {
+        "1": pytest.approx(post_acc.scores().miou), "3": pytest.approx(sweep3.scores().miou)
+    }
+    assert set(metrics["raw"]["per_class_iou"]) <= {"background", *DEMO_CLASSES}
+    assert "background" in metrics["postprocessed"]["per_class_iou"]
+
+
+def test_predict_folder_of_new_images_with_sam_on_the_fly(workspace):
+    tmp, params = workspace
+    folder = tmp / "new_images"
+    folder.mkdir()
+    records = load_split(tmp / "index", "val").good()[:2]
+    shutil.copy(records[0].image, folder / "first.jpg")
+    Image.open(records[1].image).convert("L").save(folder / "second.png")  # grayscale input
+    out = tmp / "folder_predictions"
+    _ok(_invoke("predict", "--params", params, "--images", folder, "--segmenter", tmp / "segmenter", "--out", out))
+    for name, r in (("first", records[0]), ("second", records[1])):
+        for path in (out / f"{name}.png", out / "raw" / f"{name}.png"):
+            label = read_label(path)
+            assert label.shape == (r.height, r.width) and label.max() <= len(DEMO_CLASSES)
+
+
+def test_missing_encoder_weights_is_one_clear_line(workspace):
+    tmp, _ = workspace
+    params = _params(tmp, **{"segmenter.model": "deeplabv3plus_r101"})
+    result = _invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "seeds",
+                     "--out", tmp / "r101", "--plots", tmp / "r101.csv")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "segmenter.encoder_weights" in lines[0] and "not found" in lines[0]
+    assert not (tmp / "r101").exists()
+
+
+def test_missing_seeds_and_masks_are_clear_errors(workspace):
+    tmp, params = workspace
+    result = _invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "nowhere",
+                     "--out", tmp / "x", "--plots", tmp / "x.csv")
+    assert result.exit_code == 1 and "no seed for image" in result.output and "6 missing" in result.output
+    result = _invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", tmp / "segmenter",
+                     "--sam-masks", tmp / "none.zarr", "--out", tmp / "y")
+    assert result.exit_code == 1 and "no store at" in result.output
+    result = _invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", tmp / "nothing",
+                     "--out", tmp / "y")
+    assert result.exit_code == 1 and "run `wsss train-segmenter`" in result.output
+
+
+def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
+    from pipeline.quasi_superpixels import QuasiSuperpixels
+    from pipeline.segmenter import build_segmenter
+    from stages.predict import PredictConfig, predict_image, summarise
+
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "im.png")
+    gt = np.zeros((40, 56), np.uint8)
+    gt[10:30, 10:30] = 2
+    write_palette_png(tmp_path / "gt.png", gt)
+    store = ImageStore.open_for_writing(tmp_path / "masks.zarr", {"fingerprint": "t"})
+    store.write("im", QuasiSuperpixels.empty(40, 56).to_arrays())
+    res = {"net": build_segmenter("tiny", 3).eval(), "meta": {"model": "tiny"}, "generator": None}
+    item = {"id": "im", "image": str(tmp_path / "im.png"), "label": str(tmp_path / "gt.png"),
+            "scales": [1.0], "flip": False, "postprocess": True, "alpha": 1.0, "alpha_sweep": [2.0],
+            "out": str(tmp_path / "out"), "sam_masks": str(tmp_path / "masks.zarr")}
+    result = predict_image(res, item)
+    raw = read_label(tmp_path / "out" / "raw" / "im.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "out" / "im.png"), raw)
+    assert result["no_masks"] is True
+    np.testing.assert_array_equal(result["post"][1.0], result["raw"])
+    assert result["raw"].sum() == 40 * 56
+    metrics = summarise([result], PredictConfig(alpha_sweep=[2.0]), ["a", "b"], "tiny")
+    assert metrics["images_without_sam_masks"] == 1
+    assert metrics["postprocessed"]["miou"] == metrics["raw"]["miou"] == metrics["alpha_sweep"]["2"]
+
+
+@pytest.mark.slow
+def test_predict_on_a_dask_cluster_equals_the_serial_run(workspace):
+    tmp, _ = workspace
+    params = _params(tmp, **{"compute.scheduler": "local-cluster", "compute.workers": 2})
+    serial, parallel = tmp / "serial", tmp / "parallel"
+    for out, p in ((serial, _params(tmp)), (parallel, params)):
+        _ok(_invoke("predict", "--params", p, "--index", tmp / "index", "--segmenter", tmp / "segmenter",
+                    "--sam-masks", tmp / "sam_masks.zarr", "--out", out, "--metrics", out / "metrics.json"))
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*.png"))
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png")) and len(files) == 6
+    for f in files:
+        np.testing.assert_array_equal(read_label(serial / f), read_label(parallel / f))
+    assert json.loads((serial / "metrics.json").read_text()) == json.loads((parallel / "metrics.json").read_text())
