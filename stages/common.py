@@ -94,6 +94,20 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def code_digest(*modules: str) -> str:
+    """SHA-256 (16 hex) of the source of the named modules.
+
+    Part of a resumable store's fingerprint: when the code that computes an artifact changes, DVC
+    reruns the stage, and without this the store would "resume" and keep stale images.
+    """
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def package_version() -> str:
     try:
         from importlib.metadata import version
@@ -161,7 +175,9 @@ def run_per_image(
         return []
     if compute.scheduler == "local":
         obj = resource.get() if resource is not None else None
-        return [task(obj, item) for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True)]
+        # A context manager closes the bar when a task fails, so the error gets its own line.
+        with tqdm(items, desc=desc, unit="img", dynamic_ncols=True) as bar:
+            return [task(obj, item) for item in bar]
     return _run_dask(task, items, compute, resource, desc)
 
 

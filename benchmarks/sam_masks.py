@@ -1,0 +1,258 @@
+"""Benchmark of the quasi-superpixel stage (``sam_masks``) against segment-anything's stock code.
+
+Post-processing time: our :class:`QuasiSuperpixelGenerator` vs the stock
+``SamAutomaticMaskGenerator`` (``output_mode="binary_mask"``, same settings where both have them)
+over the same predictor and the same images. The predictor is taken out of the measurement by
+caching: each image's predictor outputs are computed once (a warm-up run of both generators over
+a :class:`CachedPredictor`), then both generators are timed over the cache, so the times are
+everything a generator does besides the network (filters, NMS, crops, clean-up, encoding).
+Repeats are interleaved and the best of each is kept. A third column times our generator with its
+three changes switched off (it then outputs exactly the stock masks), which separates the
+dense-tensor speed-up from the effect of keeping fewer masks. ``RATIO sam_postprocess`` is
+stock/ours with the paper's changes on.
+
+Storage (:func:`bench_storage`): bytes per image of the ``sam_masks`` zarr group vs the same
+masks pickled as segment-anything's uncompressed-RLE records, as the method's authors stored them;
+``RATIO sam_storage=<pickle/zarr>`` (above 1: the zarr store is smaller).
+
+Run: ``.venv/bin/python benchmarks/sam_masks.py [--points-per-side 16] [--images 3]``. The last
+lines are ``RATIO <name>=<stock/ours>`` (above 1: ours is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.quasi_superpixels import QuasiSuperpixelGenerator  # noqa: E402
+
+GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+#: Generator settings shared by both sides (paper values except the thresholds, which are set
+#: so that the weight-free stand-in predictor yields a realistic number of masks).
+SETTINGS = dict(points_per_batch=64, pred_iou_thresh=0.8, stability_score_thresh=0.85,
+                stability_score_offset=1.0, box_nms_thresh=0.7, crop_n_layers=1,
+                crop_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
+                crop_n_points_downscale_factor=2, min_mask_region_area=100)
+
+
+#: Our generator's three changes switched off (no level offsets, no occupation filter).
+NEUTRAL = dict(score_thresh_offset=(0.0, 0.0, 0.0), score_nms_offset=(0.0, 0.0, 0.0),
+               occupation_thresh=float("inf"))
+
+
+def fake_predictor():
+    """The golden files' weight-free SamPredictor stand-in."""
+    spec = importlib.util.spec_from_file_location("fake_sam", GOLDEN_DIR / "fake_sam.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FakeSamPredictor()
+
+
+class CachedPredictor:
+    """Wraps a predictor; ``predict_torch`` answers from a cache keyed by (image, points).
+
+    The first call for a key runs the wrapped predictor; later calls return the stored tensors
+    (neither generator modifies them in place), so timed runs contain no network time.
+    """
+
+    def __init__(self, predictor):
+        self.inner = predictor
+        self.transform = predictor.transform
+        self.model = predictor.model
+        self.device = predictor.device
+        self.cache: dict = {}
+        self.misses = 0
+        self._key = None
+
+    def set_image(self, image):
+        self._key = (image.shape, hash(np.ascontiguousarray(image).tobytes()))
+        self._image = image
+
+    def reset_image(self):
+        self._key = None
+
+    def predict_torch(self, point_coords, point_labels, multimask_output=True,
+                      return_logits=True):
+        key = (self._key, point_coords.cpu().numpy().tobytes())
+        if key not in self.cache:
+            self.misses += 1
+            self.inner.set_image(self._image)
+            self.cache[key] = self.inner.predict_torch(
+                point_coords, point_labels, multimask_output=multimask_output,
+                return_logits=return_logits)
+        return self.cache[key]
+
+
+class _StockSamModel:
+    """What the stock generator's constructor reads from a Sam model (its predictor is replaced)."""
+
+    class image_encoder:  # noqa: N801 - attribute name of segment_anything.Sam
+        img_size = 1024
+
+
+def stock_generator(predictor, points_per_side: int):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    gen = SamAutomaticMaskGenerator(_StockSamModel(), points_per_side=points_per_side,
+                                    output_mode="binary_mask", **SETTINGS)
+    gen.predictor = predictor
+    return gen
+
+
+def synthetic_images(n: int, height: int = 200, width: int = 300, seed: int = 0):
+    """Coloured rectangles and discs on a noisy background (regions at two colour scales)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    images = []
+    for _ in range(n):
+        image = np.full((height, width, 3), rng.integers(0, 80, 3), np.uint8)
+        for _ in range(6):
+            colour = rng.integers(0, 256, 3)
+            cy, cx = rng.integers(0, height), rng.integers(0, width)
+            r = rng.integers(15, 60)
+            if rng.random() < 0.5:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            else:
+                inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= 1.5 * r)
+            image[inside] = colour
+            inner = inside & ((yy - cy) ** 2 + (xx - cx) ** 2 <= (r // 2) ** 2)
+            image[inner] = np.clip(colour.astype(int) + 40, 0, 255)
+        images.append(image)
+    return images
+
+
+def bench_postprocess(images, points_per_side: int = 16, repeats: int = 3):
+    """Per-image post-processing seconds (best of ``repeats``) of stock and ours, plus counts."""
+    rows = []
+    for image in images:
+        predictor = CachedPredictor(fake_predictor())
+        ours = QuasiSuperpixelGenerator(predictor, points_per_side=points_per_side, **SETTINGS)
+        stock = stock_generator(predictor, points_per_side)
+        n_ours, n_stock = len(ours.generate(image)), len(stock.generate(image))  # fills the cache
+        misses = predictor.misses
+        # Same generator with the three changes switched off: it then keeps exactly the stock
+        # masks, so this isolates the dense-tensor post-processing from the smaller output.
+        neutral = QuasiSuperpixelGenerator(predictor, points_per_side=points_per_side,
+                                           **SETTINGS, **NEUTRAL)
+        # Interleaved repeats, so that load from other processes hits all three alike.
+        times = {"stock": [], "ours": [], "neutral": []}
+        for _ in range(repeats):
+            for name, gen in (("stock", stock), ("ours", ours), ("neutral", neutral)):
+                start = time.perf_counter()
+                gen.generate(image)
+                times[name].append(time.perf_counter() - start)
+        t_stock, t_ours, t_neutral = (min(times[k]) for k in ("stock", "ours", "neutral"))
+        assert predictor.misses == misses, "timed runs must not call the predictor"
+        rows.append(dict(stock_s=t_stock, ours_s=t_ours, neutral_s=t_neutral,
+                         stock_masks=n_stock, ours_masks=n_ours))
+    return rows
+
+
+def bench_storage(images, points_per_side: int = 16) -> dict:
+    """Bytes per image of the ``sam_masks`` zarr store vs the authors' pickled uncompressed RLE.
+
+    The masks come from our generator over the weight-free stand-in predictor (colour-region
+    masks of realistic shapes). Zarr side: each image written with the stage's own
+    :func:`pipeline.store.write_group` (one bitshuffled-zstd chunk per array), counted as the
+    apparent size of every file of its group, metadata included. Pickle side: what the method's
+    authors stored, one pickle per image holding a list of per-mask records in segment-anything's
+    ``uncompressed_rle`` output format (``{"size": [h, w], "counts": [...]}`` from
+    ``mask_to_rle_pytorch``, plus level, area, box, IoU, stability, point, crop box).
+    """
+    import pickle
+    import tempfile
+
+    import torch
+    from segment_anything.utils.amg import mask_to_rle_pytorch
+
+    from pipeline.store import ImageStore, write_group
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "sam_masks.zarr"
+        ImageStore.open_for_writing(store, {"stage": "benchmark", "fingerprint": "benchmark"})
+        for i, image in enumerate(images):
+            qs = QuasiSuperpixelGenerator(
+                fake_predictor(), points_per_side=points_per_side, **SETTINGS).generate(image)
+            arrays = qs.to_arrays()
+            write_group(store, f"img{i}", arrays, attrs={"height": image.shape[0],
+                                                          "width": image.shape[1]})
+            files = [p for p in (store / f"img{i}").rglob("*") if p.is_file()]
+            zarr_bytes = sum(p.stat().st_size for p in files)
+            meta_bytes = sum(p.stat().st_size for p in files if p.name == "zarr.json")
+            rles = mask_to_rle_pytorch(torch.from_numpy(arrays["masks"]))
+            records = [
+                {"segmentation": rle, "level": int(level), "area": int(mask.sum()),
+                 "bbox": box.tolist(), "predicted_iou": float(iou), "point_coords": [pt.tolist()],
+                 "stability_score": float(stab), "crop_box": crop.tolist()}
+                for rle, mask, level, box, iou, pt, stab, crop in zip(
+                    rles, arrays["masks"], arrays["levels"], arrays["bbox_xywh"],
+                    arrays["predicted_iou"], arrays["point_coords"], arrays["stability_score"],
+                    arrays["crop_box_xywh"])
+            ]
+            pickle_bytes = len(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
+            rows.append(dict(masks=len(qs), zarr_bytes=zarr_bytes, zarr_meta_bytes=meta_bytes,
+                             pickle_bytes=pickle_bytes))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points-per-side", type=int, default=16)
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--height", type=int, default=200)
+    parser.add_argument("--width", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    # One intra-op thread by default: with several threads on a loaded machine, the thousands of
+    # small tensor ops of the stock RLE encoding made its times swing tenfold between runs.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    images = synthetic_images(args.images, args.height, args.width)
+    print(f"post-processing, {args.images} images {args.height}x{args.width}, points_per_side "
+          f"{args.points_per_side}, crop_n_layers {SETTINGS['crop_n_layers']}, cached "
+          f"FakeSamPredictor (predictor time excluded), torch threads {torch.get_num_threads()}")
+    rows = bench_postprocess(images, args.points_per_side, args.repeats)
+    for i, row in enumerate(rows):
+        print(f"image {i}: stock {row['stock_s'] * 1e3:8.1f} ms ({row['stock_masks']} masks)   "
+              f"ours {row['ours_s'] * 1e3:8.1f} ms ({row['ours_masks']} masks)   "
+              f"ours with the changes off {row['neutral_s'] * 1e3:8.1f} ms "
+              f"({row['stock_masks']} masks)")
+    stock_total = sum(r["stock_s"] for r in rows)
+    ours_total = sum(r["ours_s"] for r in rows)
+    neutral_total = sum(r["neutral_s"] for r in rows)
+    print(f"mean per image: stock {stock_total / len(rows) * 1e3:.1f} ms, "
+          f"ours {ours_total / len(rows) * 1e3:.1f} ms, ours with the changes off "
+          f"{neutral_total / len(rows) * 1e3:.1f} ms (stock/that = "
+          f"{stock_total / neutral_total:.3f})")
+    storage = bench_storage(images, args.points_per_side)
+    for i, row in enumerate(storage):
+        print(f"image {i}: {row['masks']} masks, zarr group {row['zarr_bytes']} B "
+              f"({row['zarr_meta_bytes']} B metadata), pickled uncompressed RLE "
+              f"{row['pickle_bytes']} B")
+    zarr_total = sum(r["zarr_bytes"] for r in storage)
+    pickle_total = sum(r["pickle_bytes"] for r in storage)
+    meta_total = sum(r["zarr_meta_bytes"] for r in storage)
+    print(f"storage per image: zarr {zarr_total / len(storage):.0f} B (chunks "
+          f"{(zarr_total - meta_total) / len(storage):.0f} B + metadata "
+          f"{meta_total / len(storage):.0f} B), pickled RLE {pickle_total / len(storage):.0f} B")
+    print(f"RATIO sam_storage={pickle_total / zarr_total:.3f}")
+    print(f"RATIO sam_postprocess={stock_total / ours_total:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Stage ``sam_masks``: images -> ``cache/sam_masks.zarr``, quasi-superpixels per image (§1).
+
+Every usable image of the train and eval splits gets one store group. The store's fingerprint
+covers the ``sam`` params, the checkpoint's checksum and the mask code: a change resets the store,
+a rerun with the same ones resumes and computes only the images not yet stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import click
+
+from pipeline.config import to_dict
+from pipeline.datasets import DatasetError, load_split
+from pipeline.imageio import ImageReadError, read_rgb
+from pipeline.sam_models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
+from pipeline.store import ImageStore, finish, write_group
+from pipeline.weights import CheckpointError
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
+    package_version, run_per_image, section, torch_device,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.sam_masks")
+STAGE = "sam_masks"
+
+# Params that choose the model rather than configure the generator.
+_MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
+
+# Modules whose code decides the masks (the code deps of this stage in dvc.yaml). When they change,
+# DVC reruns the stage, and the store must then recompute instead of resuming with old masks.
+CODE_MODULES = ("pipeline.quasi_superpixels", "pipeline.sam_models", "pipeline.imageio")
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Section ``sam`` of params.yaml (algorithms.md §1); generator settings map 1:1."""
+
+    model: str = "vit_h"
+    """vit_h | vit_l | vit_b | tiny (random weights, offline demo)."""
+    checkpoint: str | None = None
+    """Path of the official checkpoint (ignored by tiny)."""
+    checkpoint_sha256: str | None = None
+    """Expected SHA-256; None: the published checksum of the official file."""
+    points_per_side: int = 32
+    points_per_batch: int = 256
+    pred_iou_thresh: float = 0.86
+    stability_score_thresh: float = 0.92
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    """Logit threshold that binarises SAM's masks."""
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 1
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 2
+    min_mask_region_area: int = 100
+    score_thresh_offset: tuple[float, float, float] = (0.0, 0.0, 0.1)
+    score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    occupation_thresh: float = 0.3
+
+    def __post_init__(self):
+        if self.model not in SPECS:
+            raise StageError(
+                f"params.yaml: sam.model must be one of {', '.join(SPECS)}, got {self.model!r}"
+            )
+
+    def generator_settings(self) -> dict:
+        return {k: v for k, v in to_dict(self).items() if k not in _MODEL_KEYS}
+
+
+class Item(NamedTuple):
+    image_id: str
+    image: str
+    store: str
+
+
+def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, **settings):
+    """One generator per process (WorkerResource factory: module-level, plain-data kwargs)."""
+    from pipeline.quasi_superpixels import QuasiSuperpixelGenerator
+
+    predictor = build_sam_predictor(
+        model, checkpoint, checkpoint_sha256, torch_device(device), mask_threshold
+    )
+    return QuasiSuperpixelGenerator(predictor, **settings)
+
+
+def masks_for_image(generator, item: Item) -> str:
+    """Quasi-superpixels of one image, written as its store group. Returns the image id."""
+    try:
+        image = read_rgb(item.image)
+    except ImageReadError as exc:
+        raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
+    h, w = image.shape[:2]
+    qs = generator.generate(image)
+    write_group(item.store, item.image_id, qs.to_arrays(), attrs={"height": h, "width": w})
+    return item.image_id
+
+
+def store_attrs(cfg: SamConfig) -> dict:
+    """Store provenance; the fingerprint covers everything the masks depend on."""
+    provenance = sam_provenance(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
+    # The checkpoint's location is not part of the result (teammates sharing the store through a
+    # DVC remote keep weights in different places); its checksum is.
+    depends = dataclasses.replace(cfg, checkpoint=None, checkpoint_sha256=None)
+    return {
+        "stage": STAGE,
+        "sam": to_dict(cfg),
+        "model": cfg.model,
+        "checkpoint_sha256": provenance["sha256"],
+        "untrained": provenance["untrained"],
+        "package_version": package_version(),
+        "code": code_digest(*CODE_MODULES),
+        "fingerprint": fingerprint(depends, provenance["sha256"], code_digest(*CODE_MODULES)),
+    }
+
+
+def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[Item]:
+    items: dict[str, Item] = {}
+    for split in (dataset.train_split, dataset.eval_split):
+        try:
+            records = load_split(index_dir, split).good()
+        except DatasetError as exc:
+            raise StageError(str(exc)) from exc
+        for r in records:
+            items.setdefault(r.id, Item(r.id, r.image, store))
+    return list(items.values())
+
+
+@click.command("sam-masks")
+@PARAMS_OPTION
+@click.option("--index", "index_dir", default="cache/index", show_default=True,
+              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@click.option("--out", default="cache/sam_masks.zarr", show_default=True,
+              type=click.Path(file_okay=False), help="Quasi-superpixel store to (re)fill.")
+def command(params_path: str, index_dir: str, out: str) -> None:
+    """Quasi-superpixels (SAM masks by level) for every image of the train and eval splits."""
+    params = load_params(params_path)
+    cfg = section(params, "sam", SamConfig)
+    dataset = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    try:
+        verify_checkpoint(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    torch_device(compute.device)  # an unusable device fails here, not in every worker
+    items = _items(index_dir, dataset, str(Path(out)))
+    store = ImageStore.open_for_writing(out, store_attrs(cfg))
+    todo = [it for it in items if it.image_id not in store]
+    resource = WorkerResource.of(
+        _build_generator, model=cfg.model, checkpoint=cfg.checkpoint,
+        checkpoint_sha256=cfg.checkpoint_sha256, mask_threshold=cfg.mask_threshold,
+        device=compute.device, **cfg.generator_settings(),
+    )
+    run_per_image(masks_for_image, todo, compute, resource, desc="sam masks")
+    finish(out)
+    log.info("sam_masks: %d images computed, %d already in the store (resumed), %d in %s",
+             len(todo), len(items) - len(todo), len(items), out)

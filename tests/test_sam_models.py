@@ -1,0 +1,117 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from pipeline import sam_models
+from pipeline.sam_models import SPECS, build_sam_predictor, sam_provenance
+from pipeline.weights import CheckpointError, sha256sum
+
+
+def _state(predictor):
+    return {k: v.clone() for k, v in predictor.model.state_dict().items()}
+
+
+def test_tiny_builds_deterministically_without_touching_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_sam_predictor("tiny", None, None)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    b = build_sam_predictor("tiny", None, None)
+    sa, sb = _state(a), _state(b)
+    assert isinstance(a, SamPredictor)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.model.image_encoder.img_size == 256
+    assert a.transform.target_length == 256
+    assert not a.model.training
+
+
+def test_tiny_predicts_three_masks_per_point():
+    predictor = build_sam_predictor("tiny", None, None, device="cpu", mask_threshold=0.0)
+    image = np.random.RandomState(0).randint(0, 256, (90, 130, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    assert predictor.original_size == (90, 130)
+    assert predictor.input_size == (177, 256)  # long side resized to the tiny encoder's 256
+    points = np.array([[5.0, 7.0], [100.0, 60.0], [129.0, 89.0], [64.0, 45.0]])
+    coords = torch.as_tensor(predictor.transform.apply_coords(points, (90, 130)), dtype=torch.float)
+    labels = torch.ones(len(points), dtype=torch.int)
+    logits, iou, low_res = predictor.predict_torch(
+        coords[:, None, :], labels[:, None], multimask_output=True, return_logits=True
+    )
+    assert logits.shape == (4, 3, 90, 130) and logits.dtype == torch.float32
+    assert iou.shape == (4, 3)
+    assert low_res.shape == (4, 3, 64, 64)  # 4x the 16x16 image embedding
+    assert torch.isfinite(logits).all() and torch.isfinite(iou).all()
+    masks, _, _ = predictor.predict(points[:1], np.array([1]), multimask_output=True)
+    assert masks.shape == (3, 90, 130) and masks.dtype == bool
+    np.testing.assert_array_equal(masks, (logits[0] > 0.0).numpy())
+
+
+def test_mask_threshold_is_set_on_the_model():
+    assert build_sam_predictor("tiny", None, None, mask_threshold=0.5).model.mask_threshold == 0.5
+
+
+def test_missing_checkpoint_names_file_checksum_param_and_source(tmp_path):
+    missing = tmp_path / "weights" / "sam_vit_h_4b8939.pth"
+    with pytest.raises(CheckpointError) as info:
+        build_sam_predictor("vit_h", str(missing), None)
+    msg = str(info.value)
+    assert str(missing) in msg
+    assert "'sam.checkpoint'" in msg
+    assert "sam_vit_h_4b8939.pth" in msg
+    assert SPECS["vit_h"].checkpoint_sha256 in msg
+    assert "github.com/facebookresearch/segment-anything" in msg
+    with pytest.raises(CheckpointError, match="'sam.checkpoint'"):
+        build_sam_predictor("vit_b", None, None)
+
+
+def test_wrong_checksum_is_rejected(tmp_path):
+    bogus = tmp_path / "sam_vit_b_01ec64.pth"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        build_sam_predictor("vit_b", str(bogus), None)
+    msg = str(info.value)
+    assert sha256sum(bogus) in msg and SPECS["vit_b"].checkpoint_sha256 in msg
+    with pytest.raises(CheckpointError, match="expected " + "0" * 64):
+        build_sam_predictor("vit_b", str(bogus), "0" * 64)
+
+
+def test_checkpoint_is_loaded_after_verification(tmp_path, monkeypatch):
+    # A tiny architecture posing as a checkpointed model exercises the real loading path.
+    source = build_sam_predictor("tiny", None, None)
+    with torch.no_grad():
+        for p in source.model.parameters():
+            p.add_(1.0)
+    path = tmp_path / "tiny_trained.pth"
+    torch.save(source.model.state_dict(), path)
+    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="tiny_trained.pth",
+                               checkpoint_sha256=sha256sum(path))
+    monkeypatch.setitem(SPECS, "tiny_trained", spec)
+    loaded = build_sam_predictor("tiny_trained", str(path), None)
+    a, b = _state(source), _state(loaded)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sam_provenance("tiny_trained", str(path), None) == {
+        "model": "tiny_trained", "checkpoint": str(path), "sha256": sha256sum(path),
+        "untrained": False,
+    }
+
+
+def test_provenance():
+    assert sam_provenance("tiny", "ignored.pth", None) == {
+        "model": "tiny", "checkpoint": None, "sha256": "random-init", "untrained": True,
+    }
+    assert sam_provenance("vit_h", "w/sam_vit_h_4b8939.pth", None) == {
+        "model": "vit_h", "checkpoint": "w/sam_vit_h_4b8939.pth",
+        "sha256": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        "untrained": False,
+    }
+    assert sam_provenance("vit_l", "x.pth", "ab" * 32)["sha256"] == "ab" * 32
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown SAM model 'vit_x'"):
+        build_sam_predictor("vit_x", None, None)
+    assert sam_models.expected_sha256("tiny", None) is None
