@@ -1,0 +1,245 @@
+"""Frozen CLIP image encoder split at its last transformer block (algorithms.md §2, §3).
+
+The split lets stages cache the residual-stream input of the last block once per image/view and
+run only the last block (forward, and Grad-CAM's double backward) when training prompts or
+computing CAMs. The real model is open_clip's ``ViT-B-16`` with OpenAI weights from a local file;
+the embedded default is a tiny config registered with open_clip and built by the same
+``open_clip.create_model`` call with a fixed seed (random weights, no download).
+
+Attention is computed here from each block's ``in_proj`` weights rather than through
+``nn.MultiheadAttention``: it gives the attention maps CAA needs, and plain matmul + softmax is
+twice differentiable on every device (the fused SDPA kernels are not), which Grad-CAM with
+``create_graph`` needs.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# OpenAI CLIP's image normalisation (algorithms.md §2).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH = 16
+
+TINY_MODEL = "wsss-tiny-ViT-16"
+# Tiny stand-in with ViT-B/16's structure: 8 vision layers so the last-8-block attention mean is
+# meaningful, the real tokenizer's vocabulary and context, QuickGELU like the OpenAI weights.
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 8, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_config() -> None:
+    """Make ``TINY_MODEL`` a named open_clip architecture (idempotent)."""
+    # open_clip only registers configs from JSON files on disk (add_model_config); its registry
+    # is the module-level dict that call fills, so the in-code config goes there directly.
+    open_clip.factory._MODEL_CONFIGS.setdefault(TINY_MODEL, copy.deepcopy(TINY_CONFIG))
+
+
+def create_clip(
+    model_name: str,
+    checkpoint: str | Path | None = None,
+    pretrained_tag: str | None = None,
+    seed: int = 0,
+) -> "FrozenClip":
+    """Build the frozen CLIP through ``open_clip.create_model``.
+
+    Args:
+        model_name: ``"ViT-B-16"`` (the paper's) or ``"tiny"`` (random, for the embedded default).
+        checkpoint: local OpenAI-weights file for real models (already verified by the caller).
+        pretrained_tag: open_clip tag (e.g. ``"openai"``); open_clip may download it, so only
+            when the user allows it.
+        seed: torch seed of the random initialisation (tiny / unweighted models are then
+            identical in every process, which the per-image workers rely on).
+    """
+    name = TINY_MODEL if model_name == "tiny" else model_name
+    if name == TINY_MODEL:
+        register_tiny_config()
+    pretrained = str(checkpoint) if checkpoint is not None else pretrained_tag
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # The OpenAI weights were trained with QuickGELU; open_clip's ViT-B-16 config defaults to
+        # GELU, so the activation is forced whenever real weights are loaded.
+        model = open_clip.create_model(
+            name, pretrained=pretrained, force_quick_gelu=pretrained is not None or name == TINY_MODEL
+        )
+    return FrozenClip(model, untrained=pretrained is None)
+
+
+def inference_resize(image: np.ndarray) -> np.ndarray:
+    """Resize each side of an (H, W, 3) uint8 image UP to a multiple of 16 (PIL bicubic)."""
+    h, w = image.shape[:2]
+    th, tw = -(-h // PATCH) * PATCH, -(-w // PATCH) * PATCH
+    if (th, tw) == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
+
+
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images -> (B, 3, H, W) float32 normalised with CLIP's mean/std."""
+    x = torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1 + gh*gw, D) positional embedding to (1 + h*w, D); class token kept."""
+    if tuple(grid) == tuple(hw):
+        return pos
+    cls, patches = pos[:1], pos[1:]
+    d = pos.shape[1]
+    patches = patches.reshape(1, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=hw, mode="bilinear", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(hw[0] * hw[1], d)], dim=0)
+
+
+def attention_probs(block: torch.nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Per-head attention probabilities (B, heads, L, L) of ``block`` for its normalised input."""
+    attn = block.attn
+    q, k, _ = F.linear(a, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k = _heads(q, attn.num_heads), _heads(k, attn.num_heads)
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
+
+
+def block_forward(
+    block: torch.nn.Module, x: torch.Tensor, a: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One residual attention block; returns (output, head-averaged attention (B, L, L)).
+
+    ``a`` is ``ln_1(x)``; passing it lets Grad-CAM differentiate with respect to it.
+    """
+    if a is None:
+        a = block.ln_1(x)
+    attn = block.attn
+    _, _, v = F.linear(a, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    probs = attention_probs(block, a)
+    out = probs @ _heads(v, attn.num_heads)  # (B, heads, L, dh)
+    out = out.transpose(1, 2).reshape(a.shape)
+    x = x + block.ls_1(attn.out_proj(out))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, probs.mean(dim=1)
+
+
+def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    b, l, d = t.shape
+    return t.reshape(b, l, n, d // n).transpose(1, 2)
+
+
+class FrozenClip(torch.nn.Module):
+    """An open_clip CLIP model, frozen, with the image encoder split at its last block."""
+
+    def __init__(self, model: torch.nn.Module, untrained: bool):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.untrained = untrained
+        self.visual = model.visual
+
+    @property
+    def width(self) -> int:
+        return self.visual.conv1.out_channels
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def train(self, mode: bool = True) -> "FrozenClip":
+        # Frozen: dropout-free eval behaviour always (patch dropout stays off).
+        return super().train(False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + class tokens + resized positional embedding, ``ln_pre``: (B, 1 + hw, D)."""
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + resize_pos_embed(v.positional_embedding, v.grid_size, (h, w)).to(x.dtype)
+        return v.ln_pre(x)
+
+    def encode_to_last_block(self, images: torch.Tensor) -> torch.Tensor:
+        """Residual-stream input of the last block, (B, 1 + hw, D), for normalised (B,3,H,W)."""
+        x = self.embed(images)
+        for block in self.visual.transformer.resblocks[:-1]:
+            x = block(x)
+        return x
+
+    def encode_with_attention(
+        self, images: torch.Tensor, attention_blocks: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last-block input (B, 1+hw, D), attention mean (B, hw, hw)) in one encoder pass.
+
+        Args:
+            attention_blocks: how many final blocks (the last one included) the head-averaged
+                attention is averaged over (8 in the paper). Class-token row and column are
+                dropped and rows are not renormalised.
+        """
+        blocks = self.visual.transformer.resblocks
+        if not 1 <= attention_blocks <= len(blocks):
+            raise ValueError(f"attention_blocks must be in [1, {len(blocks)}], got {attention_blocks}")
+        first = len(blocks) - attention_blocks
+        x = self.embed(images)
+        total = None
+        for i, block in enumerate(blocks[:-1]):
+            if i < first:
+                x = block(x)
+            else:
+                x_next, att = block_forward(block, x)
+                total = att if total is None else total + att
+                x = x_next
+        last_att = attention_probs(blocks[-1], blocks[-1].ln_1(x)).mean(dim=1)
+        total = last_att if total is None else total + last_att
+        return x, (total / attention_blocks)[:, 1:, 1:]
+
+    def last_block_attention_mean(self, images: torch.Tensor, attention_blocks: int = 8) -> torch.Tensor:
+        """Mean over the last ``attention_blocks`` blocks of head-averaged attention, (B, hw, hw)."""
+        return self.encode_with_attention(images, attention_blocks)[1]
+
+    def last_block_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM activation A = ``ln_1`` of the last block, all tokens (B, 1 + hw, D)."""
+        return self.visual.transformer.resblocks[-1].ln_1(x)
+
+    def features_from_activation(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Image features f (B, embed_dim), unnormalised, from last-block input x and A = ln_1(x).
+
+        f = ``ln_post`` over all tokens of the block output, mean of the patch tokens (class
+        token excluded), ``@ proj``.
+        """
+        v = self.visual
+        out, _ = block_forward(v.transformer.resblocks[-1], x, a)
+        return v.ln_post(out)[:, 1:].mean(dim=1) @ v.proj
+
+    def last_block_tail(
+        self, x: torch.Tensor, requires_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, f) from the cached last-block input ``x``.
+
+        With ``requires_grad`` A is a fresh leaf that requires grad and f is computed from it, so
+        ``∂(logits)/∂A`` (Grad-CAM) is available; x itself is treated as a constant.
+        """
+        x = x.to(self.visual.proj.dtype)
+        a = self.last_block_activation(x)
+        if requires_grad:
+            a = a.detach().requires_grad_(True)
+        return a, self.features_from_activation(x, a)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Full-encoder image features (B, embed_dim) for normalised images (exact path)."""
+        return self.last_block_tail(self.encode_to_last_block(images))[1]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()

@@ -1,0 +1,171 @@
+"""Stage ``cams@{cls,seg}``: inference cache + prompts -> ``cache/cams/<which>.zarr`` (§3, §4).
+
+Per train image, from ``inference.zarr``: the last block on the cached tokens, logits against
+the prompts, Softmax-GradCAM of every image-label class in one batched call, then CAA with the
+cached last-8-block attention. Group arrays (docs/CONTRACT.md): ``cam`` (P, h, w) f32 raw,
+``fg_cls`` (P,) i64 ascending, ``cam_caa`` (P, h, w) f32 (absent when CAA is off); attrs
+``height``, ``width`` of the original image. Store attrs say ``untrained: true`` for the tiny CLIP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import click
+import numpy as np
+import torch
+
+from pipeline.config import to_dict
+from pipeline.store import ImageStore, StoreError, finish, write_group
+from pipeline.weights import sha256sum
+from stages.clip_features import (
+    INFERENCE_STORE, ClipConfig, build_clip, clip_provenance, clip_resource_kwargs, train_records,
+    verify_clip,
+)
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, fingerprint, load_params,
+    package_version, run_per_image, section, torch_device,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.cams")
+STAGE = "cams"
+
+
+@dataclass(frozen=True)
+class CaaConfig:
+    """Class-aware attention affinity (§4) settings of one CAM set."""
+
+    enabled: bool = True
+    """COCO segmentation CAMs run without CAA."""
+    n_sinkhorn: int = 1
+    """Alternating column/row normalisations of the attention (CLIP-ES: 3)."""
+    n_power: int = 2
+    """Matrix power of the symmetrised affinity."""
+    t_box: float = 0.4
+    """Box threshold as a fraction of the 8-bit score maximum (VOC cls 0.4, seg 0.5, COCO cls 0.6)."""
+    propagate: Literal["score", "cam"] = "score"
+    """Propagate the min–max score (VOC cls) or the raw CAM (VOC seg, COCO cls)."""
+
+
+@dataclass(frozen=True)
+class CamsConfig:
+    """Section ``cams.cls`` / ``cams.seg`` of params.yaml."""
+
+    caa: CaaConfig = field(default_factory=CaaConfig)
+
+
+class Resource(NamedTuple):
+    clip: object
+    text_features: torch.Tensor
+    n_fg: int
+
+
+def _build(prompts: str, **clip_kwargs) -> Resource:
+    """Per-process CLIP + trained prompts, text features computed once."""
+    from stages.train_prompts import load_learner
+
+    clip = build_clip(**clip_kwargs)
+    learner, _ = load_learner(clip, prompts)
+    with torch.no_grad():
+        text = learner.text_features(clip.model)
+    return Resource(clip, text, learner.n_fg)
+
+
+class Item(NamedTuple):
+    image_id: str
+    labels: tuple[int, ...]
+    features: str
+    out: str
+    caa: CaaConfig
+
+
+def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens: np.ndarray, labels, grid_hw):
+    """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input."""
+    from pipeline.prompt_training import batched_gradcam
+
+    fg_cls = np.array(sorted(set(int(c) for c in labels)), dtype=np.int64)
+    hot = torch.zeros((1, n_fg))
+    hot[0, torch.from_numpy(fg_cls)] = 1.0
+    device = clip.visual.proj.device
+    x = torch.from_numpy(tokens).float().to(device)[None]
+    cams = batched_gradcam(clip, text_features, x, hot.to(device), n_fg, grid_hw, create_graph=False)
+    return cams.detach().float().cpu().numpy(), fg_cls
+
+
+def cams_for_image(resource: Resource, item: Item) -> str:
+    from pipeline.caa import class_aware_attention_affinity
+
+    store = ImageStore(item.features)
+    data, attrs = store.read(item.image_id), store.read_attrs(item.image_id)
+    grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
+    cam, fg_cls = image_cams(resource.clip, resource.text_features, resource.n_fg, data["tokens"],
+                             item.labels, grid)
+    arrays = {"cam": cam, "fg_cls": fg_cls}
+    if item.caa.enabled:
+        arrays["cam_caa"] = class_aware_attention_affinity(
+            cam, data["attention"], sinkhorn_iters=item.caa.n_sinkhorn, box_thresh=item.caa.t_box,
+            power=item.caa.n_power, propagate=item.caa.propagate,
+        ).astype(np.float32)
+    write_group(item.out, item.image_id, arrays,
+                attrs={"height": int(attrs["height"]), "width": int(attrs["width"])})
+    return item.image_id
+
+
+@click.command("cams")
+@click.option("--which", type=click.Choice(["cls", "seg"]), required=True,
+              help="Which prompts (and CAA settings) to use.")
+@PARAMS_OPTION
+@click.option("--features", default="cache/clip_features", show_default=True,
+              type=click.Path(file_okay=False), help="CLIP feature cache (clip-features).")
+@click.option("--prompts", default=None, type=click.Path(dir_okay=False),
+              help="Trained prompts [default: cache/prompts/<which>.pt].")
+@click.option("--index", "index_dir", default="cache/index", show_default=True,
+              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="CAM store [default: cache/cams/<which>.zarr].")
+def command(which, params_path, features, prompts, index_dir, out) -> None:
+    """Softmax-GradCAMs (+ CAA) of every train image's present classes."""
+    params = load_params(params_path)
+    cfg = section(params, f"cams.{which}", CamsConfig)
+    clip_cfg = section(params, "clip", ClipConfig)
+    dataset = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    prompts = prompts or f"cache/prompts/{which}.pt"
+    out = out or f"cache/cams/{which}.zarr"
+    if not Path(prompts).is_file():
+        raise StageError(f"prompts not found: {prompts} (run train-prompts --which {which})")
+    sha = verify_clip(clip_cfg)
+    torch_device(compute.device)
+    split = train_records(index_dir, dataset)
+    records = split.good()
+    features_store = Path(features) / INFERENCE_STORE
+    try:
+        inference = ImageStore(features_store)
+    except StoreError as exc:
+        raise StageError(str(exc)) from exc
+    missing = [r.id for r in records if r.id not in inference]
+    if missing:
+        raise StageError(f"{features_store} lacks image {missing[0]!r} ({len(missing)} missing; "
+                         "rerun `wsss clip-features`)")
+    provenance = clip_provenance(clip_cfg, sha)
+    prompts_sha = sha256sum(prompts)
+    attrs = {
+        "stage": STAGE, "which": which, "cams": to_dict(cfg), "clip": provenance,
+        "untrained": provenance["untrained"], "prompts_sha256": prompts_sha,
+        "class_names": list(split.class_names), "package_version": package_version(),
+        "fingerprint": fingerprint(STAGE, which, cfg, dataclasses.replace(clip_cfg, checkpoint=None),
+                                   sha, prompts_sha, inference.attrs.get("fingerprint")),
+    }
+    store = ImageStore.open_for_writing(out, attrs)
+    items = [Item(r.id, tuple(r.labels), str(features_store), str(store.path), cfg.caa)
+             for r in records if r.id not in store]
+    resource = WorkerResource.of(_build, prompts=str(prompts),
+                                 **clip_resource_kwargs(clip_cfg, compute.device))
+    run_per_image(cams_for_image, items, compute, resource, desc=f"cams {which}")
+    finish(out)
+    log.info("cams@%s: %d images computed, %d resumed -> %s", which, len(items),
+             len(records) - len(items), out)

@@ -1,0 +1,264 @@
+"""Stage ``clip_features``: train images -> ``cache/clip_features/`` (pipeline.md "CLIP feature cache").
+
+CLIP is frozen, so everything before its last block is computed once here:
+
+- ``train_views.zarr``: per train image, K augmented views (the §7 augmentation, drawn
+  deterministically from the image id and ``clip_features.seed``): ``tokens`` (K, 1+196, D) fp16,
+  the residual-stream input of the last block; ``views`` (K, 18) f32, the view parameters
+  (``pipeline.augment.ViewParams.to_array``) so seed maps can be given the same transform;
+  ``labels`` (C,) uint8 multi-hot image labels.
+- ``inference.zarr``: per train image at inference resolution (each side up to a multiple of 16,
+  PIL bicubic, one scale, no flip): ``tokens`` (1+hw, D) f32 and ``attention`` (hw, hw) f32, the
+  last-``clip.attention_blocks`` mean attention; attrs ``height``, ``width`` (original) and
+  ``grid_h``, ``grid_w``.
+
+Also home of the ``clip`` section's typed config and of the per-process CLIP factory shared by
+``train_prompts`` and ``cams``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import click
+import numpy as np
+import torch
+
+from pipeline.config import to_dict
+from pipeline.datasets import DatasetError, load_split
+from pipeline.imageio import ImageReadError, read_rgb
+from pipeline.store import ImageStore, finish, write_group
+from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, fingerprint, load_params,
+    package_version, run_per_image, section, torch_device,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.clip_features")
+STAGE = "clip_features"
+VIEWS_STORE = "train_views.zarr"
+INFERENCE_STORE = "inference.zarr"
+CLIP_SOURCE = (
+    "https://huggingface.co/timm/vit_base_patch16_clip_224.openai (open_clip_pytorch_model.bin, "
+    "open_clip's conversion of OpenAI's ViT-B/16)"
+)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Section ``clip`` of params.yaml: the frozen CLIP model (algorithms.md §2)."""
+
+    model: str = "ViT-B-16"
+    """open_clip architecture (``ViT-B-16`` in the paper) or ``tiny`` (random, embedded default)."""
+    checkpoint: str | None = None
+    """Local file with the OpenAI weights for ``model`` (verified by SHA-256 when pinned)."""
+    checkpoint_sha256: str | None = None
+    """Expected SHA-256 of ``checkpoint``; null: not pinned."""
+    pretrained_tag: str | None = None
+    """Instead of a file, an open_clip pretrained tag (``openai``); open_clip may download it,
+    so only set it where downloads are allowed."""
+    seed: int = 0
+    """Seed of the random initialisation (tiny model)."""
+    attention_blocks: int = 8
+    """How many final blocks the CAA attention is averaged over (8 in the paper)."""
+
+    def __post_init__(self):
+        if self.model != "tiny" and self.checkpoint is None and self.pretrained_tag is None:
+            raise StageError(
+                f"params.yaml: clip.checkpoint is null for clip.model {self.model!r}; set it to the "
+                f"OpenAI weights file (get it from {CLIP_SOURCE}) or use clip.model: tiny"
+            )
+
+
+def verify_clip(cfg: ClipConfig) -> str | None:
+    """Check the checkpoint once in the main process; returns its SHA-256 (None: no file)."""
+    if cfg.model == "tiny" or cfg.checkpoint is None:
+        return None
+    try:
+        path = resolve_checkpoint(cfg.checkpoint, cfg.checkpoint_sha256, f"CLIP {cfg.model}",
+                                  CLIP_SOURCE, "clip.checkpoint")
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    return cfg.checkpoint_sha256 or sha256sum(path)
+
+
+def clip_provenance(cfg: ClipConfig, sha256: str | None) -> dict:
+    """What results depend on: architecture, weights checksum (not the file's location), seed."""
+    return {
+        "model": cfg.model, "checkpoint_sha256": sha256, "pretrained_tag": cfg.pretrained_tag,
+        "seed": cfg.seed if sha256 is None and cfg.pretrained_tag is None else None,
+        "untrained": cfg.model == "tiny" and cfg.pretrained_tag is None,
+    }
+
+
+def build_clip(model: str, checkpoint: str | None, pretrained_tag: str | None, seed: int, device: str):
+    """Per-process CLIP factory (WorkerResource: module-level, plain-data kwargs)."""
+    from pipeline.clip_model import create_clip
+
+    clip = create_clip(model, checkpoint=None if model == "tiny" else checkpoint,
+                       pretrained_tag=pretrained_tag, seed=seed)
+    return clip.to(torch_device(device))
+
+
+def clip_resource_kwargs(cfg: ClipConfig, device: str) -> dict:
+    return dict(model=cfg.model, checkpoint=cfg.checkpoint, pretrained_tag=cfg.pretrained_tag,
+                seed=cfg.seed, device=device)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """§7 augmentation of a training view (``pipeline.augment.sample_view`` arguments)."""
+
+    long_side_range: tuple[int, int] = (288, 480)
+    """Random long side (VOC 288–480, COCO 318–530)."""
+    crop: int = 224
+    flip_p: float = 0.5
+    jitter_p: float = 0.5
+    brightness: float = 25.0
+    contrast: tuple[float, float] = (0.6, 1.4)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    hue: int = 25
+
+
+@dataclass(frozen=True)
+class ClipFeaturesConfig:
+    """Section ``clip_features`` of params.yaml."""
+
+    n_views: int = 16
+    """Augmented views cached per train image. The authors drew a fresh view every step
+    (cls: 1,800 × 16 ≈ 2.7 views per VOC image, seg: 17,000 × 16 ≈ 26); K views make the cached
+    path sample from K per image."""
+    seed: int = 0
+    """Seed of the view sampling (combined with each image id)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def view_rng(seed: int, image_id: str, *extra: int) -> np.random.Generator:
+    """A generator that depends only on (seed, image id, extra): same views in every process."""
+    key = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, key, *extra])
+
+
+def sample_views(rng: np.random.Generator, image_hw: tuple[int, int], n: int, augment: AugmentConfig):
+    from pipeline.augment import sample_view
+
+    return [sample_view(rng, image_hw, **to_dict(augment)) for _ in range(n)]
+
+
+def encode_views(clip, image: np.ndarray | None, views, images=None) -> torch.Tensor:
+    """Last-block input tokens (K, 1+196, D) of views of one ``image`` (or view k of images[k])."""
+    from pipeline.augment import apply_view_image
+    from pipeline.clip_model import to_model_input
+
+    images = images if images is not None else [image] * len(views)
+    crops = np.stack([apply_view_image(im, v) for im, v in zip(images, views)])
+    device = clip.visual.proj.device
+    with torch.no_grad():
+        return clip.encode_to_last_block(to_model_input(crops).to(device))
+
+
+class Item(NamedTuple):
+    image_id: str
+    image: str
+    labels: tuple[int, ...]
+    n_classes: int
+    views_store: str | None
+    inference_store: str | None
+    n_views: int
+    seed: int
+    augment: AugmentConfig
+    attention_blocks: int
+
+
+def features_for_image(clip, item: Item) -> str:
+    """Both caches of one image (whichever is missing), each written atomically."""
+    from pipeline.clip_model import inference_resize, to_model_input
+
+    try:
+        image = read_rgb(item.image)
+    except ImageReadError as exc:
+        raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
+    h, w = image.shape[:2]
+    device = clip.visual.proj.device
+    if item.views_store is not None:
+        views = sample_views(view_rng(item.seed, item.image_id), (h, w), item.n_views, item.augment)
+        tokens = encode_views(clip, image, views)
+        labels = np.zeros(item.n_classes, np.uint8)
+        labels[list(item.labels)] = 1
+        write_group(item.views_store, item.image_id, {
+            "tokens": tokens.cpu().numpy().astype(np.float16),
+            "views": np.stack([v.to_array() for v in views]).astype(np.float32),
+            "labels": labels,
+        }, attrs={"height": h, "width": w})
+    if item.inference_store is not None:
+        resized = inference_resize(image)
+        with torch.no_grad():
+            x, att = clip.encode_with_attention(to_model_input(resized[None]).to(device),
+                                                item.attention_blocks)
+        gh, gw = resized.shape[0] // 16, resized.shape[1] // 16
+        write_group(item.inference_store, item.image_id, {
+            "tokens": x[0].float().cpu().numpy(), "attention": att[0].float().cpu().numpy(),
+        }, attrs={"height": h, "width": w, "grid_h": gh, "grid_w": gw})
+    return item.image_id
+
+
+def train_records(index_dir: str, dataset: DatasetConfig):
+    try:
+        split = load_split(index_dir, dataset.train_split)
+    except DatasetError as exc:
+        raise StageError(str(exc)) from exc
+    return split
+
+
+@click.command("clip-features")
+@PARAMS_OPTION
+@click.option("--index", "index_dir", default="cache/index", show_default=True,
+              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@click.option("--out", default="cache/clip_features", show_default=True,
+              type=click.Path(file_okay=False), help="Directory of the two feature stores.")
+def command(params_path: str, index_dir: str, out: str) -> None:
+    """Frozen-CLIP caches: last-block inputs of K training views and of the inference image."""
+    params = load_params(params_path)
+    clip_cfg = section(params, "clip", ClipConfig)
+    cfg = section(params, "clip_features", ClipFeaturesConfig)
+    dataset = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    if cfg.n_views < 1:
+        raise StageError(f"params.yaml: clip_features.n_views must be >= 1, got {cfg.n_views}")
+    sha = verify_clip(clip_cfg)
+    torch_device(compute.device)
+    split = train_records(index_dir, dataset)
+    records = split.good()
+    provenance = clip_provenance(clip_cfg, sha)
+    common = {"stage": STAGE, "clip": provenance, "untrained": provenance["untrained"],
+              "class_names": list(split.class_names), "dataset": split.dataset,
+              "package_version": package_version()}
+    model_fp = dataclasses.replace(clip_cfg, checkpoint=None)
+    views_attrs = {**common, "clip_features": to_dict(cfg),
+                   "fingerprint": fingerprint("views", model_fp, sha, cfg, split.class_names)}
+    inf_attrs = {**common, "attention_blocks": clip_cfg.attention_blocks,
+                 "fingerprint": fingerprint("inference", model_fp, sha)}
+    out_dir = Path(out)
+    views = ImageStore.open_for_writing(out_dir / VIEWS_STORE, views_attrs)
+    inference = ImageStore.open_for_writing(out_dir / INFERENCE_STORE, inf_attrs)
+    items = []
+    for r in records:
+        todo_v = r.id not in views
+        todo_i = r.id not in inference
+        if todo_v or todo_i:
+            items.append(Item(
+                r.id, r.image, tuple(r.labels), len(split.class_names),
+                str(views.path) if todo_v else None, str(inference.path) if todo_i else None,
+                cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks,
+            ))
+    resource = WorkerResource.of(build_clip, **clip_resource_kwargs(clip_cfg, compute.device))
+    run_per_image(features_for_image, items, compute, resource, desc="clip features")
+    finish(views.path)
+    finish(inference.path)
+    log.info("clip_features: %d images computed, %d resumed, in %s", len(items),
+             len(records) - len(items), out_dir)

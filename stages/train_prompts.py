@@ -1,0 +1,315 @@
+"""Stage ``train_prompts@{cls,seg}``: CLIP features (+ coarse seeds) -> ``cache/prompts/<which>.pt``.
+
+Classification prompts learn with L_MCL on image labels; segmentation prompts with L_CAL against
+the coarse seeds, cropped and flipped like the view (algorithms.md §6, §7). The default
+``path: cached`` samples (image, view) pairs from ``train_views.zarr`` and runs only the last
+block; ``path: exact`` runs the full image encoder on a fresh augmentation every step, as the
+authors did. Batches are drawn from ``(seed, iteration)`` only, so a resumed run is identical to
+an uninterrupted one. Every ``checkpoint_every`` iterations the full training state goes to
+``<out>.resume`` (atomic); the final ``<out>`` is written atomically and the resume file removed.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import click
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.augment import ViewParams, apply_view_label
+from pipeline.class_names import background_names, prompt_names
+from pipeline.config import to_dict
+from pipeline.imageio import ImageReadError, read_label, read_rgb
+from pipeline.prompts import PromptLearner
+from pipeline.prompt_training import classification_loss, segmentation_loss, warmup_cosine_factor
+from pipeline.store import ImageStore, StoreError
+from stages.clip_features import (
+    VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,
+    encode_views, sample_views, train_records, verify_clip, view_rng,
+)
+from stages.common import (
+    PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, package_version, section,
+    torch_device,
+)
+from stages.prepare import DatasetConfig
+
+log = logging.getLogger("wsss.train_prompts")
+STAGE = "train_prompts"
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Section ``prompts.cls`` / ``prompts.seg`` of params.yaml (§2 prompt layout, §7 recipe)."""
+
+    n_ctx: int = 16
+    """Learned context tokens per prompt."""
+    shared_context: bool = True
+    """One context for all prompts (cls; COCO seg) or one per prompt (VOC seg)."""
+    class_position: Literal["end", "front"] = "end"
+    """Class name after the context (cls) or before it (VOC seg)."""
+    background: Literal["names", "empty"] = "names"
+    """Background prompts with the real names, or context + "." only (VOC seg)."""
+    init_std: float = 0.015
+    """Std of the context initialisation (cls 0.015, VOC seg 0.0125)."""
+    iterations: int = 1800
+    """Scheduler iterations (VOC cls 1,800, seg 17,000)."""
+    warmup_iterations: int = 500
+    """Iterations at the constant ``warmup_lr`` before the cosine schedule."""
+    warmup_lr: float = 1e-5
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 16
+    grad_accum: int = 1
+    """Iterations whose gradients are accumulated per optimizer step (COCO 4 / 8)."""
+    path: Literal["cached", "exact"] = "cached"
+    """cached: last block on cached views; exact: full encoder, fresh views each step."""
+    amp: bool = True
+    """Mixed precision (fp16 autocast + grad scaling); only ever used on CUDA."""
+    checkpoint_every: int = 500
+    """Iterations between resumable checkpoints."""
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_ctx", "iterations", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise StageError(f"params.yaml: prompts.*.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_iterations <= self.iterations:
+            raise StageError("params.yaml: prompts.*.warmup_iterations must be in [0, iterations]")
+
+
+def build_learner(clip, class_names, dataset: str, cfg: PromptsConfig) -> PromptLearner:
+    fg = prompt_names(class_names, dataset)
+    bg = background_names(dataset)
+    if cfg.background == "empty":
+        bg = ("",) * len(bg)
+    return PromptLearner(
+        clip.model, list(fg) + list(bg), n_fg=len(fg), n_ctx=cfg.n_ctx,
+        shared_context=cfg.shared_context, class_position=cfg.class_position,
+        init_std=cfg.init_std, seed=cfg.seed,
+    ).to(clip.visual.proj.device)
+
+
+def load_learner(clip, path: str | os.PathLike) -> tuple[PromptLearner, dict]:
+    """Rebuild trained prompts from a final checkpoint written by this stage."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise StageError(f"cannot read prompts checkpoint {path}: {exc}") from exc
+    spec = state["spec"]
+    learner = PromptLearner(clip.model, spec["names"], spec["n_fg"], spec["n_ctx"],
+                            spec["shared_context"], spec["class_position"])
+    if learner.ctx.shape != state["ctx"].shape:
+        raise StageError(f"prompts checkpoint {path} does not fit the CLIP model (context "
+                         f"{tuple(state['ctx'].shape)} vs {tuple(learner.ctx.shape)})")
+    with torch.no_grad():
+        learner.ctx.copy_(state["ctx"])
+    return learner.to(clip.visual.proj.device), state
+
+
+class BatchSource:
+    """(last-block inputs (B, 1+196, D), image labels (B, C), seed crops or None) per iteration."""
+
+    def __init__(self, which, cfg: PromptsConfig, split, features: Path, seeds: Path | None,
+                 features_cfg: ClipFeaturesConfig, clip):
+        self.which, self.cfg, self.clip = which, cfg, clip
+        self.seeds = seeds
+        self.features_cfg = features_cfg
+        self.records = split.good()
+        if not self.records:
+            raise StageError("the train split has no usable image")
+        self.n_classes = len(split.class_names)
+        self.views = None
+        if cfg.path == "cached":
+            try:
+                self.views = ImageStore(features / VIEWS_STORE)
+            except StoreError as exc:
+                raise StageError(str(exc)) from exc
+            missing = [r.id for r in self.records if r.id not in self.views]
+            if missing:
+                raise StageError(f"{features / VIEWS_STORE} lacks image {missing[0]!r} "
+                                 f"({len(missing)} missing; rerun `wsss clip-features`)")
+            if list(self.views.attrs.get("class_names", [])) != list(split.class_names):
+                raise StageError(f"{features / VIEWS_STORE} was built for other classes; rerun clip-features")
+
+    def batch(self, iteration: int):
+        rng = np.random.default_rng([self.cfg.seed, iteration])
+        n = len(self.records)
+        picks = rng.choice(n, size=self.cfg.batch_size, replace=n < self.cfg.batch_size)
+        records = [self.records[int(i)] for i in picks]
+        if self.views is not None:
+            xs, views = zip(*(self._cached_view(r, rng) for r in records))
+            x = torch.stack(xs).float()
+        else:
+            views = [self._fresh_view(r, iteration, row) for row, r in enumerate(records)]
+            # the exact path: the full encoder on this step's fresh views, as one batch
+            x = encode_views(self.clip, None, views, images=[self._image(r) for r in records]).cpu()
+        labels = np.zeros((len(records), self.n_classes), np.float32)
+        for row, r in enumerate(records):
+            labels[row, list(r.labels)] = 1
+        seed_crops = None
+        if self.which == "seg":
+            seed_crops = torch.from_numpy(np.stack(
+                [apply_view_label(self._seed(r.id), v) for r, v in zip(records, views)]))
+        return x, torch.from_numpy(labels), seed_crops
+
+    def _cached_view(self, record, rng):
+        data = self.views.read(record.id)
+        k = int(rng.integers(data["tokens"].shape[0]))
+        return torch.from_numpy(data["tokens"][k]), ViewParams.from_array(data["views"][k])
+
+    def _image(self, record) -> np.ndarray:
+        try:
+            return read_rgb(record.image)
+        except ImageReadError as exc:
+            raise StageError(f"image {record.id} ({record.image}): {exc}") from exc
+
+    def _fresh_view(self, record, iteration: int, row: int):
+        # the row keeps an image drawn twice into one batch from getting the same view
+        return sample_views(view_rng(self.cfg.seed, record.id, iteration, row),
+                            (record.height, record.width), 1, self.features_cfg.augment)[0]
+
+    def _seed(self, image_id: str) -> np.ndarray:
+        path = self.seeds / f"{image_id}.png"
+        try:
+            return read_label(path)
+        except (ImageReadError, OSError) as exc:
+            raise StageError(f"coarse seed of {image_id} unreadable at {path}: {exc} (run seeds@coarse)") from exc
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_csv(rows, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "loss", "lr"])
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: BatchSource,
+          out: Path, metrics: Path, fp: str, extra: dict) -> dict:
+    """The §7 loop with resumable checkpoints; returns the final checkpoint dict."""
+    device = clip.visual.proj.device
+    params = [learner.ctx]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_cosine_factor(
+        it, cfg.iterations, cfg.warmup_iterations, cfg.warmup_lr, cfg.lr))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    resume_path = out.with_name(out.name + ".resume")
+    start, rows = 0, []
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fp:
+            with torch.no_grad():
+                learner.ctx.copy_(state["ctx"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            start, rows = state["iteration"], list(state["rows"])
+            log.info("train_prompts@%s: resuming at iteration %d from %s", which, start, resume_path)
+        else:
+            log.info("train_prompts@%s: ignoring %s (other params)", which, resume_path)
+    optimizer.zero_grad(set_to_none=True)
+    pending = False  # a gradient was accumulated since the last optimizer step
+    for it in tqdm(range(start, cfg.iterations), desc=f"prompts {which}", initial=start,
+                   total=cfg.iterations, dynamic_ncols=True):
+        x, labels, crops = source.batch(it)
+        x, labels = x.to(device), labels.to(device)
+        lr = optimizer.param_groups[0]["lr"]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            if which == "cls":
+                loss, n_pos = classification_loss(clip, learner, x, labels), 1
+            else:
+                loss, n_pos = segmentation_loss(clip, learner, x, crops.to(device))
+        # The reference crashes on a batch without any present class; here it adds nothing, and
+        # an accumulation window of such batches skips its optimizer step.
+        if n_pos:
+            scaler.scale(loss / cfg.grad_accum).backward()
+            pending = True
+        if (it + 1) % cfg.grad_accum == 0 or it + 1 == cfg.iterations:
+            if pending:
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pending = False
+        scheduler.step()
+        rows.append((it + 1, float(loss.detach()), lr))
+        if (it + 1) % cfg.checkpoint_every == 0 and (it + 1) % cfg.grad_accum == 0 \
+                and it + 1 < cfg.iterations:
+            _atomic_save({
+                "fingerprint": fp, "iteration": it + 1, "ctx": learner.ctx.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "rows": rows,
+            }, resume_path)
+    final = {"which": which, "spec": learner.spec(), "ctx": learner.ctx.detach().cpu(),
+             "config": to_dict(cfg), "fingerprint": fp, **extra}
+    _write_csv(rows, metrics)
+    _atomic_save(final, out)
+    resume_path.unlink(missing_ok=True)
+    return final
+
+
+@click.command("train-prompts")
+@click.option("--which", type=click.Choice(["cls", "seg"]), required=True,
+              help="cls: classification prompts (L_MCL); seg: segmentation prompts (L_CAL).")
+@PARAMS_OPTION
+@click.option("--features", default="cache/clip_features", show_default=True,
+              type=click.Path(file_okay=False), help="CLIP feature cache (clip-features).")
+@click.option("--index", "index_dir", default="cache/index", show_default=True,
+              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@click.option("--seeds", default=None, type=click.Path(file_okay=False),
+              help="Coarse seed PNGs (required for --which seg).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Prompts checkpoint [default: cache/prompts/<which>.pt].")
+@click.option("--metrics", default=None, type=click.Path(dir_okay=False),
+              help="Training-curve CSV [default: cache/plots/train_prompts_<which>.csv].")
+def command(which, params_path, features, index_dir, seeds, out, metrics) -> None:
+    """Learn CoOp prompt contexts (classification or segmentation prompts)."""
+    params = load_params(params_path)
+    cfg = section(params, f"prompts.{which}", PromptsConfig)
+    clip_cfg = section(params, "clip", ClipConfig)
+    features_cfg = section(params, "clip_features", ClipFeaturesConfig)
+    dataset = section(params, "dataset", DatasetConfig)
+    compute = section(params, "compute", ComputeConfig)
+    if which == "seg" and seeds is None:
+        raise StageError("--seeds (the coarse seed directory) is required for --which seg")
+    if seeds is not None and not Path(seeds).is_dir():
+        raise StageError(f"seed directory not found: {seeds} (run seeds@coarse)")
+    out_path = Path(out or f"cache/prompts/{which}.pt")
+    metrics_path = Path(metrics or f"cache/plots/train_prompts_{which}.csv")
+    sha = verify_clip(clip_cfg)
+    device = torch_device(compute.device)
+    torch.manual_seed(cfg.seed)
+    split = train_records(index_dir, dataset)
+    clip = build_clip(clip_cfg.model, clip_cfg.checkpoint, clip_cfg.pretrained_tag, clip_cfg.seed,
+                      str(device))
+    learner = build_learner(clip, split.class_names, split.dataset, cfg)
+    source = BatchSource(which, cfg, split, Path(features), Path(seeds) if seeds else None,
+                         features_cfg, clip)
+    provenance = clip_provenance(clip_cfg, sha)
+    model_fp = dataclasses.replace(clip_cfg, checkpoint=None)
+    fp = fingerprint(STAGE, which, cfg, model_fp, sha, features_cfg if cfg.path == "cached" else
+                     features_cfg.augment, split.class_names, [r.id for r in split.good()])
+    extra = {"clip": provenance, "untrained": provenance["untrained"], "class_names": split.class_names,
+             "dataset": split.dataset, "package_version": package_version()}
+    train(which, cfg, clip, learner, source, out_path, metrics_path, fp, extra)
+    log.info("train_prompts@%s: %d iterations -> %s", which, cfg.iterations, out_path)

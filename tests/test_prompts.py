@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from pipeline.class_names import (
+    COCO_BACKGROUND_NAMES, COCO_PROMPT_NAMES, VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES,
+    background_names, prompt_names,
+)
+from pipeline.clip_model import create_clip
+from pipeline.prompts import PromptLearner, clip_logits, prompt_strings, tokenize_prompts
+
+SOS, EOS, X, DOT = 49406, 49407, 343, 269
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return create_clip("tiny", seed=0)
+
+
+def test_class_names_of_the_paper():
+    assert len(VOC_PROMPT_NAMES) == 20 and len(COCO_PROMPT_NAMES) == 80
+    assert len(VOC_BACKGROUND_NAMES) == 25 and len(COCO_BACKGROUND_NAMES) == 23
+    assert "keyboard" not in COCO_BACKGROUND_NAMES and "sign" not in COCO_BACKGROUND_NAMES
+    assert prompt_names(["bird", "person", "cat"], "voc") == (
+        "bird avian", "person with clothes,people,human", "cat")
+    assert prompt_names(["baseball glove", "tv", "couch"], "coco") == ("glove", "tvmonitor screen", "sofa")
+    assert prompt_names(["ball", "box"], "demo") == ("ball", "box")
+    assert background_names("coco") == COCO_BACKGROUND_NAMES
+    assert background_names("demo") == VOC_BACKGROUND_NAMES
+
+
+def test_token_layout_class_at_end():
+    tokens, pos = tokenize_prompts(["bird avian", "cat", "sky"], 4, "end")
+    assert prompt_strings(["cat"], 4, "end") == ["X X X X cat."]
+    assert pos.tolist() == [[1, 2, 3, 4]] * 3
+    assert tokens[1, :8].tolist() == [SOS, X, X, X, X, 2368, DOT, EOS]
+    assert tokens[0, 5:9].tolist() == [3329, 24115, DOT, EOS]
+
+
+def test_token_layout_class_in_front_and_empty_background():
+    tokens, pos = tokenize_prompts(["bird avian", "cat", ""], 3, "front")
+    assert prompt_strings(["cat", ""], 3, "front") == ["cat X X X.", "X X X."]
+    assert pos.tolist() == [[3, 4, 5], [2, 3, 4], [1, 2, 3]]
+    assert tokens[0, :8].tolist() == [SOS, 3329, 24115, X, X, X, DOT, EOS]
+    assert tokens[2, :6].tolist() == [SOS, X, X, X, DOT, EOS]
+
+
+@pytest.mark.parametrize("shared,position", [(True, "end"), (False, "front")])
+def test_context_written_at_placeholders_only(clip, shared, position):
+    names = ["bird avian", "cat", "", "sky"]
+    learner = PromptLearner(clip.model, names, n_fg=2, n_ctx=4, shared_context=shared,
+                            class_position=position, init_std=0.02, seed=3)
+    emb = learner.prompt_embeddings()
+    fixed = clip.model.token_embedding(learner.tokens)
+    ctx = learner.ctx.expand(4, -1, -1) if shared else learner.ctx
+    for g in range(4):
+        p = learner.positions[g]
+        torch.testing.assert_close(emb[g, p], ctx[g])
+        keep = torch.ones(emb.shape[1], dtype=torch.bool)
+        keep[p] = False
+        torch.testing.assert_close(emb[g, keep], fixed[g, keep])
+    assert learner.ctx.shape == ((4, 64) if shared else (4, 4, 64))
+
+
+def test_only_context_requires_grad_and_init_std(clip):
+    learner = PromptLearner(clip.model, ["a"] * 30, n_fg=10, n_ctx=16, shared_context=False,
+                            class_position="front", init_std=0.0125, seed=0)
+    assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
+    assert abs(float(learner.ctx.detach().std()) - 0.0125) < 0.0005
+    assert list(learner.state_dict()) == ["ctx"]
+    feats = learner.text_features(clip.model)
+    feats.sum().backward()
+    assert learner.ctx.grad is not None and float(learner.ctx.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in clip.parameters())
+
+
+@pytest.mark.parametrize("shared,position", [(True, "end"), (False, "front")])
+def test_truncation_is_exact(clip, shared, position):
+    names = ["person with clothes,people,human", "cat", "", "railway"]
+    short = PromptLearner(clip.model, names, 2, 16, shared, position, seed=1, truncate=True)
+    full = PromptLearner(clip.model, names, 2, 16, shared, position, seed=1, truncate=False)
+    assert short.tokens.shape[1] < full.tokens.shape[1] == 77
+    with torch.no_grad():
+        torch.testing.assert_close(short.text_features(clip.model), full.text_features(clip.model),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_full_length_features_equal_open_clip_encode_text(clip):
+    """With the context set to the placeholder's own embedding, the learner is CLIP's encode_text."""
+    learner = PromptLearner(clip.model, ["cat", "sky"], 1, 4, True, "end", truncate=False)
+    with torch.no_grad():
+        learner.ctx.copy_(clip.model.token_embedding.weight[X].expand(4, -1))
+        ours = learner.text_features(clip.model)
+        ref = clip.model.encode_text(learner.tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_are_scaled_cosines():
+    f = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    y = clip_logits(f, t, torch.tensor(100.0))
+    torch.testing.assert_close(y, torch.tensor([[100.0, 70.710678], [0.0, 70.710678]]))
