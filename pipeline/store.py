@@ -20,6 +20,12 @@ import zarr
 from zarr.codecs import BloscCodec
 
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+# Below this size an array is stored raw: a compressor's header and its metadata cost more than
+# it saves on per-mask vectors of a few dozen entries.
+_MIN_COMPRESSED_BYTES = 1024
+# Compact metadata: per-image groups hold several small arrays, and zarr's default indented
+# zarr.json made metadata the larger part of a typical image's bytes.
+_ZARR_CONFIG = {"json_indent": None}
 
 
 class StoreError(RuntimeError):
@@ -56,8 +62,9 @@ class ImageStore:
             shutil.rmtree(path)
         shutil.rmtree(_partial_dir(path), ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(path), mode="w", zarr_format=3)
-        root.attrs.put(attrs)
+        with zarr.config.set(_ZARR_CONFIG):
+            root = zarr.open_group(str(path), mode="w", zarr_format=3)
+            root.attrs.put(attrs)
         return cls(path)
 
     # -- reading ----------------------------------------------------------------------------
@@ -111,20 +118,24 @@ def write_group(
     final = store_path / _check_id(image_id)
     tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    if attrs:
-        group.attrs.put(_jsonable(dict(attrs)))
-    for name, value in arrays.items():
-        value = np.ascontiguousarray(value)
-        # One chunk per array: images are read whole, and one file per array keeps stores small.
-        arr = group.create_array(
-            name,
-            shape=value.shape,
-            dtype=value.dtype,
-            chunks=value.shape if value.ndim else (),
-            compressors=[_COMPRESSOR] if value.ndim else None,
-        )
-        arr[...] = value
+    with zarr.config.set(_ZARR_CONFIG):
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        if attrs:
+            group.attrs.put(_jsonable(dict(attrs)))
+        for name, value in arrays.items():
+            value = np.asarray(value)  # not ascontiguousarray: it turns 0-d scalars into (1,)
+            if not value.flags.c_contiguous:
+                value = value.copy(order="C")
+            compress = value.ndim > 0 and value.nbytes >= _MIN_COMPRESSED_BYTES
+            # One chunk per array: images are read whole, and one file per array keeps stores small.
+            arr = group.create_array(
+                name,
+                shape=value.shape,
+                dtype=value.dtype,
+                chunks=value.shape if value.ndim else (),
+                compressors=[_COMPRESSOR] if compress else None,
+            )
+            arr[...] = value
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -9,7 +9,8 @@ from pipeline.store import ImageStore, StoreError, finish, write_group
 def _arrays(seed):
     rng = np.random.default_rng(seed)
     return {"masks": rng.random((3, 7, 5)) > 0.5, "levels": np.array([2, 1, 0], np.uint8),
-            "score": rng.random(3).astype(np.float32)}
+            "score": rng.random(3).astype(np.float32), "scalar": np.float32(seed),
+            "big": rng.random((40, 30)).astype(np.float32), "strided": np.arange(12.0)[::2]}
 
 
 def test_write_read_roundtrip(tmp_path):
@@ -19,7 +20,7 @@ def test_write_read_roundtrip(tmp_path):
     assert store.ids() == ["img_a", "img_b"]
     back = store.read("img_b")
     for k, v in _arrays(1).items():
-        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
+        assert back[k].dtype == v.dtype and back[k].shape == np.shape(v) and np.array_equal(back[k], v)
     assert store.read_attrs("img_b") == {"height": 7}
     assert store.attrs == {"fingerprint": "f1", "stage": "t"}
     assert "img_a" in store and "img_c" not in store
