@@ -5,6 +5,9 @@ engineering; they are the names put in prompts, never the dataset's class names.
 """
 from __future__ import annotations
 
+from pipeline.datasets import COCO_CLASSES as COCO_CLASS_NAMES
+from pipeline.datasets import VOC_CLASSES as VOC_CLASS_NAMES
+
 VOC_PROMPT_NAMES = (
     "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
     "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant",
@@ -20,18 +23,6 @@ VOC_BACKGROUND_NAMES = (
 # COCO drops the two VOC background names that are (or are parts of) COCO classes.
 COCO_BACKGROUND_NAMES = tuple(n for n in VOC_BACKGROUND_NAMES if n not in ("keyboard", "sign"))
 
-COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
 
 COCO_RENAMES = {
     "person": "person with clothes,people,human", "motorcycle": "motorbike", "airplane": "aeroplane",
@@ -44,11 +35,6 @@ COCO_RENAMES = {
 
 COCO_PROMPT_NAMES = tuple(COCO_RENAMES.get(n, n) for n in COCO_CLASS_NAMES)
 
-VOC_CLASS_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
 
 
 def prompt_names(class_names: list[str] | tuple[str, ...], dataset: str) -> tuple[str, ...]:
