@@ -26,12 +26,15 @@ from stages.clip_features import (
     verify_clip,
 )
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, fingerprint, load_params,
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
     package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.cams")
+# Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
+CODE_MODULES = ("pipeline.clip_model", "pipeline.prompts", "pipeline.prompt_training",
+                "pipeline.gradcam", "pipeline.caa", "pipeline.cam_score")
 STAGE = "cams"
 
 
@@ -158,7 +161,8 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
         "untrained": provenance["untrained"], "prompts_sha256": prompts_sha,
         "class_names": list(split.class_names), "package_version": package_version(),
         "fingerprint": fingerprint(STAGE, which, cfg, dataclasses.replace(clip_cfg, checkpoint=None),
-                                   sha, prompts_sha, inference.attrs.get("fingerprint")),
+                                   sha, prompts_sha, inference.attrs.get("fingerprint"),
+                                   code_digest(*CODE_MODULES)),
     }
     store = ImageStore.open_for_writing(out, attrs)
     items = [Item(r.id, tuple(r.labels), str(features_store), str(store.path), cfg.caa)

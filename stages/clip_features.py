@@ -34,10 +34,13 @@ from pipeline.imageio import ImageReadError, read_rgb
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, fingerprint, load_params,
+    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
     package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
+
+# Modules whose code decides the cached features (code deps of the stage in dvc.yaml).
+CODE_MODULES = ("pipeline.clip_model", "pipeline.augment", "pipeline.imageio")
 
 log = logging.getLogger("wsss.clip_features")
 STAGE = "clip_features"
@@ -238,7 +241,8 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     common = {"stage": STAGE, "clip": provenance, "untrained": provenance["untrained"],
               "class_names": list(split.class_names), "dataset": split.dataset,
               "package_version": package_version()}
-    model_fp = dataclasses.replace(clip_cfg, checkpoint=None)
+    # The code digest resets the stores when the feature code changes (DVC reruns; no stale resume).
+    model_fp = (dataclasses.replace(clip_cfg, checkpoint=None), code_digest(*CODE_MODULES))
     views_attrs = {**common, "clip_features": to_dict(cfg),
                    "fingerprint": fingerprint("views", model_fp, sha, cfg, split.class_names)}
     inf_attrs = {**common, "attention_blocks": clip_cfg.attention_blocks,
