@@ -172,3 +172,15 @@ def test_parsers():
     with pytest.raises(DatasetError, match="image z: unknown class name 'cow'"):
         parse_labels_file('{"z": ["cow"]}', "json", ["cat"])
     assert labels_from_mask(np.array([[0, 3, 255, 21]], np.uint8), 20) == (2,)
+
+
+def test_class_never_present_is_reported_by_name(tmp_path, caplog):
+    root = tmp_path / "VOC"
+    _voc_tree(root, {"train": {"x1": [1, 15]}, "val": {"x3": [3]}})
+    with caplog.at_level("WARNING", logger="wsss.prepare"):
+        result = _prepare(tmp_path, _params(tmp_path, name="voc", root=str(root)))
+    assert result.exit_code == 0, result.output
+    warning = [r.getMessage() for r in caplog.records if "never present" in r.getMessage()]
+    assert len(warning) == 2  # one line per split
+    assert "split train: classes never present: bicycle, bird," in warning[0]
+    assert "aeroplane" not in warning[0] and "person" not in warning[0]
