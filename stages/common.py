@@ -94,6 +94,21 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text artifact (metrics JSON, curve CSV) via a temporary file and a rename."""
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def code_digest(*modules: str) -> str:
     """SHA-256 (16 hex) of the source of the named modules.
 

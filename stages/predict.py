@@ -11,10 +11,7 @@ quasi-superpixels are computed on the fly with the ``sam`` params when post-proc
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
 from stages.common import (
     PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
+    write_json_atomic,
     torch_device,
 )
 from stages.prepare import IMAGE_EXTS, DatasetConfig
@@ -138,12 +136,6 @@ def _sam_settings(params: dict) -> dict:
     return to_dict(section(params, "sam", SamConfig))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], model: str) -> dict:
     """The metrics JSON: raw and post-processed scores and the alpha sweep (over images with gt)."""
@@ -227,7 +219,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
         raise StageError(str(exc)) from exc
     metrics = summarise(results, cfg, meta["class_names"], meta["model"])
     if metrics_path:
-        _write_json(Path(metrics_path), metrics)
+        write_json_atomic(Path(metrics_path), metrics)
     if "miou" in metrics:
         log.info("mIoU %.4f (raw %.4f) on %d images", metrics["miou"] or float("nan"),
                  metrics["raw"]["miou"] or float("nan"), metrics["images_with_ground_truth"])

@@ -7,10 +7,7 @@ quasi-superpixel, is seeded by the thresholded CAM argmax and counted as a fallb
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -25,6 +22,7 @@ from pipeline.sams import image_scores, seed_or_fallback
 from pipeline.store import ImageStore, StoreError
 from stages.common import (
     PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
+    write_json_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -160,12 +158,6 @@ def summarise(
     return metrics, plots
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 def _remove_stale(out: Path, keep: set[str]) -> int:
     """Delete PNGs of ids no longer in the split (and temp files of a killed run)."""
@@ -220,8 +212,8 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
     removed = _remove_stale(out_dir, {r.id for r in records})
     untrained = bool(stores[0].attrs.get("untrained") or stores[1].attrs.get("untrained"))
     metrics, plots = summarise(outcomes, split.class_names, cfg, which, untrained, note)
-    _write_json(Path(metrics_path), metrics)
-    _write_json(Path(plots_path), plots)
+    write_json_atomic(Path(metrics_path), metrics)
+    write_json_atomic(Path(plots_path), plots)
     seed_miou = metrics.get("seed", {}).get("miou")
     log.info("seeds %s: %d images (%d fallbacks, %d stale removed), seed mIoU %s",
              which, len(outcomes), metrics["n_fallback"], removed,

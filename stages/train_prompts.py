@@ -37,6 +37,7 @@ from stages.clip_features import (
 )
 from stages.common import (
     PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, package_version, section,
+    write_text_atomic,
     torch_device,
 )
 from stages.prepare import DatasetConfig
@@ -198,9 +199,7 @@ def _write_csv(rows, path: Path) -> None:
     writer = csv.writer(buf)
     writer.writerow(["step", "loss", "lr"])
     writer.writerows(rows)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: BatchSource,

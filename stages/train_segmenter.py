@@ -13,8 +13,6 @@ import csv
 import hashlib
 import io
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from pipeline.segmenter_train import (
 from pipeline.weights import CheckpointError
 from stages.common import (
     PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, section, torch_device,
+    write_text_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -120,10 +119,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _rng_state(rng: np.random.Generator, device: torch.device) -> dict:

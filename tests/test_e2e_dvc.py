@@ -141,5 +141,5 @@ def test_killed_stage_resumes_to_identical_artifacts(project, tmp_path):
     n_before = sum(p.is_dir() for p in out.iterdir())
     assert 1 <= n_before < 9, "the kill should land between the first and the last image"
     log = sh(*cmd, cwd=repo, env=env)
-    assert f"already in the store (resumed)" in log
+    assert "already in the store (resumed)" in log
     _same_tree(ref, out)
