@@ -10,8 +10,6 @@ full encoder pass (with the last-8 attention) and the same CAM + CAA. Prints ``R
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -20,6 +18,7 @@ from pipeline.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
 from pipeline.clip_model import create_clip
 from pipeline.prompt_training import batched_gradcam
 from pipeline.prompts import PromptLearner
+from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def main() -> None:
@@ -48,19 +47,6 @@ def main() -> None:
         cam = batched_gradcam(clip, texts[which], x, labels, n_fg, grid, create_graph=False).detach()
         return class_aware_attention_affinity(cam, att[0], 1, 0.4, 2, "score")
 
-    def timed_interleaved(fns):
-        """Median seconds per call, calls interleaved so load changes hit every variant alike."""
-        for fn in fns:
-            fn()
-        times = [[] for _ in fns]
-        for _ in range(args.repeats):
-            for i, fn in enumerate(fns):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[i].append(time.perf_counter() - start)
-        return [statistics.median(t) for t in times]
 
     with torch.no_grad():
         x, att = clip.encode_with_attention(image, 8)
@@ -79,7 +65,8 @@ def main() -> None:
         with torch.no_grad():
             clip.encode_with_attention(image, 8)
 
-    t_cache, t_full, t_build = timed_interleaved([from_cache, uncached, cache_once])
+    t_cache, t_full, t_build = time_interleaved([from_cache, uncached, cache_once], args.repeats,
+                                                warmup=1, sync=sync)
     print(f"per image, both prompt sets: from cache {t_cache:.3f} s, two full passes {t_full:.3f} s; "
           f"building the cache once {t_build:.3f} s ({device})")
     print(f"RATIO cams={t_full / t_cache:.2f}")

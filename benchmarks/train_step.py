@@ -11,8 +11,6 @@ lower bound). Prints ``RATIO train_step_cls=<exact/cached>`` and ``RATIO train_s
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -20,6 +18,7 @@ from pipeline.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
 from pipeline.clip_model import create_clip
 from pipeline.prompt_training import classification_loss, segmentation_loss
 from pipeline.prompts import PromptLearner
+from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def _batch(batch: int, n_fg: int, gen: torch.Generator):
@@ -31,23 +30,6 @@ def _batch(batch: int, n_fg: int, gen: torch.Generator):
             labels[i, c] = 1
             seeds[i, 20 + 80 * k : 120 + 80 * k, 30 : 190] = c + 1
     return labels, seeds
-
-
-def _time_interleaved(fns, steps: int, warmup: int, sync) -> list[float]:
-    """Median seconds per call of each fn, calls interleaved so that load changes on a shared
-    machine hit every variant alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(steps):
-        for i, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -93,7 +75,7 @@ def main() -> None:
                 x = clip.encode_to_last_block(images)
             step(x)
 
-        t_cached, t_exact = _time_interleaved([lambda: step(cached.float()), exact], args.steps,
+        t_cached, t_exact = time_interleaved([lambda: step(cached.float()), exact], args.steps,
                                               args.warmup, sync)
         ratios[which] = t_exact / t_cached
         print(f"{which}: cached {t_cached:.3f} s/step, exact {t_exact:.3f} s/step (medians) "
