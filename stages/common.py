@@ -9,7 +9,6 @@ results (atomically), so the artifacts do not depend on where a task ran.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -232,7 +231,3 @@ def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-
-
-def asdict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
