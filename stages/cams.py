@@ -26,8 +26,8 @@ from stages.clip_features import (
     verify_clip,
 )
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
-    package_version, run_per_image, section, torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
+    fingerprint, load_params, package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
 
@@ -126,8 +126,7 @@ def cams_for_image(resource: Resource, item: Item) -> str:
               type=click.Path(file_okay=False), help="CLIP feature cache (clip-features).")
 @click.option("--prompts", default=None, type=click.Path(dir_okay=False),
               help="Trained prompts [default: cache/prompts/<which>.pt].")
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="CAM store [default: cache/cams/<which>.zarr].")
 def command(which, params_path, features, prompts, index_dir, out) -> None:

@@ -34,8 +34,8 @@ from pipeline.imageio import ImageReadError, read_rgb
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
-    package_version, run_per_image, section, torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
+    fingerprint, load_params, package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
 
@@ -220,8 +220,7 @@ def train_records(index_dir: str, dataset: DatasetConfig):
 
 @click.command("clip-features")
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--out", default="cache/clip_features", show_default=True,
               type=click.Path(file_okay=False), help="Directory of the two feature stores.")
 def command(params_path: str, index_dir: str, out: str) -> None:

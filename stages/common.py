@@ -32,6 +32,11 @@ PARAMS_OPTION = click.option(
     type=click.Path(dir_okay=False), help="Parameter file (DVC's params.yaml).",
 )
 
+INDEX_OPTION = click.option(
+    "--index", "index_dir", default="cache/index", show_default=True,
+    type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.",
+)
+
 
 class StageError(click.ClickException):
     """A user-facing failure: one clear line, non-zero exit."""

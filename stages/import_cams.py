@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.datasets import DatasetError, Record, load_split
 from pipeline.store import ImageStore, finish
-from stages.common import StageError, fingerprint, package_version
+from stages.common import INDEX_OPTION, StageError, fingerprint, package_version
 
 log = logging.getLogger("wsss.import_cams")
 STAGE = "import_cams"
@@ -73,8 +73,7 @@ def load_cam_file(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 @click.command("import-cams")
 @click.argument("cam_dir", type=click.Path(file_okay=False))
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--split", "splits", multiple=True,
               help="Split(s) the ids must belong to (default: every split of the index).")
 @click.option("--out", default="cache/cams/imported.zarr", show_default=True,

@@ -29,9 +29,8 @@ from pipeline.segmenter import ARCHS, load_segmenter, predict_probs
 from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
-    write_json_atomic,
-    torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params,
+    run_per_image, section, write_json_atomic, torch_device,
 )
 from stages.prepare import IMAGE_EXTS, DatasetConfig
 from stages.sam_masks import SamConfig
@@ -162,7 +161,7 @@ def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], m
 
 @click.command("predict")
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True, type=click.Path(file_okay=False))
+@INDEX_OPTION
 @click.option("--images", "images_dir", default=None, type=click.Path(file_okay=False),
               help="Predict this folder of images instead of the eval split (no index, no metrics).")
 @click.option("--segmenter", "segmenter_dir", default="cache/segmenter", show_default=True,

@@ -21,8 +21,8 @@ from pipeline.sam_models import SPECS, build_sam_predictor, sam_provenance, veri
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest, fingerprint, load_params,
-    package_version, run_per_image, section, torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
+    fingerprint, load_params, package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
 
@@ -135,8 +135,7 @@ def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[Item]:
 
 @click.command("sam-masks")
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--out", default="cache/sam_masks.zarr", show_default=True,
               type=click.Path(file_okay=False), help="Quasi-superpixel store to (re)fill.")
 def command(params_path: str, index_dir: str, out: str) -> None:

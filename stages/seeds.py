@@ -21,8 +21,8 @@ from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions,
 from pipeline.sams import image_scores, seed_or_fallback
 from pipeline.store import ImageStore, StoreError
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params, run_per_image, section,
-    write_json_atomic,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params,
+    run_per_image, section, write_json_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -171,8 +171,7 @@ def _remove_stale(out: Path, keep: set[str]) -> int:
 @click.option("--which", type=click.Choice(["coarse", "fine"]), required=True,
               help="Seed set: coarse (cls CAMs) or fine (seg CAMs); picks seeds.<which>.alpha.")
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--cams", required=True, type=click.Path(file_okay=False),
               help="CAM store (cache/cams/cls.zarr, seg.zarr or an imported one).")
 @click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True,

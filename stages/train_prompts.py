@@ -36,9 +36,8 @@ from stages.clip_features import (
     encode_views, sample_views, train_records, verify_clip, view_rng,
 )
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, package_version, section,
-    write_text_atomic,
-    torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params,
+    package_version, section, write_text_atomic, torch_device,
 )
 from stages.prepare import DatasetConfig
 
@@ -273,8 +272,7 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
 @PARAMS_OPTION
 @click.option("--features", default="cache/clip_features", show_default=True,
               type=click.Path(file_okay=False), help="CLIP feature cache (clip-features).")
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.")
+@INDEX_OPTION
 @click.option("--seeds", default=None, type=click.Path(file_okay=False),
               help="Coarse seed PNGs (required for --which seg).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),

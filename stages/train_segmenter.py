@@ -30,8 +30,8 @@ from pipeline.segmenter_train import (
 )
 from pipeline.weights import CheckpointError
 from stages.common import (
-    PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, section, torch_device,
-    write_text_atomic,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, section,
+    torch_device, write_text_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -138,7 +138,7 @@ def _set_rng_state(rng: np.random.Generator, state: dict, device: torch.device) 
 
 @click.command("train-segmenter")
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True, type=click.Path(file_okay=False))
+@INDEX_OPTION
 @click.option("--seeds", "seeds_dir", default="cache/seeds/fine", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", default="cache/segmenter", show_default=True, type=click.Path(file_okay=False))
 @click.option("--plots", default="cache/plots/segmenter_train.csv", show_default=True, type=click.Path(dir_okay=False))

@@ -19,7 +19,7 @@ from pipeline.imageio import ImageReadError, read_label, read_rgb, write_png
 from pipeline.sams import image_scores
 from pipeline.store import ImageStore, StoreError
 from pipeline.visualization import cam_panel, hstack_panels, label_panel, masks_panel
-from stages.common import PARAMS_OPTION, StageError, load_params, section
+from stages.common import INDEX_OPTION, PARAMS_OPTION, StageError, load_params, section
 from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.visualize")
@@ -60,8 +60,7 @@ def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarr
 @click.option("--ids", "ids", multiple=True, required=True, help="Image id (repeatable).")
 @click.option("--which", type=click.Choice(["coarse", "fine"]), default="fine", show_default=True)
 @PARAMS_OPTION
-@click.option("--index", "index_dir", default="cache/index", show_default=True,
-              type=click.Path(file_okay=False))
+@INDEX_OPTION
 @click.option("--cams", default=None, help="CAM store (default: that of --which).")
 @click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True)
 @click.option("--seeds", "seeds_dir", default=None,
