@@ -13,11 +13,11 @@ import argparse
 
 import torch
 
-from pipeline.caa import class_aware_attention_affinity
-from pipeline.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
-from pipeline.clip_model import create_clip
-from pipeline.prompt_training import batched_gradcam
-from pipeline.prompts import PromptLearner
+from pipeline.cams.caa import class_aware_attention_affinity
+from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
+from pipeline.clip.model import create_clip
+from pipeline.prompts.training import batched_gradcam
+from pipeline.prompts.learner import PromptLearner
 from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 

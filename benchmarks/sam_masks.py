@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.quasi_superpixels import QuasiSuperpixelGenerator  # noqa: E402
+from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator  # noqa: E402
 
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.sams import sams_seed  # noqa: E402
+from pipeline.seeds.sams import sams_seed  # noqa: E402
 
 H, W, N_MASKS, N_CLASSES, ALPHA = 375, 500, 60, 3, 0.7
 

@@ -14,10 +14,10 @@ import argparse
 
 import torch
 
-from pipeline.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
-from pipeline.clip_model import create_clip
-from pipeline.prompt_training import classification_loss, segmentation_loss
-from pipeline.prompts import PromptLearner
+from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
+from pipeline.clip.model import create_clip
+from pipeline.prompts.training import classification_loss, segmentation_loss
+from pipeline.prompts.learner import PromptLearner
 from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 

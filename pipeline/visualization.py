@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.imageio import VOC_PALETTE
+from pipeline.data.imageio import VOC_PALETTE
 
 #: Grey gap between panels, in pixels.
 PANEL_GAP = 4

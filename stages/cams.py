@@ -33,8 +33,8 @@ from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.cams")
 # Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
-CODE_MODULES = ("pipeline.clip_model", "pipeline.prompts", "pipeline.prompt_training",
-                "pipeline.gradcam", "pipeline.caa", "pipeline.cam_score")
+CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.learner", "pipeline.prompts.training",
+                "pipeline.cams.gradcam", "pipeline.cams.caa", "pipeline.cams.score")
 STAGE = "cams"
 
 
@@ -88,7 +88,7 @@ class Item(NamedTuple):
 
 def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens: np.ndarray, labels, grid_hw):
     """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input."""
-    from pipeline.prompt_training import batched_gradcam
+    from pipeline.prompts.training import batched_gradcam
 
     fg_cls = np.array(sorted(set(int(c) for c in labels)), dtype=np.int64)
     hot = torch.zeros((1, n_fg))
@@ -100,7 +100,7 @@ def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens: np.ndarray,
 
 
 def cams_for_image(resource: Resource, item: Item) -> str:
-    from pipeline.caa import class_aware_attention_affinity
+    from pipeline.cams.caa import class_aware_attention_affinity
 
     store = ImageStore(item.features)
     data, attrs = store.read(item.image_id), store.read_attrs(item.image_id)

@@ -5,7 +5,7 @@ CLIP is frozen, so everything before its last block is computed once here:
 - ``train_views.zarr``: per train image, K augmented views (the §7 augmentation, drawn
   deterministically from the image id and ``clip_features.seed``): ``tokens`` (K, 1+196, D) fp16,
   the residual-stream input of the last block; ``views`` (K, 18) f32, the view parameters
-  (``pipeline.augment.ViewParams.to_array``) so seed maps can be given the same transform;
+  (``pipeline.prompts.augment.ViewParams.to_array``) so seed maps can be given the same transform;
   ``labels`` (C,) uint8 multi-hot image labels.
 - ``inference.zarr``: per train image at inference resolution (each side up to a multiple of 16,
   PIL bicubic, one scale, no flip): ``tokens`` (1+hw, D) f32 and ``attention`` (hw, hw) f32, the
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from pipeline.config import to_dict
-from pipeline.datasets import DatasetError, load_split
-from pipeline.imageio import ImageReadError, read_rgb
+from pipeline.data.datasets import DatasetError, load_split
+from pipeline.data.imageio import ImageReadError, read_rgb
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
 from stages.common import (
@@ -40,7 +40,7 @@ from stages.common import (
 from stages.prepare import DatasetConfig
 
 # Modules whose code decides the cached features (code deps of the stage in dvc.yaml).
-CODE_MODULES = ("pipeline.clip_model", "pipeline.augment", "pipeline.imageio")
+CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.augment", "pipeline.data.imageio")
 
 log = logging.getLogger("wsss.clip_features")
 STAGE = "clip_features"
@@ -101,7 +101,7 @@ def clip_provenance(cfg: ClipConfig, sha256: str | None) -> dict:
 
 def build_clip(model: str, checkpoint: str | None, pretrained_tag: str | None, seed: int, device: str):
     """Per-process CLIP factory (WorkerResource: module-level, plain-data kwargs)."""
-    from pipeline.clip_model import create_clip
+    from pipeline.clip.model import create_clip
 
     clip = create_clip(model, checkpoint=None if model == "tiny" else checkpoint,
                        pretrained_tag=pretrained_tag, seed=seed)
@@ -115,7 +115,7 @@ def clip_resource_kwargs(cfg: ClipConfig, device: str) -> dict:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """§7 augmentation of a training view (``pipeline.augment.sample_view`` arguments)."""
+    """§7 augmentation of a training view (``pipeline.prompts.augment.sample_view`` arguments)."""
 
     long_side_range: tuple[int, int] = (288, 480)
     """Random long side (VOC 288–480, COCO 318–530)."""
@@ -148,15 +148,15 @@ def view_rng(seed: int, image_id: str, *extra: int) -> np.random.Generator:
 
 
 def sample_views(rng: np.random.Generator, image_hw: tuple[int, int], n: int, augment: AugmentConfig):
-    from pipeline.augment import sample_view
+    from pipeline.prompts.augment import sample_view
 
     return [sample_view(rng, image_hw, **to_dict(augment)) for _ in range(n)]
 
 
 def encode_views(clip, image: np.ndarray | None, views, images=None) -> torch.Tensor:
     """Last-block input tokens (K, 1+196, D) of views of one ``image`` (or view k of images[k])."""
-    from pipeline.augment import apply_view_image
-    from pipeline.clip_model import to_model_input
+    from pipeline.prompts.augment import apply_view_image
+    from pipeline.clip.model import to_model_input
 
     images = images if images is not None else [image] * len(views)
     crops = np.stack([apply_view_image(im, v) for im, v in zip(images, views)])
@@ -180,7 +180,7 @@ class Item(NamedTuple):
 
 def features_for_image(clip, item: Item) -> str:
     """Both caches of one image (whichever is missing), each written atomically."""
-    from pipeline.clip_model import inference_resize, to_model_input
+    from pipeline.clip.model import inference_resize, to_model_input
 
     try:
         image = read_rgb(item.image)

@@ -15,7 +15,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.datasets import DatasetError, Record, load_split
+from pipeline.data.datasets import DatasetError, Record, load_split
 from pipeline.store import ImageStore, finish
 from stages.common import INDEX_OPTION, StageError, fingerprint, package_version
 

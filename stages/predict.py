@@ -20,12 +20,12 @@ import click
 import numpy as np
 
 from pipeline.config import to_dict
-from pipeline.datasets import DatasetError, load_split
-from pipeline.imageio import ImageReadError, read_label, read_rgb, write_palette_png
+from pipeline.data.datasets import DatasetError, load_split
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_palette_png
 from pipeline.metrics import confusion_matrix, scores_from_confusion
-from pipeline.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
-from pipeline.sams import sams_postprocess
-from pipeline.segmenter import ARCHS, load_segmenter, predict_probs
+from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
+from pipeline.seeds.sams import sams_postprocess
+from pipeline.segmenter.model import ARCHS, load_segmenter, predict_probs
 from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
 from stages.common import (
@@ -65,7 +65,7 @@ def load_resources(model_path: str, device: str, sam: dict | None) -> dict[str, 
     net, meta = load_segmenter(model_path, torch_device(device))
     generator = None
     if sam is not None:
-        from pipeline.sam_models import build_sam_predictor
+        from pipeline.sam.models import build_sam_predictor
 
         settings = dict(sam)
         predictor = build_sam_predictor(

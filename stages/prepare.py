@@ -20,12 +20,12 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     COCO_CLASSES, VOC_CLASSES, DatasetError, Record, SplitIndex, labels_from_mask,
     parse_class_list, parse_labels_file, split_path,
 )
-from pipeline.demo_data import DEMO_CLASSES, render_demo_image
-from pipeline.imageio import ImageReadError, image_size, read_label, write_palette_png
+from pipeline.data.demo_data import DEMO_CLASSES, render_demo_image
+from pipeline.data.imageio import ImageReadError, image_size, read_label, write_palette_png
 from stages.common import PARAMS_OPTION, StageError, load_params, section
 
 log = logging.getLogger("wsss.prepare")

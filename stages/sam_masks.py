@@ -15,9 +15,9 @@ from typing import NamedTuple
 import click
 
 from pipeline.config import to_dict
-from pipeline.datasets import DatasetError, load_split
-from pipeline.imageio import ImageReadError, read_rgb
-from pipeline.sam_models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
+from pipeline.data.datasets import DatasetError, load_split
+from pipeline.data.imageio import ImageReadError, read_rgb
+from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError
 from stages.common import (
@@ -34,7 +34,7 @@ _MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
 
 # Modules whose code decides the masks (the code deps of this stage in dvc.yaml). When they change,
 # DVC reruns the stage, and the store must then recompute instead of resuming with old masks.
-CODE_MODULES = ("pipeline.quasi_superpixels", "pipeline.sam_models", "pipeline.imageio")
+CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.models", "pipeline.data.imageio")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Item(NamedTuple):
 
 def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, **settings):
     """One generator per process (WorkerResource factory: module-level, plain-data kwargs)."""
-    from pipeline.quasi_superpixels import QuasiSuperpixelGenerator
+    from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
     predictor = build_sam_predictor(
         model, checkpoint, checkpoint_sha256, torch_device(device), mask_threshold

@@ -15,10 +15,10 @@ from typing import Literal, NamedTuple
 import click
 import numpy as np
 
-from pipeline.datasets import DatasetError, load_split
-from pipeline.imageio import ImageReadError, read_label, write_palette_png
+from pipeline.data.datasets import DatasetError, load_split
+from pipeline.data.imageio import ImageReadError, read_label, write_palette_png
 from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions, confusion_matrix
-from pipeline.sams import image_scores, seed_or_fallback
+from pipeline.seeds.sams import image_scores, seed_or_fallback
 from pipeline.store import ImageStore, StoreError
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params,

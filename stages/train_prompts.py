@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.augment import ViewParams, apply_view_label
-from pipeline.class_names import background_names, prompt_names
+from pipeline.prompts.augment import ViewParams, apply_view_label
+from pipeline.prompts.class_names import background_names, prompt_names
 from pipeline.config import to_dict
-from pipeline.imageio import ImageReadError, read_label, read_rgb
-from pipeline.prompts import PromptLearner
-from pipeline.prompt_training import classification_loss, segmentation_loss, warmup_cosine_factor
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb
+from pipeline.prompts.learner import PromptLearner
+from pipeline.prompts.training import classification_loss, segmentation_loss, warmup_cosine_factor
 from pipeline.store import ImageStore, StoreError
 from stages.clip_features import (
     VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,

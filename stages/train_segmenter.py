@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.datasets import DatasetError, Record, load_split
-from pipeline.imageio import ImageReadError, read_label, read_rgb
+from pipeline.data.datasets import DatasetError, Record, load_split
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb
 from pipeline.metrics import ConfusionAccumulator
-from pipeline.segmenter import ARCHS, build_segmenter, predict_probs, save_atomic, save_segmenter
-from pipeline.segmenter_train import (
+from pipeline.segmenter.model import ARCHS, build_segmenter, predict_probs, save_atomic, save_segmenter
+from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
 )
 from pipeline.weights import CheckpointError

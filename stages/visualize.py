@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.datasets import DatasetError, load_split
-from pipeline.imageio import ImageReadError, read_label, read_rgb, write_png
-from pipeline.sams import image_scores
+from pipeline.data.datasets import DatasetError, load_split
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_png
+from pipeline.seeds.sams import image_scores
 from pipeline.store import ImageStore, StoreError
 from pipeline.visualization import cam_panel, hstack_panels, label_panel, masks_panel
 from stages.common import INDEX_OPTION, PARAMS_OPTION, StageError, load_params, section

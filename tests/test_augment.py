@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.augment import ViewParams, apply_view_image, apply_view_label, color_jitter, sample_view
+from pipeline.prompts.augment import ViewParams, apply_view_image, apply_view_label, color_jitter, sample_view
 
 COLOURS = np.array([[200, 30, 30], [30, 180, 40], [40, 60, 220], [230, 220, 50]], dtype=np.uint8)
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.caa import box_mask, class_aware_attention_affinity, score_boxes
-from pipeline.cam_score import cam_score
+from pipeline.cams.caa import box_mask, class_aware_attention_affinity, score_boxes
+from pipeline.cams.score import cam_score
 
 
 def test_score_clamps_then_min_max_per_class():

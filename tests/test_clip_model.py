@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.clip_model import (
+from pipeline.clip.model import (
     CLIP_MEAN, CLIP_STD, FrozenClip, attention_probs, create_clip, inference_resize,
     resize_pos_embed, to_model_input,
 )

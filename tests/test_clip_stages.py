@@ -9,13 +9,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.clip_model import create_clip
-from pipeline.datasets import load_split
-from pipeline.gradcam import softmax_gradcam
-from pipeline.prompt_training import (
+from pipeline.clip.model import create_clip
+from pipeline.data.datasets import load_split
+from pipeline.cams.gradcam import softmax_gradcam
+from pipeline.prompts.training import (
     batched_gradcam, present_classes, segmentation_loss, warmup_cosine_factor,
 )
-from pipeline.prompts import PromptLearner, clip_logits
+from pipeline.prompts.learner import PromptLearner, clip_logits
 from pipeline.store import ImageStore
 from stages.cli import main
 
@@ -69,9 +69,9 @@ def test_clip_features_writes_both_stores(work):
         assert inf["tokens"].shape == (1 + gh * gw, 64) and inf["tokens"].dtype == np.float32
         assert inf["attention"].shape == (gh * gw, gh * gw)
         # the cached tokens are the model's last-block input of the stored view
-        from pipeline.augment import ViewParams
+        from pipeline.prompts.augment import ViewParams
         from stages.clip_features import encode_views
-        from pipeline.imageio import read_rgb
+        from pipeline.data.imageio import read_rgb
         again = encode_views(clip, read_rgb(r.image), [ViewParams.from_array(v["views"][1])])
         np.testing.assert_allclose(v["tokens"][1].astype(np.float32), again[0].numpy(), rtol=2e-3, atol=2e-3)
 

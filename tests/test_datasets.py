@@ -7,11 +7,11 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     VOC_CLASSES, DatasetError, labels_from_mask, load_split, parse_class_list, parse_labels_file,
 )
-from pipeline.demo_data import render_demo_image
-from pipeline.imageio import read_label, read_rgb, write_palette_png
+from pipeline.data.demo_data import render_demo_image
+from pipeline.data.imageio import read_label, read_rgb, write_palette_png
 from stages.cli import main
 
 

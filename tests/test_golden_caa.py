@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import golden_params
-from pipeline.caa import class_aware_attention_affinity
+from pipeline.cams.caa import class_aware_attention_affinity
 
 
 def _check(path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import golden_params
-from pipeline.losses import cam_activation_loss
+from pipeline.prompts.losses import cam_activation_loss
 
 
 @pytest.mark.parametrize("path", golden_params("cal"))

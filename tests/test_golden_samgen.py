@@ -4,7 +4,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.quasi_superpixels import QuasiSuperpixelGenerator
+from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 from tests.conftest import GOLDEN_DIR, golden_params
 
 # Settings the golden files do not carry (golden/README.md, kind `samgen`).

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.sams import sams_seed
+from pipeline.seeds.sams import sams_seed
 from conftest import golden_params
 
 

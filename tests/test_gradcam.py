@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.gradcam import gradcam_copies, masked_softmax, present_pairs, softmax_gradcam
+from pipeline.cams.gradcam import gradcam_copies, masked_softmax, present_pairs, softmax_gradcam
 
 D, H, W, C, NBG = 16, 3, 4, 5, 3
 G = C + NBG

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import cam_activation_loss, multilabel_contrastive_loss, positive_pairs
+from pipeline.prompts.losses import cam_activation_loss, multilabel_contrastive_loss, positive_pairs
 
 
 def test_mcl_hand_computed_and_invalid_images_excluded():

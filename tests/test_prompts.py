@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from pipeline.class_names import (
+from pipeline.prompts.class_names import (
     COCO_BACKGROUND_NAMES, COCO_PROMPT_NAMES, VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES,
     background_names, prompt_names,
 )
-from pipeline.clip_model import create_clip
-from pipeline.prompts import PromptLearner, clip_logits, prompt_strings, tokenize_prompts
+from pipeline.clip.model import create_clip
+from pipeline.prompts.learner import PromptLearner, clip_logits, prompt_strings, tokenize_prompts
 
 SOS, EOS, X, DOT = 49406, 49407, 343, 269
 

@@ -5,7 +5,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils import amg
 
-from pipeline.quasi_superpixels import (
+from pipeline.sam.quasi_superpixels import (
     QuasiSuperpixelGenerator,
     QuasiSuperpixels,
     occupation_filter,

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.datasets import load_split
-from pipeline.imageio import read_rgb
-from pipeline.quasi_superpixels import QuasiSuperpixels
+from pipeline.data.datasets import load_split
+from pipeline.data.imageio import read_rgb
+from pipeline.sam.quasi_superpixels import QuasiSuperpixels
 from pipeline.store import ImageStore
 from stages import sam_masks as sam_masks_stage
 from stages.cli import main as cli
@@ -167,7 +167,7 @@ def test_code_change_resets_store(demo, tmp_path, caplog, monkeypatch):
     copy = tmp_path / "sam_masks.zarr"
     shutil.copytree(out, copy)
     assert ImageStore(copy).attrs["code"] == sam_masks_stage.code_digest(*sam_masks_stage.CODE_MODULES)
-    monkeypatch.setattr(sam_masks_stage, "CODE_MODULES", ("pipeline.imageio",))
+    monkeypatch.setattr(sam_masks_stage, "CODE_MODULES", ("pipeline.data.imageio",))
     assert sam_masks(params, index, copy, caplog).startswith("sam_masks: 5 images computed, 0 already")
     assert ImageStore(copy).attrs["code"] == sam_masks_stage.code_digest(*sam_masks_stage.CODE_MODULES)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from pipeline import sam_models
-from pipeline.sam_models import SPECS, build_sam_predictor, sam_provenance
+from pipeline.sam import models as sam_models
+from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance
 from pipeline.weights import CheckpointError, sha256sum
 
 

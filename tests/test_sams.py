@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sams import cam_argmax_seed, sams_postprocess, sams_seed, seed_or_fallback
+from pipeline.seeds.sams import cam_argmax_seed, sams_postprocess, sams_seed, seed_or_fallback
 
 
 def _masks(hw, *regions):

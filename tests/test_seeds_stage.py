@@ -8,11 +8,11 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cam_score import cam_score
-from pipeline.datasets import Record, SplitIndex, split_path
-from pipeline.imageio import VOC_PALETTE, read_label, write_palette_png
+from pipeline.cams.score import cam_score
+from pipeline.data.datasets import Record, SplitIndex, split_path
+from pipeline.data.imageio import VOC_PALETTE, read_label, write_palette_png
 from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions
-from pipeline.sams import cam_argmax_seed, sams_seed
+from pipeline.seeds.sams import cam_argmax_seed, sams_seed
 from pipeline.store import ImageStore
 from stages.cli import main
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sams import sams_postprocess
-from pipeline.segmenter import (
+from pipeline.seeds.sams import sams_postprocess
+from pipeline.segmenter.model import (
     ARCHS, SegmenterArch, build_segmenter, load_segmenter, predict_probs, save_segmenter, to_input,
 )
-from pipeline.segmenter_train import (
+from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
 )
 from pipeline.weights import CheckpointError
@@ -45,7 +45,7 @@ def _shapes_set(n: int, size: int, seed: int = 0):
 
 
 def test_training_reduces_loss_on_demo_data():
-    from pipeline.demo_data import DEMO_CLASSES, render_demo_image
+    from pipeline.data.demo_data import DEMO_CLASSES, render_demo_image
 
     # The demo's ground truth as seeds (its 255 boundary band is ignored by the loss).
     data = [render_demo_image(0, i) for i in range(8)]

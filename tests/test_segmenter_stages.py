@@ -13,12 +13,12 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.datasets import load_split
-from pipeline.demo_data import DEMO_CLASSES
-from pipeline.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
+from pipeline.data.datasets import load_split
+from pipeline.data.demo_data import DEMO_CLASSES
+from pipeline.data.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
 from pipeline.metrics import ConfusionAccumulator
-from pipeline.sams import sams_postprocess
-from pipeline.segmenter import load_segmenter, predict_probs
+from pipeline.seeds.sams import sams_postprocess
+from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore
 from stages.cli import main
 
@@ -238,8 +238,8 @@ def test_missing_seeds_and_masks_are_clear_errors(workspace):
 
 
 def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
-    from pipeline.quasi_superpixels import QuasiSuperpixels
-    from pipeline.segmenter import build_segmenter
+    from pipeline.sam.quasi_superpixels import QuasiSuperpixels
+    from pipeline.segmenter.model import build_segmenter
     from stages.predict import PredictConfig, predict_image, summarise
 
     image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)

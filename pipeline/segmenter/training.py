@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.segmenter import IGNORE_INDEX, IMAGENET_MEAN, forward_padded, to_input
+from pipeline.segmenter.model import IGNORE_INDEX, IMAGENET_MEAN, forward_padded, to_input
 
 #: Image padding colour: the normalisation mean, so padded pixels are 0 after :func:`to_input`.
 PAD_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)

@@ -5,8 +5,8 @@ engineering; they are the names put in prompts, never the dataset's class names.
 """
 from __future__ import annotations
 
-from pipeline.datasets import COCO_CLASSES as COCO_CLASS_NAMES
-from pipeline.datasets import VOC_CLASSES as VOC_CLASS_NAMES
+from pipeline.data.datasets import COCO_CLASSES as COCO_CLASS_NAMES
+from pipeline.data.datasets import VOC_CLASSES as VOC_CLASS_NAMES
 
 VOC_PROMPT_NAMES = (
     "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",

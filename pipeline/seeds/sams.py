@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cam_score import cam_score
+from pipeline.cams.score import cam_score
 
 #: Added to the per-class min-max denominator over masks (§5), so a flat class scores 0.
 MINMAX_EPS = 1e-7

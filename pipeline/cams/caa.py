@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.cam_score import cam_score
+from pipeline.cams.score import cam_score
 
 PROPAGATE = ("score", "cam")
 """What is propagated through the affinity: the min–max score or the raw CAM."""

@@ -1,6 +1,6 @@
 """One prompt-training step and the batched Grad-CAM it shares with CAM inference (§3, §6, §7).
 
-Functions take the frozen CLIP (``pipeline.clip_model.FrozenClip``), the prompt learner or its
+Functions take the frozen CLIP (``pipeline.clip.model.FrozenClip``), the prompt learner or its
 text features, and the cached last-block inputs; they return losses / CAMs as tensors.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from pipeline.gradcam import gradcam_copies, softmax_gradcam
-from pipeline.losses import IGNORE_INDEX, cam_activation_loss, multilabel_contrastive_loss
-from pipeline.prompts import clip_logits
+from pipeline.cams.gradcam import gradcam_copies, softmax_gradcam
+from pipeline.prompts.losses import IGNORE_INDEX, cam_activation_loss, multilabel_contrastive_loss
+from pipeline.prompts.learner import clip_logits
 
 
 def warmup_cosine_factor(iteration: int, total: int, warmup: int, warmup_lr: float, lr: float) -> float:

@@ -7,7 +7,7 @@ Both go through :func:`build_segmenter`; nothing here downloads.
 
 Inference (:func:`predict_probs`) is multi-scale + flip: softmax probabilities of every scale and
 flip, resized back to the original size and averaged. SAMS post-processing of those probabilities
-is :func:`pipeline.sams.sams_postprocess`.
+is :func:`pipeline.seeds.sams.sams_postprocess`.
 """
 from __future__ import annotations
 
