@@ -13,7 +13,6 @@ twice differentiable on every device (the fused SDPA kernels are not), which Gra
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +27,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PATCH = 16
 
 TINY_MODEL = "wsss-tiny-ViT-16"
-# Tiny stand-in with ViT-B/16's structure: 8 vision layers so the last-8-block attention mean is
-# meaningful, the real tokenizer's vocabulary and context, QuickGELU like the OpenAI weights.
-TINY_CONFIG = {
-    "embed_dim": 64,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 224, "layers": 8, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+"""Tiny stand-in with ViT-B/16's structure (8 vision layers, so the last-8-block attention mean
+is meaningful; the real tokenizer's vocabulary and context; QuickGELU like the OpenAI weights)."""
+MODEL_ALIASES = {"tiny": TINY_MODEL}
+"""Short names accepted for ``clip.model``."""
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+"""The project's own open_clip architectures, one JSON model config each (open_clip's format)."""
 
 
-def register_tiny_config() -> None:
-    """Make ``TINY_MODEL`` a named open_clip architecture (idempotent)."""
-    # open_clip only registers configs from JSON files on disk (add_model_config); its registry
-    # is the module-level dict that call fills, so the in-code config goes there directly.
-    open_clip.factory._MODEL_CONFIGS.setdefault(TINY_MODEL, copy.deepcopy(TINY_CONFIG))
+def register_model_configs() -> None:
+    """Make every config of ``MODEL_CONFIG_DIR`` a named open_clip architecture (idempotent)."""
+    known = set(open_clip.list_models())
+    if any(p.stem not in known for p in MODEL_CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def create_clip(
@@ -61,16 +58,15 @@ def create_clip(
         seed: torch seed of the random initialisation (tiny / unweighted models are then
             identical in every process, which the per-image workers rely on).
     """
-    name = TINY_MODEL if model_name == "tiny" else model_name
-    if name == TINY_MODEL:
-        register_tiny_config()
+    name = MODEL_ALIASES.get(model_name, model_name)
+    register_model_configs()
     pretrained = str(checkpoint) if checkpoint is not None else pretrained_tag
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # The OpenAI weights were trained with QuickGELU; open_clip's ViT-B-16 config defaults to
         # GELU, so the activation is forced whenever real weights are loaded.
         model = open_clip.create_model(
-            name, pretrained=pretrained, force_quick_gelu=pretrained is not None or name == TINY_MODEL
+            name, pretrained=pretrained, force_quick_gelu=pretrained is not None
         )
     return FrozenClip(model, untrained=pretrained is None)
 
