@@ -8,7 +8,6 @@ cached last-8-block attention. Group arrays (docs/CONTRACT.md): ``cam`` (P, h, w
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +158,7 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
         "stage": STAGE, "which": which, "cams": to_dict(cfg), "clip": provenance,
         "untrained": provenance["untrained"], "prompts_sha256": prompts_sha,
         "class_names": list(split.class_names), "package_version": package_version(),
-        "fingerprint": fingerprint(STAGE, which, cfg, dataclasses.replace(clip_cfg, checkpoint=None),
+        "fingerprint": fingerprint(STAGE, which, cfg, clip_cfg.result_identity(),
                                    sha, prompts_sha, inference.attrs.get("fingerprint"),
                                    code_digest(*CODE_MODULES)),
     }

@@ -17,7 +17,6 @@ Also home of the ``clip`` section's typed config and of the per-process CLIP fac
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -76,6 +75,11 @@ class ClipConfig:
                 f"params.yaml: clip.checkpoint is null for clip.model {self.model!r}; set it to the "
                 f"OpenAI weights file (get it from {CLIP_SOURCE}) or use clip.model: tiny"
             )
+
+    def result_identity(self) -> dict:
+        """What results depend on, for fingerprints: everything but the checkpoint's location
+        (its checksum is fingerprinted separately; teammates keep weights in different places)."""
+        return {k: v for k, v in to_dict(self).items() if k != "checkpoint"}
 
 
 def verify_clip(cfg: ClipConfig) -> str | None:
@@ -241,7 +245,7 @@ def command(params_path: str, index_dir: str, out: str) -> None:
               "class_names": list(split.class_names), "dataset": split.dataset,
               "package_version": package_version()}
     # The code digest resets the stores when the feature code changes (DVC reruns; no stale resume).
-    model_fp = (dataclasses.replace(clip_cfg, checkpoint=None), code_digest(*CODE_MODULES))
+    model_fp = (clip_cfg.result_identity(), code_digest(*CODE_MODULES))
     views_attrs = {**common, "clip_features": to_dict(cfg),
                    "fingerprint": fingerprint("views", model_fp, sha, cfg, split.class_names)}
     inf_attrs = {**common, "attention_blocks": clip_cfg.attention_blocks,

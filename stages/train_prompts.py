@@ -11,7 +11,6 @@ an uninterrupted one. Every ``checkpoint_every`` iterations the full training st
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import os
@@ -303,7 +302,7 @@ def command(which, params_path, features, index_dir, seeds, out, metrics) -> Non
     source = BatchSource(which, cfg, split, Path(features), Path(seeds) if seeds else None,
                          features_cfg, clip)
     provenance = clip_provenance(clip_cfg, sha)
-    model_fp = dataclasses.replace(clip_cfg, checkpoint=None)
+    model_fp = clip_cfg.result_identity()
     fp = fingerprint(STAGE, which, cfg, model_fp, sha, features_cfg if cfg.path == "cached" else
                      features_cfg.augment, split.class_names, [r.id for r in split.good()])
     extra = {"clip": provenance, "untrained": provenance["untrained"], "class_names": split.class_names,

@@ -269,3 +269,44 @@ def test_clip_features_on_dask_cluster_equal_serial(work, tmp_path):
             assert a.keys() == b.keys()
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_clip_stages_load_weights_from_a_checkpoint_file(work, tmp_path):
+    """A named architecture with `clip.checkpoint` (the path every real run takes): the weights
+    come from the file, and the stores say which file (by checksum) and that it is trained."""
+    from pipeline.clip.model import TINY_MODEL
+    from pipeline.weights import sha256sum
+
+    trained = create_clip("tiny", seed=7).model
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(trained.state_dict(), ckpt)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["clip"].update(model=TINY_MODEL, checkpoint=str(ckpt), checkpoint_sha256=sha256sum(ckpt))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    base = ["--params", str(tmp_path / "params.yaml"), "--index", str(work / "index")]
+    res = _invoke("clip-features", *base, "--out", str(tmp_path / "features"))
+    assert res.exit_code == 0, res.output
+    store = ImageStore(tmp_path / "features" / "inference.zarr")
+    assert store.attrs["untrained"] is False
+    assert store.attrs["clip"]["checkpoint_sha256"] == sha256sum(ckpt)
+    image_id = store.ids()[0]
+    tokens = store.read(image_id)["tokens"]
+    # the file's weights (seed 7), not the seed-0 initialisation of the same architecture
+    record = next(r for r in load_split(work / "index", "train").good() if r.id == image_id)
+    from pipeline.clip.model import inference_resize, to_model_input
+    from pipeline.data.imageio import read_rgb
+    from pipeline.clip.model import FrozenClip
+
+    x = to_model_input(inference_resize(read_rgb(record.image))[None])
+    with torch.no_grad():
+        expected = FrozenClip(trained, untrained=False).encode_to_last_block(x)[0].numpy()
+        other = create_clip("tiny", seed=0).encode_to_last_block(x)[0].numpy()
+    np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(tokens, other, atol=1e-3)
+    res = _invoke("train-prompts", "--which", "cls", *base, "--features", str(tmp_path / "features"),
+                  "--out", str(tmp_path / "cls.pt"), "--metrics", str(tmp_path / "cls.csv"))
+    assert res.exit_code == 0, res.output
+    res = _invoke("cams", "--which", "cls", *base, "--features", str(tmp_path / "features"),
+                  "--prompts", str(tmp_path / "cls.pt"), "--out", str(tmp_path / "cls.zarr"))
+    assert res.exit_code == 0, res.output
+    assert ImageStore(tmp_path / "cls.zarr").attrs["untrained"] is False
