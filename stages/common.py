@@ -79,6 +79,17 @@ class ComputeConfig:
     """Worker processes for ``local-cluster``."""
     device: str = "cpu"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
+    precision: str = "fp32"
+    """``fp32`` (reference) or ``bf16`` (autocast of the network forward passes; meant for CUDA).
+    Unlike the rest of ``compute``, it changes results, so it is a DVC param of the stages that
+    run networks and part of their fingerprints."""
+
+    def __post_init__(self):
+        from pipeline.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise StageError(f"params.yaml: compute.precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
 
 def torch_device(name: str):

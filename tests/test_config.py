@@ -45,3 +45,19 @@ def test_builds_nested_and_coerces():
 def test_errors_name_the_key(mapping, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         from_mapping(Outer, mapping, "sec")
+
+
+def test_compute_precision_selects_the_autocast_dtype():
+    import torch
+
+    from pipeline.precision import autocast
+    from stages.common import ComputeConfig, StageError, section
+
+    assert section({"compute": {}}, "compute", ComputeConfig).precision == "fp32"
+    with pytest.raises(StageError, match="compute.precision"):
+        section({"compute": {"precision": "fp16"}}, "compute", ComputeConfig)
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
