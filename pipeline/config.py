@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses filled from a mapping, validated once, errors name the key.
 
 Each stage declares one dataclass for the params it reads; :func:`from_mapping` builds it from the
-matching section of ``params.yaml`` and rejects unknown keys, missing keys and wrong types with a
-:class:`ConfigError` whose message names the full dotted key.
+matching section of ``params.yaml`` and rejects unknown keys, missing keys, wrong types and values
+out of range (declared with :func:`param`) with a :class:`ConfigError` whose message names the full
+dotted key.
 """
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A parameter is unknown, missing or of the wrong type; the message names the key."""
+
+
+def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with an allowed range (for lists and tuples: of every entry).
+
+    ``param(0.6, gt=0)``: a value that must be > 0. Bounds are checked by :func:`from_mapping`.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if isinstance(default, (list, dict)):  # mutable: each config gets its own copy
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
 
 
 def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, prefix: str = "") -> T:
@@ -38,6 +51,7 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, prefix: str = 
                 raise ConfigError(f"missing parameter {key!r}")
             continue
         values[name] = _coerce(hints[name], mapping[name], key)
+        _check_bounds(values[name], field.metadata.get("bounds"), key)
     return cls(**values)
 
 
@@ -50,6 +64,24 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b,
+               "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def _check_bounds(value: Any, bounds: Mapping[str, float] | None, key: str) -> None:
+    if not bounds or value is None:
+        return
+    for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for kind, bound in bounds.items():
+            if not _BOUND_TEST[kind](v, bound):
+                where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
+                rule = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                raise ConfigError(f"parameter {where!r} must be {rule}, got {v!r}")
 
 
 def _join(prefix: str, name: str) -> str:

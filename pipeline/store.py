@@ -29,7 +29,16 @@ _ZARR_CONFIG = {"json_indent": None}
 
 
 class StoreError(RuntimeError):
-    """A store exists but cannot be used as asked (wrong producer, unreadable)."""
+    """A store exists but cannot be used as asked (wrong producer, unreadable, busy)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing the store."""
+
+
+# Writer locks held by this process: store path -> open file descriptor (flock is released by the
+# kernel when the process ends, however it ends).
+_WRITER_LOCKS: dict[str, int] = {}
 
 
 class ImageStore:
@@ -52,6 +61,7 @@ class ImageStore:
         """
         path = Path(path)
         attrs = _jsonable(dict(attrs))
+        _lock_for_writing(path)
         if (path / "zarr.json").exists():
             old = dict(zarr.open_group(str(path), mode="r").attrs)
             if old.get("fingerprint") == attrs.get("fingerprint"):
@@ -118,6 +128,18 @@ def write_group(
     final = store_path / _check_id(image_id)
     tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_tmp_group(tmp, arrays, attrs)
+    except BaseException:
+        # Disk full, read-only, killed: nothing half-written stays behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None) -> None:
     with zarr.config.set(_ZARR_CONFIG):
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         if attrs:
@@ -136,14 +158,46 @@ def write_group(
                 compressors=[_COMPRESSOR] if compress else None,
             )
             arr[...] = value
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def finish(store_path: str | os.PathLike) -> None:
-    """Remove the temporary directory of a store once a stage has completed."""
+    """Remove the temporary directory of a store once a stage has completed; release its lock."""
     shutil.rmtree(_partial_dir(Path(store_path)), ignore_errors=True)
+    fd = _WRITER_LOCKS.pop(_lock_key(Path(store_path)), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _lock_key(path: Path) -> str:
+    return str(path.resolve())
+
+
+def _lock_for_writing(path: Path) -> None:
+    """Take the store's writer lock (``<store>.lock`` beside it), or raise StoreBusyError.
+
+    Two processes filling one store would both compute every image (and a stage orphaned by a
+    killed ``dvc repro`` would race its rerun); the second one is refused with the holder's pid.
+    Workers of a stage write groups without the lock: the stage's process holds it for them.
+    """
+    import fcntl
+
+    key = _lock_key(path)
+    if key in _WRITER_LOCKS:
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StoreBusyError(
+            f"{path} is being written by {holder}; wait for it to finish or stop it, then rerun"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}".encode())
+    _WRITER_LOCKS[key] = fd
 
 
 def _partial_dir(path: Path) -> Path:

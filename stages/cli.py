@@ -1,49 +1,96 @@
 """The ``wsss`` console script: every DVC stage, runnable directly with the same params.
 
-Subcommands are imported lazily, so ``wsss --help`` is fast and one stage's heavy imports do not
-slow the others.
+Subcommands are imported only when one runs: ``wsss --help`` lists them from the table below
+without importing torch (a test keeps the table equal to each command's own short help).
+
+Every run also logs to ``cache/logs/<stage>.log`` (``$WSSS_LOG_DIR`` overrides the folder), named
+like the DVC stage (``train_prompts@cls.log``). A stage stops when the process that started it
+dies (``dvc repro`` killed with SIGKILL must not leave it computing into a store on its own), and an
+operating-system failure while writing (disk full, read-only cache) ends it with one line naming
+the path instead of a traceback.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import logging
+import os
+import sys
 
 import click
 
-from stages.common import configure_logging
+from stages.common import StageError, configure_logging, die_with_parent, log_to_file
 
-# command name -> module under stages/ that defines ``command``
+# command name -> (module under stages/ that defines ``command``, its short help)
 COMMANDS = {
-    "prepare": "prepare",
-    "sam-masks": "sam_masks",
-    "clip-features": "clip_features",
-    "train-prompts": "train_prompts",
-    "cams": "cams",
-    "seeds": "seeds",
-    "train-segmenter": "train_segmenter",
-    "predict": "predict",
-    "visualize": "visualize",
-    "import-cams": "import_cams",
-    "configure": "configure",
+    "prepare": ("prepare", "Index the dataset: image ids, sizes and image-level labels per split."),
+    "sam-masks": ("sam_masks", "Quasi-superpixels (SAM masks by level) for every image of the train and eval splits."),
+    "clip-features": ("clip_features", "Frozen-CLIP caches: last-block inputs of K training views and of the inference image."),
+    "train-prompts": ("train_prompts", "Learn CoOp prompt contexts (classification or segmentation prompts)."),
+    "cams": ("cams", "Softmax-GradCAMs (+ CAA) of every train image's present classes."),
+    "seeds": ("seeds", "SAMS seeds for every image of the train split, with seed and CAM evaluation."),
+    "train-segmenter": ("train_segmenter", "Train the final segmenter (DeepLabV3+) on the fine seeds of the train split."),
+    "predict": ("predict", "Multi-scale + flip inference with SAMS post-processing; mIoU on the eval split."),
+    "visualize": ("visualize", "PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."),
+    "import-cams": ("import_cams", "Import external CAMs (``<id>.npz`` with ``cam`` and ``fg_cls``) into a CAM store."),
+    "configure": ("configure", "Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."),
 }
+
+# OS errors that mean "the output location cannot take the write": reported in one line.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(name for name, module in COMMANDS.items() if _exists(module))
+        return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
-        module = COMMANDS.get(name)
-        if module is None or not _exists(module):
+        if name not in COMMANDS:
             return None
-        return importlib.import_module(f"stages.{module}").command
+        return importlib.import_module(f"stages.{COMMANDS[name][0]}").command
+
+    def format_commands(self, ctx, formatter):
+        # The static table: listing must not import every stage (and torch with it).
+        rows = [(name, help_) for name, (_, help_) in sorted(COMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        # The subcommand's arguments are only in the context before Group.invoke consumes them.
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        name = stage_name(args)
+        if name is not None and not any(a in ("-h", "--help") for a in args):
+            log_to_file(os.environ.get("WSSS_LOG_DIR", "cache/logs"), name, ["wsss", *args])
+            die_with_parent()
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            store = sys.modules.get("pipeline.store")
+            if store is not None and isinstance(exc, store.StoreError):
+                raise StageError(str(exc)) from exc
+            if not isinstance(exc, OSError) or exc.errno not in _WRITE_ERRNOS:
+                raise
+            where = exc.filename or "the output"
+            raise StageError(f"cannot write {where}: {exc.strerror or exc} "
+                             "(free space or fix permissions, then rerun: finished work is kept)") from exc
 
 
-def _exists(module: str) -> bool:
-    return importlib.util.find_spec(f"stages.{module}") is not None
+def stage_name(args: list[str]) -> str | None:
+    """The DVC stage name of a command line (``train-prompts --which cls`` -> train_prompts@cls)."""
+    if not args or args[0] not in COMMANDS:
+        return None
+    name = COMMANDS[args[0]][0]
+    for i, arg in enumerate(args[1:-1], start=1):
+        if arg == "--which":
+            return f"{name}@{args[i + 1]}"
+    for arg in args[1:]:
+        if arg.startswith("--which="):
+            return f"{name}@{arg.split('=', 1)[1]}"
+    return name
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (our own and the libraries').")
 def main(verbose: bool) -> None:
     """Foundation-model-assisted WSSS: CLIP + SAM seeds, DVC stages."""
     configure_logging(verbose)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import click
 import yaml
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, from_mapping, to_dict
+from pipeline.config import ConfigError, from_mapping, param, to_dict
 
 T = TypeVar("T")
 log = logging.getLogger("wsss")
@@ -36,6 +37,11 @@ INDEX_OPTION = click.option(
     "--index", "index_dir", default="cache/index", show_default=True,
     type=click.Path(file_okay=False), help="Dataset index written by `wsss prepare`.",
 )
+
+
+SECTIONS = ("dataset", "compute", "sam", "clip", "clip_features", "prompts", "cams", "seeds",
+            "segmenter", "predict")
+"""The top-level sections of params.yaml; anything else is a typo and stops every stage."""
 
 
 class StageError(click.ClickException):
@@ -55,6 +61,9 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict:
         raise StageError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(params, dict):
         raise StageError(f"{path} must hold a mapping of sections")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise StageError(f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     return params
 
 
@@ -75,7 +84,7 @@ def section(params: Mapping[str, Any], key: str, cls: type[T]) -> T:
 class ComputeConfig:
     scheduler: str = "local"
     """``local`` (this process), ``local-cluster`` (dask LocalCluster), or a scheduler address."""
-    workers: int = 2
+    workers: int = param(2, ge=1)
     """Worker processes for ``local-cluster``."""
     device: str = "cpu"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available)."""
@@ -244,6 +253,79 @@ def _run_dask(task, items, compute: ComputeConfig, resource, desc) -> list[Any]:
 
 
 def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    """Our own INFO messages on stderr; libraries (open_clip's model-config chatter, dask, ...)
+    only from WARNING up unless ``verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # torch's LR-scheduler order warning is about its own bookkeeping, not the user's run.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+
+
+def log_to_file(log_dir: str | os.PathLike, stage: str, argv: list[str]) -> Path:
+    """Also append this run's ``wsss`` log records to ``<log_dir>/<stage>.log`` (with times)."""
+    path = Path(log_dir) / f"{stage}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:  # a read-only checkout still runs; it just keeps no log file
+        log.warning("cannot write the log file %s: %s", path, exc.strerror or exc)
+        return path
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    # One run per process normally; in-process callers (tests, notebooks) replace the last one.
+    for old in [h for h in log.handlers if getattr(h, "_wsss_stage_log", False)]:
+        log.removeHandler(old)
+        old.close()
+    handler._wsss_stage_log = True
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.info("run: %s (pid %d)", " ".join(argv), os.getpid())
+    return path
+
+
+_WATCHING_PARENT = False
+
+
+def die_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this process (SIGTERM, which exits through Python's cleanup) when its parent dies.
+
+    ``dvc repro`` runs each stage as a child; if DVC is SIGKILLed, an orphaned stage would go on
+    computing into the same store as the rerun. Linux delivers the signal at the parent's death
+    (prctl PR_SET_PDEATHSIG); a watchdog thread that notices the re-parenting covers other systems.
+    """
+    import signal
+
+    global _WATCHING_PARENT
+    if _WATCHING_PARENT:
+        return
+    _WATCHING_PARENT = True
+    parent = os.getppid()
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def _watch():
+        import time
+
+        while True:
+            if os.getppid() != parent:
+                log.error("the parent process (pid %d) is gone: stopping", parent)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(poll_seconds)
+
+    threading.Thread(target=_watch, name="die-with-parent", daemon=True).start()

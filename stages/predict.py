@@ -19,7 +19,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_palette_png
 from pipeline.metrics import confusion_matrix, scores_from_confusion
@@ -45,9 +45,9 @@ class PredictConfig:
     """Also average horizontally flipped views."""
     postprocess: bool = True
     """Apply SAMS post-processing (§5) to the prediction."""
-    alpha: float = 1.0
+    alpha: float = param(1.0, gt=0)
     """Background exponent of the post-processing (paper: sweep 1-5)."""
-    alpha_sweep: list[float] = field(default_factory=list)
+    alpha_sweep: list[float] = param([], gt=0)
     """Extra alphas evaluated in the metrics (empty: none)."""
 
     def __post_init__(self):

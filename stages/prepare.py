@@ -20,6 +20,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.config import param
 from pipeline.data.datasets import (
     COCO_CLASSES, VOC_CLASSES, DatasetError, Record, SplitIndex, labels_from_mask,
     parse_class_list, parse_labels_file, split_path,
@@ -34,8 +35,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    n_train: int = 32
-    n_val: int = 24
+    n_train: int = param(32, ge=1)
+    n_val: int = param(24, ge=1)
     seed: int = 0
 
 
@@ -127,13 +128,21 @@ def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
             raise StageError(f"{key}: file not found: {p}")
     try:
         class_names = parse_class_list(class_file.read_text())
-        fmt = "json" if labels_file.suffix.lower() == ".json" else "csv"
-        labels = parse_labels_file(labels_file.read_text(), fmt, class_names)
     except (DatasetError, ValueError) as exc:
-        raise StageError(f"custom dataset: {exc}") from exc
+        raise StageError(f"{class_file}: {exc}") from exc
+    fmt = "json" if labels_file.suffix.lower() == ".json" else "csv"
+    try:
+        labels = parse_labels_file(labels_file.read_text(), fmt, class_names, source=str(labels_file))
+    except (DatasetError, ValueError) as exc:
+        raise StageError(str(exc)) from exc
     images = {p.stem: p for p in sorted((root / "images").glob("*")) if p.suffix.lower() in IMAGE_EXTS}
     list_file = root / "splits" / f"{split}.txt"
-    ids = _read_ids(list_file) if list_file.is_file() else sorted(labels)
+    if list_file.is_file():
+        ids = _read_ids(list_file)
+    else:
+        ids = sorted(labels)
+        log.warning("split %s: no %s, so it holds every labelled image (%d); with no split lists "
+                    "the segmenter is evaluated on its own training images", split, list_file, len(ids))
     records = []
     for image_id in tqdm(ids, desc=f"index {split}", unit="img", dynamic_ncols=True):
         if image_id not in labels:

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import click
 import numpy as np
 
+from pipeline.config import param
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_label, write_palette_png
 from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions, confusion_matrix
@@ -33,7 +34,7 @@ log = logging.getLogger("wsss.seeds")
 class SeedVariant:
     """One seed set (``seeds.coarse`` or ``seeds.fine``)."""
 
-    alpha: float
+    alpha: float = param(gt=0)
     """Background exponent of ``(1 - max score) ** alpha`` (§5). Paper runs: VOC coarse 0.6,
     VOC fine 0.7 (the paper's text says 0.6), COCO coarse 0.3-0.5, COCO fine 1.0."""
 
@@ -44,9 +45,9 @@ class SeedsConfig:
 
     coarse: SeedVariant
     fine: SeedVariant
-    cam_bg_powers: tuple[float, ...]
+    cam_bg_powers: tuple[float, ...] = param(gt=0)
     """Background powers p of ``(1 - max score) ** p`` tried when scoring the CAMs (§8)."""
-    fallback_thresh: float = 0.5
+    fallback_thresh: float = param(0.5, ge=0, le=1)
     """Images without quasi-superpixels: background where the best CAM score is below this.
     Not in the reference (which paints nothing there); a project deviation."""
 

@@ -1,9 +1,13 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# In-process CLI runs log to a scratch folder, not the checkout's cache/logs (DVC projects built by
+# tests/dvc_project.py drop this variable, so their stages log into the project, as users' do).
+os.environ.setdefault("WSSS_LOG_DIR", tempfile.mkdtemp(prefix="wsss-test-logs-"))
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def dvc_env(home: Path) -> dict:
     """Environment for git/dvc subprocesses: the venv's bin first (``wsss``), a private HOME."""
     env = dict(os.environ)
+    env.pop("WSSS_LOG_DIR", None)  # stages log into the project's cache/logs, as for users
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.org", DVC_NO_ANALYTICS="1", HOME=str(home),

@@ -61,3 +61,44 @@ def test_compute_precision_selects_the_autocast_dtype():
         assert (a @ b).dtype == torch.bfloat16
     with autocast("cpu", "fp32"):
         assert (a @ b).dtype == torch.float32
+
+
+def test_ranges_are_checked_with_the_key_named():
+    from pipeline.config import param
+
+    @dataclass(frozen=True)
+    class Ranged:
+        alpha: float = param(0.6, gt=0)
+        thresh: float = param(0.5, ge=0, le=1)
+        powers: tuple[float, ...] = param((1.0, 2.0), gt=0)
+
+    assert from_mapping(Ranged, {"alpha": 2, "thresh": 1, "powers": [0.5]}, "s") == Ranged(2.0, 1.0, (0.5,))
+    with pytest.raises(ConfigError, match=r"'s.alpha' must be > 0, got -1"):
+        from_mapping(Ranged, {"alpha": -1}, "s")
+    with pytest.raises(ConfigError, match=r"'s.thresh' must be >= 0 and <= 1, got 1.5"):
+        from_mapping(Ranged, {"thresh": 1.5}, "s")
+    with pytest.raises(ConfigError, match=r"'s.powers\[1\]' must be > 0"):
+        from_mapping(Ranged, {"powers": [1, 0]}, "s")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(sedes={"fine": {"alpha": 0.7}}), "unknown section 'sedes'"),
+    (lambda p: p["seeds"]["fine"].update(alpha=-1), "'seeds.fine.alpha' must be > 0, got -1"),
+    (lambda p: p["seeds"].update(fallback_thresh=2), "'seeds.fallback_thresh' must be >= 0 and <= 1"),
+    (lambda p: p["compute"].update(workers=0), "'compute.workers' must be >= 1"),
+])
+def test_stages_stop_on_bad_params_with_the_key_named(tmp_path, edit, message):
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    edit(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, ["seeds", "--which", "fine", "--params", str(tmp_path / "params.yaml"),
+                                    "--cams", "c", "--out", "o", "--metrics", "m", "--plots", "p"])
+    assert res.exit_code == 1
+    assert len(res.output.strip().splitlines()) == 1 and message in res.output, res.output

@@ -135,13 +135,64 @@ def test_bad_image_fails_with_id_and_path_or_is_skipped(tmp_path):
     assert "cannot read image" in train.skipped()[0].error
 
 
+def test_truncated_jpeg_is_caught_by_prepare(tmp_path):
+    root = tmp_path / "VOC"
+    _voc_tree(root, {"train": {"x1": [1], "x2": [2]}, "val": {"x3": [3]}})
+    path = root / "JPEGImages" / "x2.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a cut-off download
+    result = _prepare(tmp_path, _params(tmp_path, name="voc", root=str(root)))
+    assert result.exit_code == 1 and "x2" in result.output and "truncated" in result.output
+    result = _prepare(tmp_path, _params(tmp_path, name="voc", root=str(root), on_bad_image="skip"))
+    assert result.exit_code == 0, result.output
+    assert [r.id for r in load_split(tmp_path / "index", "train").skipped()] == ["x2"]
+
+
+def _custom(tmp_path, labels_name, labels_text, splits=True):
+    root = tmp_path / "mine"
+    for i in ("a", "b"):
+        _image(root / "images" / f"{i}.jpg")
+    if splits:
+        (root / "splits").mkdir(parents=True)
+        (root / "splits" / "train.txt").write_text("a\n")
+        (root / "splits" / "val.txt").write_text("b\n")
+    (root / "classes.txt").write_text("cat\ndog\n")
+    (root / labels_name).write_text(labels_text)
+    return _params(tmp_path, name="custom", root=str(root), class_names=str(root / "classes.txt"),
+                   labels_file=str(root / labels_name))
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("labels.csv", "", "labels.csv has no image entries"),
+    ("labels.csv", "id,classes\n", "labels.csv has no image entries"),
+    ("labels.json", "{}", "labels.json has no image entries"),
+    ("labels.json", '{"a": ["cat"],\n "b": ["dog"\n', "labels.json: invalid JSON at line 3"),
+    ("labels.json", '["a", "b"]', "a JSON labels file maps image id -> list of class names"),
+    ("labels.csv", "id,classes\na,cat\nb,cow\n", "labels.csv, line 3: image b: unknown class name 'cow'"),
+    ("labels.csv", "a,cat\nb,dog\na,dog\n", "labels.csv, line 3: image a is listed twice (first on line 1)"),
+])
+def test_bad_labels_file_names_file_and_line(tmp_path, name, text, message):
+    result = _prepare(tmp_path, _custom(tmp_path, name, text))
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+
+
+def test_custom_data_without_split_lists_warns(tmp_path, caplog):
+    params = _custom(tmp_path, "labels.csv", "a,cat\nb,dog\n", splits=False)
+    with caplog.at_level("WARNING", logger="wsss.prepare"):
+        result = _prepare(tmp_path, params)
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if "evaluated on its own training images" in r.getMessage()]
+    assert len(warnings) == 2 and "split train" in warnings[0]
+
+
 @pytest.mark.parametrize(
     "dataset, message",
     [
         ({"name": "voc", "root": "/nonexistent/voc"}, "dataset.root not found: /nonexistent/voc"),
         ({"name": "imagenet"}, "dataset.name must be demo, voc, coco or custom"),
         ({"on_bad_image": "ignore"}, "dataset.on_bad_image must be fail or skip"),
-        ({"demo": {"n_train": 0, "n_val": 2, "seed": 0}}, "split 'train' of dataset 'demo' has no usable images"),
+        ({"demo": {"n_train": 0, "n_val": 2, "seed": 0}}, "'dataset.demo.n_train' must be >= 1, got 0"),
         ({"nme": "demo"}, "unknown parameter 'dataset.nme'"),
         ({"demo": {"n_train": "many"}}, "'dataset.demo.n_train' must be an integer"),
     ],

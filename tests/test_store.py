@@ -68,3 +68,47 @@ def test_missing_store_and_bad_ids(tmp_path):
     for bad in ("a/b", ".hidden", "__x", ""):
         with pytest.raises(ValueError):
             store.write(bad, _arrays(0))
+
+
+def test_a_second_writer_process_is_refused_until_the_first_finishes(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    store = ImageStore.open_for_writing(path, {"fingerprint": "f1"})
+    ImageStore.open_for_writing(path, {"fingerprint": "f1"})  # the same process may reopen it
+    code = ("import sys; from pipeline.store import ImageStore, StoreBusyError\n"
+            "try:\n    ImageStore.open_for_writing(sys.argv[1], {'fingerprint': 'f2'})\n"
+            "except StoreBusyError as e:\n    print('BUSY', e)\nelse:\n    print('OPENED')")
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                 text=True, check=True).stdout
+    out = run()
+    assert out.startswith("BUSY") and f"pid {os.getpid()}" in out
+    store.write("a", _arrays(1))
+    assert ImageStore(path).ids() == ["a"]  # the refused writer did not reset the store
+    finish(path)
+    assert run().startswith("OPENED")
+
+
+def test_a_failed_write_leaves_no_partial_group(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    ImageStore.open_for_writing(path, {"fingerprint": "f1"})
+    real = zarr.Array.__setitem__
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_group(path, "a", _arrays(1))
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    partial = tmp_path / "s.zarr.partial"
+    assert not partial.exists() or list(partial.iterdir()) == []
+    assert "a" not in ImageStore(path)
+    write_group(path, "a", _arrays(1))
+    assert "a" in ImageStore(path)
+    finish(path)

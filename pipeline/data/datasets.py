@@ -126,33 +126,54 @@ def parse_class_list(text: str) -> list[str]:
     return names
 
 
-def parse_labels_file(text: str, fmt: str, class_names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+def parse_labels_file(text: str, fmt: str, class_names: Iterable[str],
+                      source: str = "the labels file") -> dict[str, tuple[int, ...]]:
     """Image id -> 0-based class indices, from CSV (``id,names`` with names split on ';' or '|')
-    or JSON (``{id: [names]}``). Unknown class names are an error naming the image."""
+    or JSON (``{id: [names]}``). Errors name ``source`` and, where there is one, the line."""
     index = {n: i for i, n in enumerate(class_names)}
     raw: dict[str, list[str]] = {}
+    lines: dict[str, int] = {}
     if fmt == "json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                               f"{exc.msg}") from exc
         if not isinstance(data, Mapping):
-            raise DatasetError("a JSON labels file maps image id -> list of class names")
+            raise DatasetError(f"{source}: a JSON labels file maps image id -> list of class names, "
+                               f"got {type(data).__name__}")
         for image_id, names in data.items():
             if isinstance(names, str):
                 names = [names]
+            if not isinstance(names, list):
+                raise DatasetError(f"{source}: image {image_id}: expected a list of class names, "
+                                   f"got {names!r}")
             raw[str(image_id)] = [str(n).strip() for n in names]
     elif fmt == "csv":
-        for row in csv.reader(io.StringIO(text)):
-            if not row or row[0].strip().startswith("#"):
+        for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+            if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
                 continue
             if row[0].strip().lower() in ("id", "image", "image_id") and len(raw) == 0:
                 continue  # header
+            image_id = row[0].strip()
+            if image_id in raw:
+                raise DatasetError(f"{source}, line {lineno}: image {image_id} is listed twice "
+                                   f"(first on line {lines[image_id]})")
             names = ",".join(row[1:]).replace("|", ";").split(";")
-            raw[row[0].strip()] = [n.strip() for n in names if n.strip()]
+            raw[image_id] = [n.strip() for n in names if n.strip()]
+            lines[image_id] = lineno
     else:
         raise DatasetError(f"labels file format must be csv or json, got {fmt!r}")
+    if not raw:
+        raise DatasetError(f"{source} has no image entries (expected "
+                           + ('{"<id>": ["<class>", ...]}' if fmt == "json" else '"<id>,<class>;<class>" rows')
+                           + ")")
     out = {}
     for image_id, names in raw.items():
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise DatasetError(f"image {image_id}: unknown class name {unknown[0]!r} in the labels file")
+            where = f"{source}, line {lines[image_id]}" if image_id in lines else source
+            raise DatasetError(f"{where}: image {image_id}: unknown class name {unknown[0]!r} "
+                               f"(the class list has {', '.join(index)})")
         out[image_id] = tuple(sorted({index[n] for n in names}))
     return out

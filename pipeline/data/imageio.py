@@ -48,11 +48,11 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) of an image without decoding all of it."""
+    """(H, W) of an image after decoding all of it (``verify()`` alone passes truncated JPEGs,
+    which then fail in the first stage that reads their pixels)."""
     try:
         with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
+            im.load()
             w, h = im.size
             return h, w
     except FileNotFoundError as exc:

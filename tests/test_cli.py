@@ -1,0 +1,129 @@
+"""The `wsss` console script: fast listing, per-stage log files, one-line OS write errors, and a
+stage that stops when its parent dies."""
+import errno
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages.cli import COMMANDS, main, stage_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = ("import sys; from click.testing import CliRunner; from stages.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); print(r.output); "
+            "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    assert "TORCH False" in out
+    for name in COMMANDS:
+        assert f"  {name} " in out
+
+
+def test_listing_table_is_each_commands_own_short_help():
+    for name, (module, help_) in COMMANDS.items():
+        command = importlib.import_module(f"stages.{module}").command
+        assert command.name == name
+        assert command.get_short_help_str(limit=1000) == help_, name
+
+
+def test_stage_names_follow_dvc():
+    assert stage_name(["train-prompts", "--which", "cls", "--params", "p.yaml"]) == "train_prompts@cls"
+    assert stage_name(["seeds", "--which=fine"]) == "seeds@fine"
+    assert stage_name(["sam-masks"]) == "sam_masks"
+    assert stage_name(["nope"]) is None
+
+
+def _demo_params(tmp_path: Path) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["dataset"]["demo"].update(n_train=2, n_val=1)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_a_stage_run_is_logged_to_its_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSSS_LOG_DIR", str(tmp_path / "logs"))
+    res = CliRunner().invoke(main, ["prepare", "--params", str(_demo_params(tmp_path)),
+                                    "--out", str(tmp_path / "index")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "logs" / "prepare.log").read_text()
+    assert "run: wsss prepare --params" in text and "split train: 2 images" in text
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_failed_write_is_one_line_naming_the_path(tmp_path, monkeypatch, code):
+    import stages.prepare
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "index.partial" / "train.json"))
+
+    monkeypatch.setattr(stages.prepare, "generate_demo", full)
+    res = CliRunner().invoke(main, ["prepare", "--params", str(_demo_params(tmp_path)),
+                                    "--out", str(tmp_path / "index")])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and "train.json" in lines[0]
+    assert os.strerror(code) in lines[0]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stage_stops_when_its_parent_is_killed():
+    child = ("from stages.common import die_with_parent; die_with_parent(0.2); "
+             "import time; time.sleep(120)")
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print(p.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, start_new_session=True)
+    pid = int(proc.stdout.readline())
+    time.sleep(1.5)  # the child is running and has armed its watch
+    assert _state(pid) not in (None, "Z")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _state(pid) not in (None, "Z"):
+        time.sleep(0.1)
+    assert _state(pid) in (None, "Z"), "the orphaned stage kept running"
+
+
+def test_a_full_disk_stops_the_stage_in_one_line_and_the_rerun_cleans_up(tmp_path):
+    """A real write failure (the file-size limit stands in for a full disk), then a rerun."""
+    import resource
+
+    params = _demo_params(tmp_path)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, like ENOSPC
+
+    cmd = [str(Path(sys.executable).parent / "wsss"), "prepare", "--params", str(params),
+           "--out", str(tmp_path / "index")]
+    env = {**os.environ, "WSSS_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("demo ", "index "))]
+    assert len(lines) == 1 and "cannot write" in lines[0] and "File too large" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "index").exists()  # nothing half-written where readers look
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "index" / "train.json").is_file()
+    assert not (tmp_path / "index.partial").exists()
