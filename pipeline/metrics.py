@@ -3,6 +3,9 @@
 The confusion matrix counts pixels with ``0 <= gt < K`` (255 and any other value is ignored);
 rows are ground truth, columns prediction. mIoU averages over the classes that have ground-truth
 pixels, so a class absent from the evaluated images neither helps nor hurts.
+
+Scores are fractions in memory and percentages (as papers report them, rounded to 0.001) in every
+JSON summary (:meth:`SegmentationScores.as_dict`, :meth:`CamEvaluator.results`).
 """
 from __future__ import annotations
 
@@ -51,15 +54,15 @@ class SegmentationScores:
     """Correct pixels / evaluated pixels."""
 
     def as_dict(self, class_names: list[str] | None = None) -> dict:
-        """JSON-able summary; per-class IoU keyed by name (present classes only)."""
+        """JSON-able summary in percent; per-class IoU keyed by name (present classes only)."""
         names = class_names or [str(k) for k in range(len(self.iou))]
         return {
-            "miou": _num(self.miou),
-            "precision": _num(self.macro_precision),
-            "recall": _num(self.macro_recall),
-            "accuracy": _num(self.accuracy),
+            "miou": percent(self.miou),
+            "precision": percent(self.macro_precision),
+            "recall": percent(self.macro_recall),
+            "accuracy": percent(self.accuracy),
             "per_class_iou": {
-                names[k]: _num(self.iou[k]) for k in range(len(self.iou)) if self.present[k]
+                names[k]: percent(self.iou[k]) for k in range(len(self.iou)) if self.present[k]
             },
         }
 
@@ -105,6 +108,26 @@ class ConfusionAccumulator:
 
     def scores(self) -> SegmentationScores:
         return scores_from_confusion(self.matrix)
+
+
+def quasi_superpixel_stats(levels: list[np.ndarray], n_levels: int = 3) -> dict:
+    """How many quasi-superpixels the images have: ``levels`` holds each image's (S,) mask levels.
+
+    ``masks_per_image`` (mean S), ``masks_per_level`` (mean count of each level), the fraction
+    of images with masks of every level (``three_level_fraction`` for SAM's three levels) and of
+    images with none.
+    """
+    if not levels:
+        return {"n_images": 0}
+    counts = np.stack([np.bincount(np.asarray(l, np.int64), minlength=n_levels)[:n_levels]
+                       for l in levels])
+    return {
+        "n_images": len(levels),
+        "masks_per_image": round(float(counts.sum(1).mean()), 3),
+        "masks_per_level": [round(float(c), 3) for c in counts.mean(0)],
+        "three_level_fraction": round(float((counts > 0).all(1).mean()), 4),
+        "no_mask_fraction": round(float((counts.sum(1) == 0).mean()), 4),
+    }
 
 
 def cam_labels(score: np.ndarray | torch.Tensor, fg_cls: np.ndarray, bg_power: float) -> np.ndarray:
@@ -160,20 +183,20 @@ class CamEvaluator:
             acc.matrix += conf
 
     def results(self) -> dict:
-        """``{"miou_by_power": {p: miou}, "best_power": p, "best_miou": miou}``."""
+        """``{"miou_by_power": {p: miou}, "best_power": p, "best_miou": miou}`` (percent)."""
         mious = [acc.scores().miou for acc in self.accumulators]
         finite = [(m, i) for i, m in enumerate(mious) if np.isfinite(m)]
         best = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else 0
         return {
-            "miou_by_power": {_key(p): _num(m) for p, m in zip(self.bg_powers, mious)},
+            "miou_by_power": {_key(p): percent(m) for p, m in zip(self.bg_powers, mious)},
             "best_power": self.bg_powers[best],
-            "best_miou": _num(mious[best]),
+            "best_miou": percent(mious[best]),
         }
 
 
-def _num(x: float) -> float | None:
-    """A float for JSON; undefined (NaN) becomes null."""
-    return None if not np.isfinite(x) else float(x)
+def percent(x: float) -> float | None:
+    """A fraction as a JSON percentage rounded to 0.001; undefined (NaN) becomes null."""
+    return None if not np.isfinite(x) else round(100.0 * float(x), 3)
 
 
 def _key(p: float) -> str:

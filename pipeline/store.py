@@ -94,9 +94,12 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.ids())
 
-    def read(self, image_id: str) -> dict[str, np.ndarray]:
+    def read(self, image_id: str, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The image's arrays (only ``names`` when given: large arrays stay unread)."""
         group = self._group(image_id)
-        return {name: arr[...] for name, arr in group.arrays()}
+        if names is None:
+            return {name: arr[...] for name, arr in group.arrays()}
+        return {name: group[name][...] for name in names}
 
     def read_attrs(self, image_id: str) -> dict:
         return dict(self._group(image_id).attrs)

@@ -34,6 +34,7 @@ COMMANDS = {
     "visualize": ("visualize", "PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."),
     "import-cams": ("import_cams", "Import external CAMs (``<id>.npz`` with ``cam`` and ``fg_cls``) into a CAM store."),
     "configure": ("configure", "Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."),
+    "report": ("report", "The method's numbers stage by stage (percent), from the stored metrics."),
 }
 
 # OS errors that mean "the output location cannot take the write": reported in one line.

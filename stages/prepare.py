@@ -44,7 +44,7 @@ class DemoConfig:
 class DatasetConfig:
     name: str = "demo"
     """demo | voc | coco | custom"""
-    root: str = "data/demo"
+    root: str = "pipeline/data"
     train_split: str = "train"
     eval_split: str = "val"
     on_bad_image: str = "fail"
@@ -126,6 +126,9 @@ def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
     for p, key in ((class_file, "dataset.class_names"), (labels_file, "dataset.labels_file")):
         if not p.is_file():
             raise StageError(f"{key}: file not found: {p}")
+        if not p.resolve().is_relative_to(root.resolve()):
+            log.warning("%s %s is outside dataset.root %s: DVC tracks the root folder, so it will "
+                        "not rerun prepare when this file changes; keep it inside the root", key, p, root)
     try:
         class_names = parse_class_list(class_file.read_text())
     except (DatasetError, ValueError) as exc:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import click
 
 from pipeline.config import to_dict
+from pipeline.metrics import quasi_superpixel_stats
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
 from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
@@ -23,6 +24,7 @@ from pipeline.weights import CheckpointError
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
     fingerprint, load_params, package_version, run_per_image, section, torch_device,
+    write_json_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -138,7 +140,9 @@ def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[Item]:
 @INDEX_OPTION
 @click.option("--out", default="cache/sam_masks.zarr", show_default=True,
               type=click.Path(file_okay=False), help="Quasi-superpixel store to (re)fill.")
-def command(params_path: str, index_dir: str, out: str) -> None:
+@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
+              help="Metrics JSON: masks per image, per level, images with all three levels.")
+def command(params_path: str, index_dir: str, out: str, metrics_path: str | None) -> None:
     """Quasi-superpixels (SAM masks by level) for every image of the train and eval splits."""
     params = load_params(params_path)
     cfg = section(params, "sam", SamConfig)
@@ -159,5 +163,11 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     )
     run_per_image(masks_for_image, todo, compute, resource, desc="sam masks")
     finish(out)
+    if metrics_path:
+        stats = quasi_superpixel_stats([store.read(it.image_id, ("levels",))["levels"] for it in items])
+        write_json_atomic(Path(metrics_path), {**stats, "model": cfg.model,
+                                               "untrained": store.attrs["untrained"]})
+        log.info("sam_masks: %.1f quasi-superpixels per image, all three levels in %.0f%% of images",
+                 stats.get("masks_per_image", 0), 100 * stats.get("three_level_fraction", 0))
     log.info("sam_masks: %d images computed, %d already in the store (resumed), %d in %s",
              len(todo), len(items) - len(todo), len(items), out)

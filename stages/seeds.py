@@ -1,9 +1,13 @@
 """Stage ``seeds@coarse|fine``: CAMs + quasi-superpixels -> palette seed PNGs + metrics (§5, §8).
 
 Every usable image of the train split gets ``<out>/<id>.png``. Where the split has ground truth,
-the seeds and the CAMs they came from are scored (seed mIoU etc.; CAM mIoU for each background
-power of ``seeds.cam_bg_powers``). An image missing from the quasi-superpixel store, or with no
+the seeds and the CAMs they came from are scored in percent (seed mIoU etc.; CAM mIoU for each
+background power of ``seeds.cam_bg_powers``, for the raw CAMs under ``cam`` and, when the store has
+them, the CAA-refined ones under ``cam_caa``), beside what an all-background map scores on the same
+images (``background_only``). An image missing from the quasi-superpixel store, or with no
 quasi-superpixel, is seeded by the thresholded CAM argmax and counted as a fallback.
+``<out>/provenance.json`` says which stores the seeds came from and whether any model was
+untrained, for the stages downstream.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from stages.common import (
 from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.seeds")
+PROVENANCE = "provenance.json"
+"""Written beside the seed PNGs: where they came from, and whether any model was untrained."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,9 @@ class Outcome(NamedTuple):
     missing_masks: bool
     cam_key: str
     seed_confusion: np.ndarray | None
-    cam_confusions: np.ndarray | None
+    cam_confusions: dict[str, np.ndarray] | None
+    """Per CAM array of the store (``cam``, ``cam_caa``): (n_powers, K, K) confusions."""
+    background_confusion: np.ndarray | None
 
 
 def _open_stores(cams: str, sam_masks: str) -> tuple[ImageStore, ImageStore]:
@@ -108,7 +116,7 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
                              f"{masks.shape[1]}x{masks.shape[2]}, the image {hw[0]}x{hw[1]}")
     result = seed_or_fallback(cam, fg_cls, masks, levels, item.alpha, hw, item.fallback_thresh)
     write_palette_png(item.out_png, result.seed)
-    seed_conf = cam_conf = None
+    seed_conf = cam_conf = bg_conf = None
     if item.label is not None:
         try:
             gt = read_label(item.label)
@@ -117,9 +125,13 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
         if gt.shape != hw:
             raise StageError(f"image {item.image_id}: ground truth is {gt.shape}, image {hw}")
         seed_conf = confusion_matrix(result.seed, gt, item.num_classes)
-        cam_conf = cam_confusions(image_scores(cam, hw), fg_cls, gt, item.bg_powers,
-                                  item.num_classes)
-    return Outcome(item.image_id, result.fallback, missing, cam_key, seed_conf, cam_conf)
+        cam_conf = {
+            key: cam_confusions(image_scores(arrays[key].astype(np.float32), hw), fg_cls, gt,
+                                item.bg_powers, item.num_classes)
+            for key in ("cam", "cam_caa") if key in arrays
+        }
+        bg_conf = confusion_matrix(np.zeros(hw, np.uint8), gt, item.num_classes)
+    return Outcome(item.image_id, result.fallback, missing, cam_key, seed_conf, cam_conf, bg_conf)
 
 
 def summarise(
@@ -130,11 +142,15 @@ def summarise(
     num_classes = len(class_names) + 1
     names = ["background", *class_names]
     seeds_acc = ConfusionAccumulator(num_classes)
-    cam_eval = CamEvaluator(num_classes, cfg.cam_bg_powers)
+    background = ConfusionAccumulator(num_classes)
+    cam_evals: dict[str, CamEvaluator] = {}
     evaluated = [o for o in outcomes if o.seed_confusion is not None]
     for o in evaluated:
         seeds_acc.matrix += o.seed_confusion
-        cam_eval.add_confusions(o.cam_confusions)
+        background.matrix += o.background_confusion
+        for key, confusions in o.cam_confusions.items():
+            cam_evals.setdefault(key, CamEvaluator(num_classes, cfg.cam_bg_powers))
+            cam_evals[key].add_confusions(confusions)
     fallbacks = sorted(o.image_id for o in outcomes if o.fallback)
     metrics: dict = {
         "which": which,
@@ -153,7 +169,12 @@ def summarise(
     if evaluated:
         scores = seeds_acc.scores()
         metrics["seed"] = scores.as_dict(names)
-        metrics["cam"] = cam_eval.results()
+        for key, evaluator in cam_evals.items():  # "cam" (raw), "cam_caa" (CAA-refined)
+            # a CAM set is scored only over the same images as the seeds (a store that has
+            # cam_caa for some images only is not a CAA evaluation)
+            if all(key in o.cam_confusions for o in evaluated):
+                metrics[key] = evaluator.results()
+        metrics["background_only"] = {"miou": background.scores().as_dict()["miou"]}
         per_class = metrics["seed"]["per_class_iou"]
         plots = [{"class": cls, "iou": iou} for cls, iou in per_class.items()]
     return metrics, plots
@@ -212,9 +233,13 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
     removed = _remove_stale(out_dir, {r.id for r in records})
     untrained = bool(stores[0].attrs.get("untrained") or stores[1].attrs.get("untrained"))
     metrics, plots = summarise(outcomes, split.class_names, cfg, which, untrained, note)
+    write_json_atomic(out_dir / PROVENANCE, {
+        "stage": "seeds", "which": which, "alpha": getattr(cfg, which).alpha,
+        "cams": str(cams), "sam_masks": str(sam_masks), "untrained": untrained,
+    })
     write_json_atomic(Path(metrics_path), metrics)
     write_json_atomic(Path(plots_path), plots)
     seed_miou = metrics.get("seed", {}).get("miou")
-    log.info("seeds %s: %d images (%d fallbacks, %d stale removed), seed mIoU %s",
+    log.info("seeds %s: %d images (%d fallbacks, %d stale removed), seed mIoU %s%%",
              which, len(outcomes), metrics["n_fallback"], removed,
-             "n/a" if seed_miou is None else f"{100 * seed_miou:.1f}")
+             "n/a" if seed_miou is None else f"{seed_miou:.1f}")

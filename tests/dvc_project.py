@@ -61,7 +61,10 @@ def make_project(root: Path, env: dict, params_update: dict, stages: tuple[str, 
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root, env=env)
     sh("dvc", "init", "-q", cwd=root, env=env)
-    sh("dvc", "config", "core.analytics", "false", cwd=root, env=env)
+    # the project's own DVC config (offline plot template) and git-ignore rules
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     sh("git", "add", "-A", cwd=root, env=env)
     sh("git", "commit", "-q", "-m", "project", cwd=root, env=env)
 

@@ -1,6 +1,8 @@
 """The whole pipeline through DVC on a small embedded default: full run, selective reruns,
 experiments, a killed stage resumed, and the per-image stages on a 2-worker dask cluster."""
+import csv
 import filecmp
+import io
 import os
 import signal
 import subprocess
@@ -96,8 +98,28 @@ def test_dvc_exp_run_with_set_param(project):
     assert "Running stage 'seeds@fine'" in out
     assert "Running stage 'sam_masks'" not in out
     assert yaml.safe_load((repo / "params.yaml").read_text())["seeds"]["fine"]["alpha"] == 0.8
-    shown = sh("dvc", "exp", "show", "--csv", "--keep", "seeds.fine.alpha", cwd=repo, env=env)
-    assert ",0.8" in shown or ",0.8\n" in shown, shown
+    shown = sh("dvc", "exp", "show", "--csv", cwd=repo, env=env)
+    rows = list(csv.DictReader(io.StringIO(shown)))
+    # the experiment's row (not the workspace's) and the baseline commit's row
+    exp = [r for r in rows if r["typ"].startswith("branch_") and r["seeds.fine.alpha"] == "0.8"]
+    base = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]
+    assert exp and base, shown
+    # commits hold the metrics (git-tracked files), so runs compare instead of showing "!"
+    metric_cols = [c for c in rows[0] if c.startswith("cache/metrics/seeds_fine.json:")]
+    assert metric_cols, rows[0].keys()
+    for col in metric_cols:
+        assert exp[0][col] not in ("!", ""), (col, exp[0][col])
+        assert base[0][col] not in ("!", ""), (col, base[0][col])
+    diff = sh("dvc", "metrics", "diff", cwd=repo, env=env)
+    assert "seeds_fine.json" in diff or "No changes" in diff or diff.strip() == "", diff
+
+
+def test_plots_render_offline(project, tmp_path):
+    repo, env = project
+    sh("dvc", "plots", "show", "-o", tmp_path / "plots", cwd=repo, env=env)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "vegaEmbed(" in page and "cdn.jsdelivr" not in page
+    assert "<script src=" not in page  # everything the page runs is in the page
 
 
 def _same_tree(a: Path, b: Path) -> None:

@@ -39,8 +39,9 @@ def test_scores_by_hand():
     assert s.macro_precision == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert s.macro_recall == pytest.approx((2 / 3 + 1 + 0.5) / 3)
     assert s.accuracy == pytest.approx(5 / 7)
-    d = s.as_dict(["background", "a", "b", "c"])
-    assert d["per_class_iou"] == pytest.approx({"background": 0.5, "a": 2 / 3, "b": 0.5})
+    d = s.as_dict(["background", "a", "b", "c"])  # JSON summaries are in percent
+    assert d["per_class_iou"] == {"background": 50.0, "a": 66.667, "b": 50.0}
+    assert d["miou"] == 55.556 and d["accuracy"] == 71.429
 
 
 def test_false_positive_class_without_ground_truth_has_iou_zero_but_not_in_mean():
@@ -105,7 +106,18 @@ def test_cam_evaluator_reports_best_power():
     ev = CamEvaluator(3, [1.0, 2.0])
     ev.add(score, fg, gt)
     r = ev.results()
-    assert r["miou_by_power"] == {"1": pytest.approx((0.5 + 1 + 0) / 3), "2": 1.0}
-    assert r["best_power"] == 2.0 and r["best_miou"] == 1.0
+    assert r["miou_by_power"] == {"1": 50.0, "2": 100.0}  # percent
+    assert r["best_power"] == 2.0 and r["best_miou"] == 100.0
     with pytest.raises(ValueError):
         CamEvaluator(3, [])
+
+
+def test_quasi_superpixel_stats_by_hand():
+    from pipeline.metrics import quasi_superpixel_stats
+
+    levels = [np.array([2, 1, 1, 0], np.uint8), np.array([2, 2], np.uint8), np.array([], np.uint8),
+              np.array([2, 1, 0, 0, 0], np.uint8)]
+    stats = quasi_superpixel_stats(levels)
+    assert stats == {"n_images": 4, "masks_per_image": 2.75, "masks_per_level": [1.0, 0.75, 1.0],
+                     "three_level_fraction": 0.5, "no_mask_fraction": 0.25}
+    assert quasi_superpixel_stats([]) == {"n_images": 0}

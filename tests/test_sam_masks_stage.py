@@ -223,3 +223,16 @@ def test_bad_params_and_missing_checkpoint_fail_with_the_key(demo, tmp_path):
     assert "'sam.points_per_sid'" in sam_masks(params, index, tmp_path / "o.zarr", expect=1).output
     params = make_params(tmp_path / "r.yaml", sam={"model": "vit_x"})
     assert "sam.model" in sam_masks(params, index, tmp_path / "o.zarr", expect=1).output
+
+
+def test_metrics_count_masks_per_image_and_level(demo, tmp_path):
+    _, params_path, index, out = demo
+    metrics = tmp_path / "sam_masks.json"
+    run("sam-masks", "--params", params_path, "--index", index, "--out", out, "--metrics", metrics)
+    got = __import__("json").loads(metrics.read_text())
+    store = ImageStore(out)
+    levels = [store.read(i)["levels"] for i in store.ids()]
+    counts = np.array([[np.sum(l == k) for k in range(3)] for l in levels])
+    assert got["n_images"] == len(levels) == 5 and got["untrained"] is True
+    assert got["masks_per_image"] == pytest.approx(counts.sum(1).mean(), abs=1e-3)
+    assert got["three_level_fraction"] == pytest.approx((counts > 0).all(1).mean(), abs=1e-4)

@@ -93,7 +93,9 @@ def test_seeds_stage_writes_exact_seeds_and_metrics(tmp_path, which):
     result = _run_seeds(tmp_path, which, extra=["--note", "demo run"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "seeds" / which
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png", "provenance.json"]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["untrained"] is True and provenance["which"] == which
     seeds = {}
     for image_id in SIZES:
         with Image.open(out / f"{image_id}.png") as im:
@@ -104,9 +106,10 @@ def test_seeds_stage_writes_exact_seeds_and_metrics(tmp_path, which):
         np.testing.assert_array_equal(seeds[image_id],
                                       _expected_seed(image_id, cams, sams, ALPHA[which]))
 
-    acc, cam_eval = ConfusionAccumulator(4), CamEvaluator(4, POWERS)
+    acc, cam_eval, background = ConfusionAccumulator(4), CamEvaluator(4, POWERS), ConfusionAccumulator(4)
     for image_id, seed in seeds.items():
         acc.add(seed, gts[image_id])
+        background.add(np.zeros_like(seed), gts[image_id])
         cam, fg = cams[image_id]
         cam_eval.add_confusions(cam_confusions(cam_score(cam, SIZES[image_id]), fg,
                                                gts[image_id], POWERS, 4))
@@ -121,7 +124,9 @@ def test_seeds_stage_writes_exact_seeds_and_metrics(tmp_path, which):
     # JSON round-trips floats exactly: the stage's sums equal the direct computation's.
     assert metrics["seed"] == expected
     assert metrics["cam"] == json.loads(json.dumps(cam_eval.results()))
-    assert metrics["cam"]["best_power"] in POWERS
+    assert metrics["cam"]["best_power"] in POWERS and "cam_caa" not in metrics
+    assert metrics["background_only"]["miou"] == background.scores().as_dict()["miou"]
+    assert 0 < metrics["background_only"]["miou"] < metrics["seed"]["miou"] <= 100  # percent
     plots = json.loads((tmp_path / "plots.json").read_text())
     assert plots == [{"class": k, "iou": v} for k, v in expected["per_class_iou"].items()]
     assert [p["class"] for p in plots] == ["background", *CLASSES]
@@ -138,9 +143,9 @@ def test_seeds_without_ground_truth_has_no_scores(tmp_path):
     assert json.loads((tmp_path / "plots.json").read_text()) == []
 
 
-def test_seeds_prefers_caa_cams(tmp_path):
+def test_seeds_prefers_caa_cams_and_scores_both(tmp_path):
     _params(tmp_path / "params.yaml")
-    _, cams, sams, _ = _inputs(tmp_path)
+    _, cams, sams, gts = _inputs(tmp_path)
     cam, fg = cams["a"]
     caa = np.ascontiguousarray(cam[::-1])
     ImageStore(tmp_path / "cams.zarr").write(
@@ -150,6 +155,22 @@ def test_seeds_prefers_caa_cams(tmp_path):
                                   sams_seed(caa, fg, *sams["a"], 0.7, SIZES["a"]))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["cam_source"] == ["cam", "cam_caa"]
+    assert "cam_caa" not in metrics  # only one image has CAA CAMs: not a CAA evaluation
+    raw, refined = CamEvaluator(4, POWERS), CamEvaluator(4, POWERS)
+    for image_id in SIZES:  # now every image gets CAA CAMs (reversed channels)
+        cam, fg = cams[image_id]
+        caa = np.ascontiguousarray(cam[::-1])
+        ImageStore(tmp_path / "cams.zarr").write(
+            image_id, {"cam": cam, "cam_caa": caa, "fg_cls": fg.astype(np.int64)},
+            {"height": SIZES[image_id][0], "width": SIZES[image_id][1]})
+        raw.add(cam_score(cam, SIZES[image_id]), fg, gts[image_id])
+        refined.add(cam_score(caa, SIZES[image_id]), fg, gts[image_id])
+    assert _run_seeds(tmp_path).exit_code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["cam_source"] == ["cam_caa"]
+    assert metrics["cam"] == json.loads(json.dumps(raw.results()))
+    assert metrics["cam_caa"] == json.loads(json.dumps(refined.results()))
+    assert metrics["cam"] != metrics["cam_caa"]
 
 
 def test_seeds_missing_cam_image_fails_with_one_line(tmp_path):
