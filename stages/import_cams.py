@@ -41,18 +41,32 @@ def _index_records(index_dir: Path, splits: tuple[str, ...]) -> tuple[dict[str, 
     return records, int(n_classes)
 
 
+EXPECTED_FORMAT = ("a numpy .npz archive with arrays 'cam' (P, h, w) float and 'fg_cls' (P,) int, "
+                   "e.g. np.savez(path, cam=cam, fg_cls=fg_cls)")
+
+
 def load_cam_file(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``(cam float32 (P, h, w), fg_cls int64 (P,))`` of one file; StageError names the problem."""
+    import zipfile
+
+    # np.load guesses the format from the first bytes and reports anything that is not an array
+    # file as "pickled data"; an .npz is a zip archive, so ask that first.
+    if not zipfile.is_zipfile(path):
+        kind = "a single .npy array" if path.read_bytes()[:6] == b"\x93NUMPY" else "not an .npz archive"
+        raise StageError(f"{path}: {kind}; expected {EXPECTED_FORMAT}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("cam", "fg_cls") if k not in data.files]
             if missing:
-                raise StageError(f"{path}: missing array {missing[0]!r} (need 'cam' and 'fg_cls')")
+                raise StageError(f"{path}: missing array {missing[0]!r} (has {', '.join(data.files) or 'none'}); "
+                                 f"expected {EXPECTED_FORMAT}")
             cam, fg_cls = data["cam"], data["fg_cls"]
+        if not isinstance(cam, np.ndarray) or not isinstance(fg_cls, np.ndarray):
+            raise ValueError("members are not .npy arrays")
     except StageError:
         raise
-    except Exception as exc:  # a corrupt or non-npz file: one line, not a traceback
-        raise StageError(f"{path}: not a readable .npz file ({exc})") from exc
+    except Exception as exc:  # a corrupt archive or object arrays: one line, not a traceback
+        raise StageError(f"{path}: unreadable .npz ({type(exc).__name__}); expected {EXPECTED_FORMAT}") from exc
     if cam.ndim != 3 or min(cam.shape[1:], default=0) < 1:
         raise StageError(f"{path}: 'cam' must be (P, h, w) with h, w >= 1, got {cam.shape}")
     if not np.issubdtype(cam.dtype, np.floating):

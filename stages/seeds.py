@@ -219,9 +219,14 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
         stores = _open_stores(cams, sam_masks)
     except (DatasetError, StoreError) as exc:
         raise StageError(str(exc)) from exc
+    records = split.good()
+    # Every image needs its CAMs: checked before the first seed is written, not half-way through.
+    missing = [r.id for r in records if r.id not in stores[0]]
+    if missing:
+        raise StageError(f"{len(missing)} of {len(records)} images of split {split.split!r} have no CAMs "
+                         f"in {cams} (e.g. {missing[0]}); run the cams stage or import CAMs for them")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = split.good()
     num_classes = len(split.class_names) + 1
     items = [
         Item(r.id, r.height, r.width, r.label, str(out_dir / f"{r.id}.png"),

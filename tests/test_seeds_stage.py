@@ -179,8 +179,9 @@ def test_seeds_missing_cam_image_fails_with_one_line(tmp_path):
     shutil.rmtree(tmp_path / "cams.zarr" / "b")
     result = _run_seeds(tmp_path)
     assert result.exit_code == 1
-    assert "image b is not in the CAM store" in result.output
-    assert "Traceback" not in result.output
+    assert "1 of 3 images of split 'train' have no CAMs" in result.output and "(e.g. b)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list((tmp_path / "seeds").rglob("*.png"))  # failed before the first seed
 
 
 def test_seeds_bad_params_name_the_key(tmp_path):
@@ -250,6 +251,33 @@ def test_import_cams_rejects_bad_files_before_writing(tmp_path, arrays, message)
     assert result.exit_code == 1
     assert message in result.output and "b.npz" in result.output
     assert not (tmp_path / "imported.zarr").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"id,cam\na,0.5\n", "b.npz: not an .npz archive; expected a numpy .npz archive with arrays 'cam'"),
+    (None, "b.npz: a single .npy array; expected a numpy .npz archive"),
+    ("zip", "b.npz: unreadable .npz"),
+])
+def test_import_cams_names_a_file_of_the_wrong_format(tmp_path, content, message):
+    _inputs(tmp_path)
+    src = tmp_path / "external"
+    src.mkdir()
+    np.savez(src / "a.npz", cam=np.zeros((1, 2, 2), np.float32), fg_cls=np.array([0]))
+    if content is None:
+        with open(src / "b.npz", "wb") as f:
+            np.save(f, np.zeros((1, 2, 2), np.float32))
+    elif content == "zip":  # a zip archive whose members are not arrays
+        import zipfile
+
+        with zipfile.ZipFile(src / "b.npz", "w") as z:
+            z.writestr("cam.npy", b"junk")
+            z.writestr("fg_cls.npy", b"junk")
+    else:
+        (src / "b.npz").write_bytes(content)
+    result = _import(tmp_path, src)
+    assert result.exit_code == 1
+    assert "pickled" not in result.output and "Traceback" not in result.output
+    assert message in result.output.strip().splitlines()[-1], result.output
 
 
 def test_import_cams_rejects_ids_outside_the_index(tmp_path):
