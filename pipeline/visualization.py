@@ -62,3 +62,69 @@ def hstack_panels(panels: list[np.ndarray]) -> np.ndarray:
 def _blend(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
     mixed = (1 - OVERLAY_WEIGHT) * image.astype(np.float32) + OVERLAY_WEIGHT * colour
     return mixed.astype(np.uint8)
+
+
+# -- titled panels, label overlays and a class legend (PIL only draws the text) ------------------
+
+#: Height of a panel's title strip and of a legend row, in pixels.
+TITLE_HEIGHT = 16
+#: Colour of the ignore label (255) in overlays: VOC's boundary colour.
+IGNORE_RGB = np.array([224, 224, 192], np.uint8)
+
+
+def _font(size: int = 11):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def label_overlay(image: np.ndarray, label: np.ndarray, weight: float = 0.6) -> np.ndarray:
+    """Class colours (VOC palette) blended over the image; background pixels show the image
+    dimmed, so objects stand out and their outlines can be judged against the photo."""
+    colours = VOC_PALETTE[label].astype(np.float32)
+    base = image.astype(np.float32)
+    fg = (1 - weight) * base + weight * colours
+    out = np.where((label > 0)[..., None], fg, 0.55 * base)
+    return out.astype(np.uint8)
+
+
+def titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """``panel`` with a white title strip above it (the title clipped to the panel's width)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (panel.shape[1], TITLE_HEIGHT), (255, 255, 255))
+    ImageDraw.Draw(strip).text((3, 2), title, fill=(0, 0, 0), font=_font())
+    return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
+def legend(width: int, entries: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Rows of colour swatches with their names, wrapped to ``width`` pixels."""
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    cells = [(name, tuple(int(c) for c in rgb), int(font.getlength(name)) + 22) for name, rgb in entries]
+    rows, row, used = [], [], 0
+    for cell in cells:
+        if row and used + cell[2] > width:
+            rows.append(row)
+            row, used = [], 0
+        row.append(cell)
+        used += cell[2]
+    rows.append(row)
+    img = Image.new("RGB", (width, TITLE_HEIGHT * len(rows) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for r, row in enumerate(rows):
+        x, y = 3, 2 + r * TITLE_HEIGHT
+        for name, rgb, cell_width in row:
+            draw.rectangle((x, y + 2, x + 11, y + 12), fill=rgb, outline=(0, 0, 0))
+            draw.text((x + 15, y + 1), name, fill=(0, 0, 0), font=font)
+            x += cell_width
+    return np.asarray(img)
+
+
+def compose(panels: list[tuple[str, np.ndarray]], legend_entries: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Titled panels side by side, with the class legend underneath."""
+    row = hstack_panels([titled(p, title) for title, p in panels])
+    if not legend_entries:
+        return row
+    return np.concatenate([row, legend(row.shape[1], legend_entries)], axis=0)

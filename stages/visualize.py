@@ -1,9 +1,11 @@
-"""``wsss visualize``: one PNG panel per image id for inspecting the seeding.
+"""``wsss visualize``: one titled PNG panel per image id for inspecting the method.
 
-Panel, left to right: image | quasi-superpixels of level 0, 1, 2 (sub-parts, parts, wholes; one
+Panels, left to right: image | quasi-superpixels of level 0, 1, 2 (sub-parts, parts, wholes; one
 random colour per mask, the same every run) | CAM (max §3 score over classes, jet over the image)
-| seed (VOC colours) | ground truth (when the split has it). A missing input (image not yet in a
-store, seed not yet written) leaves its panel blank rather than failing, so the command works
+| seed | ground truth | segmenter prediction (for images that have one). Seeds, ground truth and
+predictions are drawn as class-colour overlays on the image, and a legend names the classes shown.
+Ids may come from the train or the eval split. A missing input (image not yet in a store, seed or
+prediction not yet written) leaves its panel blank rather than failing, so the command works
 part-way through a run.
 """
 from __future__ import annotations
@@ -14,17 +16,17 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.data.datasets import DatasetError, load_split
-from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_png
+from pipeline.data.datasets import DatasetError, load_split, split_path
+from pipeline.data.imageio import VOC_PALETTE, ImageReadError, read_label, read_rgb, write_png
 from pipeline.seeds.sams import image_scores
 from pipeline.store import ImageStore, StoreError
-from pipeline.visualization import cam_panel, hstack_panels, label_panel, masks_panel
+from pipeline.visualization import IGNORE_RGB, cam_panel, compose, label_overlay, masks_panel
 from stages.common import INDEX_OPTION, PARAMS_OPTION, StageError, load_params, section
 from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.visualize")
 CAMS_OF = {"coarse": "cache/cams/cls.zarr", "fine": "cache/cams/seg.zarr"}
-LEVELS = (0, 1, 2)
+LEVEL_TITLES = ("sub-parts (level 0)", "parts (level 1)", "wholes (level 2)")
 
 
 def _open(path: str) -> ImageStore | None:
@@ -36,24 +38,36 @@ def _open(path: str) -> ImageStore | None:
 
 
 def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarray | None,
-           gt: np.ndarray | None) -> np.ndarray:
-    """The panel row of one image from whatever inputs exist."""
+           gt: np.ndarray | None, prediction: np.ndarray | None, class_names: list[str],
+           which: str = "fine") -> np.ndarray:
+    """The titled panel row (and legend) of one image from whatever inputs exist."""
     h, w = image.shape[:2]
-    panels = [image]
-    for level in LEVELS:
+    blank = np.zeros_like(image)
+    panels = [("image", image)]
+    for level, title in enumerate(LEVEL_TITLES):
         masks = np.zeros((0, h, w), bool)
         if qs is not None:
             masks = qs["masks"][qs["levels"] == level]
-        panels.append(masks_panel(image, masks, seed=level))
+        panels.append((f"{title}: {len(masks)}", masks_panel(image, masks, seed=level)))
     score = np.zeros((0, h, w), np.float32)
+    cam_title = "CAM"
     if cams is not None:
-        cam = cams.get("cam_caa", cams.get("cam"))
-        score = image_scores(cam, (h, w))
-    panels.append(cam_panel(image, score))
-    panels.append(label_panel(seed) if seed is not None else np.zeros_like(image))
+        key = "cam_caa" if "cam_caa" in cams else "cam"
+        score = image_scores(cams[key], (h, w))
+        cam_title = "CAM + CAA" if key == "cam_caa" else "CAM"
+    panels.append((cam_title, cam_panel(image, score)))
+    labels = [m for m in (seed, gt, prediction) if m is not None]
+    panels.append((f"{which} seed", label_overlay(image, seed) if seed is not None else blank))
     if gt is not None:
-        panels.append(label_panel(gt))
-    return hstack_panels(panels)
+        panels.append(("ground truth", label_overlay(image, gt)))
+    if prediction is not None:
+        panels.append(("prediction", label_overlay(image, prediction)))
+    shown = sorted(set(np.unique(np.concatenate([m.ravel() for m in labels])).tolist()) if labels else set())
+    names = ["background", *class_names]
+    entries = [(names[v], VOC_PALETTE[v]) for v in shown if v < len(names)]
+    if 255 in shown:
+        entries.append(("ignore", IGNORE_RGB))
+    return compose(panels, entries)
 
 
 @click.command("visualize")
@@ -65,20 +79,26 @@ def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarr
 @click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True)
 @click.option("--seeds", "seeds_dir", default=None,
               help="Seed directory (default: cache/seeds/<which>).")
+@click.option("--predictions", "predictions_dir", default="cache/predictions", show_default=True,
+              help="Segmenter predictions (eval-split images).")
 @click.option("--out", default="cache/visualize", show_default=True,
               type=click.Path(file_okay=False))
 def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, cams: str | None,
-            sam_masks: str, seeds_dir: str | None, out: str) -> None:
+            sam_masks: str, seeds_dir: str | None, predictions_dir: str, out: str) -> None:
     """PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."""
     dataset = section(load_params(params_path), "dataset", DatasetConfig)
     try:
-        records = {r.id: r for r in load_split(index_dir, dataset.train_split).good()}
+        train = load_split(index_dir, dataset.train_split)
     except DatasetError as exc:
         raise StageError(str(exc)) from exc
+    records, class_names = {r.id: r for r in train.good()}, train.class_names
+    if dataset.eval_split != dataset.train_split and split_path(index_dir, dataset.eval_split).is_file():
+        for r in load_split(index_dir, dataset.eval_split).good():
+            records.setdefault(r.id, r)
     unknown = [i for i in ids if i not in records]
     if unknown:
         raise StageError(f"image id {unknown[0]!r} is not a usable image of split "
-                         f"{dataset.train_split!r}")
+                         f"{dataset.train_split!r} or {dataset.eval_split!r}")
     cam_store = _open(cams or CAMS_OF[which])
     sam_store = _open(sam_masks)
     seeds = Path(seeds_dir or f"cache/seeds/{which}")
@@ -90,8 +110,10 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
             raise StageError(f"image {image_id}: {exc}") from exc
         qs = sam_store.read(image_id) if sam_store and image_id in sam_store else None
         cam = cam_store.read(image_id) if cam_store and image_id in cam_store else None
-        seed_png = seeds / f"{image_id}.png"
+        seed_png, pred_png = seeds / f"{image_id}.png", Path(predictions_dir) / f"{image_id}.png"
         seed = read_label(seed_png) if seed_png.is_file() else None
+        prediction = read_label(pred_png) if pred_png.is_file() else None
         gt = read_label(r.label) if r.label else None
-        write_png(Path(out) / f"{image_id}.png", render(image, qs, cam, seed, gt))
+        write_png(Path(out) / f"{image_id}.png",
+                  render(image, qs, cam, seed, gt, prediction, class_names, which))
     log.info("visualize: %d panels in %s", len(ids), out)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.cams.score import cam_score
 from pipeline.data.datasets import Record, SplitIndex, split_path
-from pipeline.data.imageio import VOC_PALETTE, read_label, write_palette_png
+from pipeline.data.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
 from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions
 from pipeline.seeds.sams import cam_argmax_seed, sams_seed
 from pipeline.store import ImageStore
@@ -303,16 +303,31 @@ def test_visualize_writes_panel_of_expected_size(tmp_path):
             "--params", str(tmp_path / "params.yaml"), "--index", str(tmp_path / "index"),
             "--cams", str(tmp_path / "cams.zarr"), "--sam-masks", str(tmp_path / "sam.zarr"),
             "--seeds", str(tmp_path / "seeds" / "fine"), "--out", str(tmp_path / "vis")]
+    from pipeline.visualization import TITLE_HEIGHT, label_overlay
+
+    pred = np.zeros(SIZES["a"], np.uint8)
+    pred[2:9, 3:12] = 2
+    write_palette_png(tmp_path / "pred" / "a.png", pred)
+    args += ["--predictions", str(tmp_path / "pred")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    # 7 panels (image, 3 levels, CAM, seed, ground truth) and 6 gaps of 4 px
-    for image_id in ("a", "c"):
+    # titled panels (image, 3 levels, CAM, seed, ground truth [, prediction]) with 4 px gaps,
+    # a legend underneath
+    for image_id, n_panels in (("a", 8), ("c", 7)):
         h, w = SIZES[image_id]
         with Image.open(tmp_path / "vis" / f"{image_id}.png") as im:
-            assert im.mode == "RGB" and im.size == (7 * w + 6 * 4, h)
+            assert im.mode == "RGB" and im.size[0] == n_panels * w + (n_panels - 1) * 4
+            assert im.size[1] >= h + 2 * TITLE_HEIGHT
             panel = np.asarray(im)
+        image = read_rgb(tmp_path / f"{image_id}.jpg")
         seed = read_label(tmp_path / "seeds" / "fine" / f"{image_id}.png")
-        np.testing.assert_array_equal(panel[:, 5 * (w + 4):5 * (w + 4) + w], VOC_PALETTE[seed])
+        body = panel[TITLE_HEIGHT:TITLE_HEIGHT + h]
+        np.testing.assert_array_equal(body[:, 5 * (w + 4):5 * (w + 4) + w], label_overlay(image, seed))
+        assert (panel[:TITLE_HEIGHT] < 128).any()  # titles are drawn
+    body = np.asarray(Image.open(tmp_path / "vis" / "a.png"))[TITLE_HEIGHT:TITLE_HEIGHT + SIZES["a"][0]]
+    w = SIZES["a"][1]
+    np.testing.assert_array_equal(body[:, 7 * (w + 4):7 * (w + 4) + w],
+                                  label_overlay(read_rgb(tmp_path / "a.jpg"), pred))
     first = (tmp_path / "vis" / "a.png").read_bytes()
     assert CliRunner().invoke(main, args).exit_code == 0
     assert (tmp_path / "vis" / "a.png").read_bytes() == first  # deterministic colours
