@@ -252,12 +252,25 @@ def _run_dask(task, items, compute: ComputeConfig, resource, desc) -> list[Any]:
             cluster.close()
 
 
+class _OpenClipNoise(logging.Filter):
+    """open_clip reports through the root logger, and warns "No pretrained weights loaded" for
+    every random tiny model: our stores and metrics say ``untrained`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "open_clip" in record.pathname
+                    and record.levelno < logging.ERROR)
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Our own INFO messages on stderr; libraries (open_clip's model-config chatter, dask, ...)
     only from WARNING up unless ``verbose``."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _OpenClipNoise) for f in handler.filters):
+                handler.addFilter(_OpenClipNoise())
     # torch's LR-scheduler order warning is about its own bookkeeping, not the user's run.
     import warnings
 
