@@ -21,24 +21,53 @@ def sha256sum(path: str | Path, chunk_size: int = 1 << 22) -> str:
 
 
 def resolve_checkpoint(
-    path: str | Path | None, sha256: str | None, what: str, source: str, param: str
+    path: str | Path | None, sha256: str | None, what: str, source: str, param: str,
+    actual: str | None = None,
 ) -> Path:
     """Return ``path`` if it exists and matches ``sha256`` (when given), else raise.
 
     ``what`` names the model, ``source`` says where to get the file, ``param`` is the params key
-    that holds the path. The error is one paragraph naming all of them.
+    that holds the path (its checksum key is ``<param>_sha256``). The error is one paragraph
+    naming all of them. ``actual``: the file's checksum when the caller already computed it.
     """
+    check_file(path, sha256, what, source, param)
+    if sha256:
+        actual = actual or sha256sum(path)
+        if actual != sha256.lower():
+            raise CheckpointError(mismatch_message(path, actual, sha256, what, source, param))
+    return Path(path)
+
+
+def check_file(path: str | Path | None, sha256: str | None, what: str, source: str, param: str) -> None:
+    """Raise a CheckpointError naming the file when it is missing or empty."""
     if path is None or not Path(path).is_file():
         raise CheckpointError(
             f"{what} checkpoint not found: {path!s} (params key '{param}'). "
             f"Expected SHA-256 {sha256 or 'not pinned'}. Get it from {source} and set '{param}' to "
             "its path; runs never download weights themselves."
         )
-    if sha256:
-        actual = sha256sum(path)
-        if actual != sha256.lower():
-            raise CheckpointError(
-                f"{what} checkpoint {path} has SHA-256 {actual}, expected {sha256} (params key "
-                f"'{param}'). The file is corrupt or a different model; get it again from {source}."
-            )
-    return Path(path)
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(f"{what} checkpoint {path} is empty (0 bytes): the download did not "
+                              f"finish; get it again from {source}.")
+
+
+def mismatch_message(path, actual: str, expected: str, what: str, source: str, param: str) -> str:
+    return (
+        f"{what} checkpoint {path} has SHA-256 {actual}, expected {expected} (params key "
+        f"'{param}_sha256'). The file is truncated, corrupt or a different model: get it again "
+        f"from {source}; if it is your own checkpoint (fine-tuned, another variant), set "
+        f"'{param}_sha256: {actual}'."
+    )
+
+
+def load_torch_file(path: str | Path, what: str, source: str):
+    """``torch.load`` of a checkpoint (tensors only, on the CPU), with one clear error for a
+    truncated or foreign file instead of the unpickler's traceback."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip/pickle errors have many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what} checkpoint {path} cannot be read ({reason[:160]}): it is "
+                              f"truncated or not a PyTorch weights file; get it again from {source}.") from exc

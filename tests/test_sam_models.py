@@ -115,3 +115,43 @@ def test_unknown_model():
     with pytest.raises(ValueError, match="unknown SAM model 'vit_x'"):
         build_sam_predictor("vit_x", None, None)
     assert sam_models.expected_sha256("tiny", None) is None
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty \(0 bytes\): the download did not finish"),
+    (None, "cannot be read"),
+])
+def test_empty_or_truncated_checkpoint_is_one_clear_error(tmp_path, monkeypatch, content, message):
+    source = build_sam_predictor("tiny", None, None)
+    path = tmp_path / "tiny_trained.pth"
+    torch.save(source.model.state_dict(), path)
+    if content is None:  # cut off half-way, checksum pinned to the cut file (a user's own file)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="tiny_trained.pth")
+    monkeypatch.setitem(SPECS, "tiny_trained", spec)
+    with pytest.raises(CheckpointError, match=message) as info:
+        build_sam_predictor("tiny_trained", str(path), sha256sum(path) if content is None else None)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_own_checkpoint_checksum_replaces_the_pinned_one(tmp_path, monkeypatch):
+    """A fine-tuned SAM: the official checksum is the default, `sam.checkpoint_sha256` replaces it."""
+    source = build_sam_predictor("tiny", None, None)
+    path = tmp_path / "my_finetuned_sam.pth"
+    torch.save(source.model.state_dict(), path)
+    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="official.pth", checkpoint_sha256="ab" * 32)
+    monkeypatch.setitem(SPECS, "tiny_official", spec)
+    with pytest.raises(CheckpointError) as info:
+        build_sam_predictor("tiny_official", str(path), None)
+    assert f"'sam.checkpoint_sha256: {sha256sum(path)}'" in str(info.value)
+    build_sam_predictor("tiny_official", str(path), sha256sum(path))  # accepted
+
+
+def test_checkpoint_of_another_architecture_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "other.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1)}, path)
+    monkeypatch.setitem(SPECS, "tiny_other", dataclasses.replace(SPECS["tiny"], checkpoint_name="other.pth"))
+    with pytest.raises(CheckpointError, match="does not fit the tiny_other architecture"):
+        build_sam_predictor("tiny_other", str(path), sha256sum(path))

@@ -23,7 +23,9 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
+from pipeline.weights import (
+    CheckpointError, check_file, load_torch_file, mismatch_message, sha256sum,
+)
 
 CHECKPOINT_SOURCE = (
     "the 'Model Checkpoints' section of https://github.com/facebookresearch/segment-anything "
@@ -139,17 +141,13 @@ def verify_checkpoint(
         return None
     expected = expected_sha256(model, checkpoint_sha256)
     what = f"SAM {model} ({spec.checkpoint_name})"
-    if checkpoint is None or not Path(checkpoint).is_file():
-        resolve_checkpoint(checkpoint, expected, what, CHECKPOINT_SOURCE, CHECKPOINT_PARAM)  # raises
+    check_file(checkpoint, expected, what, CHECKPOINT_SOURCE, CHECKPOINT_PARAM)
     # Hash once per process and file version: a ViT-H file is 2.5 GB and each worker verifies it.
     stat = os.stat(checkpoint)
     actual = _cached_sha256(str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns)
     if expected and actual != expected.lower():
-        raise CheckpointError(
-            f"{what} checkpoint {checkpoint} has SHA-256 {actual}, expected {expected} (params key "
-            f"'{CHECKPOINT_PARAM}'). The file is corrupt or a different model; get it again from "
-            f"{CHECKPOINT_SOURCE}."
-        )
+        raise CheckpointError(mismatch_message(checkpoint, actual, expected, what,
+                                               CHECKPOINT_SOURCE, CHECKPOINT_PARAM))
     return Path(checkpoint)
 
 
@@ -183,9 +181,15 @@ def build_sam_predictor(
     else:
         path = verify_checkpoint(model, checkpoint, checkpoint_sha256)
         sam = build_sam(spec)
-        # map_location: the official files load on CPU-only machines too.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        sam.load_state_dict(state)
+        state = load_torch_file(path, f"SAM {model}", CHECKPOINT_SOURCE)
+        try:
+            sam.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(
+                f"SAM checkpoint {path} does not fit the {model} architecture "
+                f"({first[1].strip() if len(first) > 1 else first[0][:160]}): is sam.model right?"
+            ) from exc
     sam.mask_threshold = float(mask_threshold)
     sam.to(torch.device(device))
     return SamPredictor(sam)
