@@ -165,10 +165,18 @@ def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping
 
 def finish(store_path: str | os.PathLike) -> None:
     """Remove the temporary directory of a store once a stage has completed; release its lock."""
-    shutil.rmtree(_partial_dir(Path(store_path)), ignore_errors=True)
-    fd = _WRITER_LOCKS.pop(_lock_key(Path(store_path)), None)
+    store_path = Path(store_path)
+    shutil.rmtree(_partial_dir(store_path), ignore_errors=True)
+    fd = _WRITER_LOCKS.pop(_lock_key(store_path), None)
     if fd is not None:
+        # The lock file goes too: a store may sit inside a DVC output (clip_features/), whose
+        # hash must not see it.
+        _lock_path(store_path).unlink(missing_ok=True)
         os.close(fd)
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
 def _lock_key(path: Path) -> str:
@@ -187,7 +195,7 @@ def _lock_for_writing(path: Path) -> None:
     key = _lock_key(path)
     if key in _WRITER_LOCKS:
         return
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_path(path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

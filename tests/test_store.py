@@ -87,6 +87,7 @@ def test_a_second_writer_process_is_refused_until_the_first_finishes(tmp_path):
     store.write("a", _arrays(1))
     assert ImageStore(path).ids() == ["a"]  # the refused writer did not reset the store
     finish(path)
+    assert not (tmp_path / "s.zarr.lock").exists()  # nothing left beside a finished store
     assert run().startswith("OPENED")
 
 
