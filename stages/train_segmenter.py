@@ -246,7 +246,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
             start, history = int(ckpt["step"]), list(ckpt["history"])
             best = BestCheckpoint.from_state(ckpt["best"])
             log.info("resuming from iteration %d of %d (best so far: %s)", start, cfg.iterations,
-                     f"iteration {best.step}, val mIoU {best.val_miou:.4f}" if best.step else "none")
+                     f"iteration {best.step}, val mIoU {best.val_miou:.4f}" if best.step is not None else "none")
         else:
             log.info("checkpoint %s is from other params or data; training from scratch", ckpt_path)
 
@@ -281,9 +281,9 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(done)
-    last_miou = next((r["val_miou"] for r in reversed(history) if r["step"] == cfg.iterations), "")
+    last_miou = history[-1]["val_miou"] if history else ""
     last_info = {"step": cfg.iterations,
-                 "val_miou": None if last_miou in ("", None) or math.isnan(last_miou) else last_miou,
+                 "val_miou": None if last_miou == "" or math.isnan(last_miou) else last_miou,
                  "selected_by": "last iteration"}
     save_segmenter(out_dir / "last.pt", net, cfg.model, train.class_names, last_info)
     if best.step is None:
