@@ -158,7 +158,7 @@ def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], m
     }
     if checkpoint is not None:
         metrics["checkpoint"] = checkpoint
-    metrics["precision"] = precision
+    metrics["compute_precision"] = precision  # not the "precision" score of raw/postprocessed
     if not scored:
         return metrics
     metrics["raw"] = scores_from_confusion(sum(r["raw"] for r in scored)).as_dict(names)

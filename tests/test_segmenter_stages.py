@@ -200,7 +200,7 @@ def test_predict_on_eval_split(workspace):
     }
     assert metrics["checkpoint"] == {"which": "best", "file": str(tmp / "segmenter" / "best.pt"),
                                      **meta["info"], "output_stride": meta["output_stride"]}
-    assert metrics["precision"] == "fp32"
+    assert metrics["compute_precision"] == "fp32"
     assert set(metrics["raw"]["per_class_iou"]) <= {"background", *DEMO_CLASSES}
     assert "background" in metrics["postprocessed"]["per_class_iou"]
 
@@ -430,7 +430,7 @@ def test_changed_precision_restarts_training_and_is_recorded(workspace, caplog):
     metrics_path = tmp / "bf16_metrics.json"
     _ok(_invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", out,
                 "--sam-masks", tmp / "sam_masks.zarr", "--out", tmp / "bf16_pred", "--metrics", metrics_path))
-    assert json.loads(metrics_path.read_text())["precision"] == "bf16"
+    assert json.loads(metrics_path.read_text())["compute_precision"] == "bf16"
 
 
 def test_stage_passes_sub_batches_and_precision_to_each_step(workspace, monkeypatch):
