@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.config import param, to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_palette_png
-from pipeline.metrics import confusion_matrix, scores_from_confusion
+from pipeline.metrics import confusion_matrix, percent, scores_from_confusion
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
 from pipeline.seeds.sams import sams_postprocess
 from pipeline.segmenter.model import load_segmenter, predict_probs
@@ -197,8 +197,11 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
         _, meta = load_segmenter(model_path)
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
-    checkpoint = {"which": cfg.checkpoint, "file": str(model_path), **meta["info"],
+    info = meta["info"]
+    checkpoint = {"which": cfg.checkpoint, "file": str(model_path), **info,
                   "output_stride": meta["output_stride"]}
+    if info.get("val_miou") is not None:
+        checkpoint["val_miou"] = percent(info["val_miou"])  # JSON scores are percentages
     log.info("segmenter: %s", ", ".join(f"{k} {v}" for k, v in checkpoint.items()))
     sam = None
     if images_dir is not None:

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.data.datasets import load_split
 from pipeline.data.demo_data import DEMO_CLASSES
 from pipeline.data.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
-from pipeline.metrics import ConfusionAccumulator
+from pipeline.metrics import ConfusionAccumulator, percent
 from pipeline.seeds.sams import sams_postprocess
 from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore
@@ -191,15 +191,17 @@ def test_predict_on_eval_split(workspace):
         sweep3.add(sams_postprocess(probs, arrays["masks"], arrays["levels"], 3.0), gt)
     metrics = json.loads(metrics_path.read_text())
     assert metrics["images"] == metrics["images_with_ground_truth"] == len(records)
-    assert metrics["raw"]["miou"] == pytest.approx(raw_acc.scores().miou)
-    assert metrics["postprocessed"]["miou"] == pytest.approx(post_acc.scores().miou)
+    # JSON scores are percentages rounded to 0.001 (pipeline.metrics.percent)
+    assert metrics["raw"]["miou"] == percent(raw_acc.scores().miou)
+    assert metrics["postprocessed"]["miou"] == percent(post_acc.scores().miou)
     assert metrics["postprocessed"]["alpha"] == 1.0
     assert metrics["miou"] == metrics["postprocessed"]["miou"]
     assert metrics["alpha_sweep"] == {
-        "1": pytest.approx(post_acc.scores().miou), "3": pytest.approx(sweep3.scores().miou)
+        "1": percent(post_acc.scores().miou), "3": percent(sweep3.scores().miou)
     }
     assert metrics["checkpoint"] == {"which": "best", "file": str(tmp / "segmenter" / "best.pt"),
-                                     **meta["info"], "output_stride": meta["output_stride"]}
+                                     **meta["info"], "val_miou": percent(meta["info"]["val_miou"]),
+                                     "output_stride": meta["output_stride"]}
     assert metrics["compute_precision"] == "fp32"
     assert set(metrics["raw"]["per_class_iou"]) <= {"background", *DEMO_CLASSES}
     assert "background" in metrics["postprocessed"]["per_class_iou"]
@@ -378,6 +380,7 @@ def test_predict_uses_the_chosen_checkpoint(scripted, which, step):
                 "--sam-masks", tmp / "sam_masks.zarr", "--out", out, "--metrics", out / "metrics.json"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["checkpoint"]["which"] == which and metrics["checkpoint"]["step"] == step
+    assert metrics["checkpoint"]["val_miou"] == {"best": 50.0, "last": 40.0}[which]  # percent
     assert metrics["checkpoint"]["file"] == str(full / f"{which}.pt")
     net, _ = load_segmenter(full / f"{which}.pt")
     for r in load_split(tmp / "index", "val").good():
