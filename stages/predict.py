@@ -1,5 +1,7 @@
 """Stage ``predict``: eval images + trained segmenter (+ SAMS post-processing) -> label maps, mIoU.
 
+The segmenter is ``<segmenter>/best.pt`` (the best iteration on val, §9) or ``last.pt``
+(``predict.checkpoint``); the metrics JSON records which file, iteration and val mIoU it was.
 For every image: multi-scale + flip softmax probabilities (algorithms.md §9), the raw argmax
 (``<out>/raw/<id>.png``) and, with ``predict.postprocess``, SAMS post-processing over the image's
 quasi-superpixels (§5, ``<out>/<id>.png``; without post-processing that file is the raw map).
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -22,10 +24,10 @@ import numpy as np
 from pipeline.config import param, to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_palette_png
-from pipeline.metrics import confusion_matrix, scores_from_confusion
+from pipeline.metrics import confusion_matrix, percent, scores_from_confusion
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
 from pipeline.seeds.sams import sams_postprocess
-from pipeline.segmenter.model import ARCHS, load_segmenter, predict_probs
+from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
 from stages.common import (
@@ -39,14 +41,17 @@ log = logging.getLogger("wsss.predict")
 
 @dataclass(frozen=True)
 class PredictConfig:
+    checkpoint: Literal["best", "last"] = "best"
+    """Which trained segmenter: ``best`` (highest single-scale val mIoU during training, §9) or
+    ``last`` (the final iteration). Note that §9's best is chosen on the split it is scored on."""
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     """Multi-scale inference factors (§9)."""
     flip: bool = True
     """Also average horizontally flipped views."""
     postprocess: bool = True
     """Apply SAMS post-processing (§5) to the prediction."""
-    alpha: float = param(1.0, gt=0)
-    """Background exponent of the post-processing (paper: sweep 1-5)."""
+    alpha: float = param(3.0, gt=0)
+    """Background exponent of the post-processing (§9: swept 1-5 on val, 3 used for test)."""
     alpha_sweep: list[float] = param([], gt=0)
     """Extra alphas evaluated in the metrics (empty: none)."""
 
@@ -58,6 +63,11 @@ class PredictConfig:
 
 
 # -- per-image work (module level, so dask workers can run it) ----------------------------------
+
+
+def checkpoint_path(segmenter_dir: str | Path, which: str) -> Path:
+    """``best.pt`` or ``last.pt`` in the folder ``train-segmenter`` wrote."""
+    return Path(segmenter_dir) / f"{which}.pt"
 
 
 def load_resources(model_path: str, device: str, sam: dict | None) -> dict[str, Any]:
@@ -83,7 +93,7 @@ def predict_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     (per alpha); without ground truth those are None."""
     net, image_id = res["net"], item["id"]
     image = read_rgb(item["image"])
-    probs = predict_probs(net, image, item["scales"], item["flip"], ARCHS[res["meta"]["model"]].encoder_output_stride)
+    probs = predict_probs(net, image, item["scales"], item["flip"], item["precision"])
     raw = probs.argmax(0).numpy().astype(np.uint8)
     out = Path(item["out"])
     write_palette_png(out / "raw" / f"{image_id}.png", raw)
@@ -136,14 +146,19 @@ def _sam_settings(params: dict) -> dict:
 
 
 
-def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], model: str) -> dict:
-    """The metrics JSON: raw and post-processed scores and the alpha sweep (over images with gt)."""
+def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], model: str,
+              checkpoint: dict | None = None, precision: str = "fp32") -> dict:
+    """The metrics JSON: which checkpoint, raw and post-processed scores and the alpha sweep
+    (over images with gt)."""
     scored = [r for r in results if r["raw"] is not None]
     names = ["background", *class_names]
     metrics: dict[str, Any] = {
         "images": len(results), "images_with_ground_truth": len(scored), "model": model,
         "images_without_sam_masks": sum(r["no_masks"] for r in results),
     }
+    if checkpoint is not None:
+        metrics["checkpoint"] = checkpoint
+    metrics["compute_precision"] = precision  # not the "precision" score of raw/postprocessed
     if not scored:
         return metrics
     metrics["raw"] = scores_from_confusion(sum(r["raw"] for r in scored)).as_dict(names)
@@ -165,7 +180,8 @@ def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], m
 @click.option("--images", "images_dir", default=None, type=click.Path(file_okay=False),
               help="Predict this folder of images instead of the eval split (no index, no metrics).")
 @click.option("--segmenter", "segmenter_dir", default="cache/segmenter", show_default=True,
-              type=click.Path(file_okay=False))
+              type=click.Path(file_okay=False),
+              help="Folder of train-segmenter's best.pt / last.pt (predict.checkpoint chooses).")
 @click.option("--sam-masks", "sam_masks", default="cache/sam_masks.zarr", show_default=True,
               type=click.Path(file_okay=False))
 @click.option("--out", default="cache/predictions", show_default=True, type=click.Path(file_okay=False))
@@ -176,11 +192,17 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
     params = load_params(params_path)
     cfg = section(params, "predict", PredictConfig)
     compute = section(params, "compute", ComputeConfig)
-    model_path = Path(segmenter_dir) / "model.pt"
+    model_path = checkpoint_path(segmenter_dir, cfg.checkpoint)
     try:
         _, meta = load_segmenter(model_path)
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
+    info = meta["info"]
+    checkpoint = {"which": cfg.checkpoint, "file": str(model_path), **info,
+                  "output_stride": meta["output_stride"]}
+    if info.get("val_miou") is not None:
+        checkpoint["val_miou"] = percent(info["val_miou"])  # JSON scores are percentages
+    log.info("segmenter: %s", ", ".join(f"{k} {v}" for k, v in checkpoint.items()))
     sam = None
     if images_dir is not None:
         items = _folder_items(Path(images_dir))
@@ -209,14 +231,15 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
                     "run `wsss sam-masks`)"
                 )
     common = {"scales": list(cfg.scales), "flip": cfg.flip, "postprocess": cfg.postprocess, "alpha": cfg.alpha,
-              "alpha_sweep": list(cfg.alpha_sweep), "out": out, "sam_masks": sam_masks}
+              "alpha_sweep": list(cfg.alpha_sweep), "out": out, "sam_masks": sam_masks,
+              "precision": compute.precision}
     items = [{**common, **it} for it in items]
     resource = WorkerResource.of(load_resources, model_path=str(model_path), device=compute.device, sam=sam)
     try:
         results = run_per_image(predict_image, items, compute, resource, desc="predict")
     except (ImageReadError, CheckpointError) as exc:
         raise StageError(str(exc)) from exc
-    metrics = summarise(results, cfg, meta["class_names"], meta["model"])
+    metrics = summarise(results, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
     if metrics_path:
         write_json_atomic(Path(metrics_path), metrics)
     if "miou" in metrics:

@@ -1,11 +1,17 @@
-"""Stage ``train_segmenter``: train split images + fine seeds -> ``cache/segmenter/model.pt``.
+"""Stage ``train_segmenter``: train split images + fine seeds -> ``cache/segmenter/{best,last}.pt``.
 
-Trains DeepLabV3+ on the seeds (algorithms.md §9) on ``compute.device``. Every
-``checkpoint_every`` iterations the model, optimizer, step and random states are saved atomically
-to ``checkpoint.pt``; a rerun with the same params and seeds resumes from it (the result equals an
-uninterrupted run), a rerun with different ones starts over. Loss, learning rate and the
-single-scale val mIoU (every ``val_every`` iterations, eval split with ground truth) go to a CSV
-for ``dvc plots``.
+Trains DeepLabV3+ on the seeds (algorithms.md §9) on ``compute.device`` at ``compute.precision``.
+Every ``val_every`` iterations (and at the last) the single-scale mIoU on the eval split's ground
+truth is computed; the weights with the highest one so far are the *best* checkpoint (§9: the
+authors report the best checkpoint on val; the first of equal scores wins). ``last.pt`` holds the
+final iteration, ``best.pt`` the best one; ``predict.checkpoint`` chooses. Without ground truth
+on the eval split there is nothing to select by: ``best.pt`` is the last iteration (logged, and
+recorded in its ``info``).
+
+Every ``checkpoint_every`` iterations the model, optimizer, step, random states and the best
+weights so far are saved atomically to ``checkpoint.pt``; a rerun with the same params, seeds
+and val set resumes from it (the result, best included, equals an uninterrupted run), a rerun
+with different ones starts over. Loss, learning rate and the val mIoU go to a CSV for ``dvc plots``.
 """
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ import csv
 import hashlib
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import click
 import numpy as np
@@ -30,13 +38,17 @@ from pipeline.segmenter.training import (
 )
 from pipeline.weights import CheckpointError
 from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params, section,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, code_digest, fingerprint, load_params, section,
     torch_device, write_text_atomic,
 )
 from stages.prepare import DatasetConfig
 
 log = logging.getLogger("wsss.train_segmenter")
 CSV_FIELDS = ("step", "loss", "lr", "val_miou")
+# The code the trained weights depend on (dvc.yaml's code deps): a change restarts training
+# instead of "resuming" a finished run of the old code.
+CODE_MODULES = ("stages.train_segmenter", "pipeline.segmenter.model", "pipeline.segmenter.training",
+                "pipeline.precision", "pipeline.metrics", "pipeline.data.datasets", "pipeline.data.imageio")
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,16 @@ class SegmenterConfig:
     """Path of the ImageNet ResNet-101 state dict (required for deeplabv3plus_r101)."""
     encoder_weights_sha256: str | None = None
     """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
+    output_stride: Literal[8, 16] = 8
+    """Encoder output stride (§9 ``d3p-r1d8``: 8; 16 is cheaper, about 1.7x on the tiny model)."""
     iterations: int = 60
+    """Optimizer steps (§9 VOC: 80 epochs of train_aug at batch 16 = 52,910)."""
     batch_size: int = 4
+    """Samples per optimizer step (§9: 16)."""
+    sub_batches: int = 1
+    """Split each batch into this many forward/backward passes before the one step (gradient
+    accumulation; same effective batch, about 1/sub_batches of the activation memory). Not the
+    reference when > 1: BatchNorm normalises each sub-batch on its own statistics."""
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -57,7 +77,8 @@ class SegmenterConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_prob: float = 0.5
     val_every: int = 20
-    """Evaluate on the eval split every this many iterations (0: only at the end)."""
+    """Evaluate on the eval split every this many iterations (0: only at the end); the
+    evaluated iterations are the candidates for the best checkpoint."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every this many iterations."""
     seed: int = 0
@@ -65,31 +86,46 @@ class SegmenterConfig:
     def __post_init__(self):
         if self.model not in ARCHS:
             raise StageError(f"params.yaml: segmenter.model must be one of {sorted(ARCHS)}, got {self.model!r}")
-        # BatchNorm in the ASPP image-pooling branch sees one value per channel per image.
+        # BatchNorm in the ASPP image-pooling branch sees one value per channel per image, so
+        # every forward pass needs at least 2 images.
         if self.batch_size < 2:
             raise StageError(f"params.yaml: segmenter.batch_size must be at least 2, got {self.batch_size}")
+        if self.sub_batches < 1 or self.batch_size % self.sub_batches or self.batch_size // self.sub_batches < 2:
+            raise StageError(
+                f"params.yaml: segmenter.sub_batches must divide segmenter.batch_size ({self.batch_size}) "
+                f"into sub-batches of at least 2 images, got {self.sub_batches}"
+            )
         for key in ("iterations", "crop_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise StageError(f"params.yaml: segmenter.{key} must be positive, got {getattr(self, key)}")
         if self.val_every < 0:
             raise StageError(f"params.yaml: segmenter.val_every must be >= 0, got {self.val_every}")
 
-    def training_fingerprint(self, data_digest: str) -> str:
-        """What the trained weights depend on (not the evaluation or checkpoint cadence)."""
-        relevant = {k: v for k, v in self.__dict__.items() if k not in ("val_every", "checkpoint_every")}
-        return fingerprint(relevant, data_digest)
+    def training_fingerprint(self, data_digest: str, precision: str) -> str:
+        """What the trained weights and the choice of the best depend on: every key but the
+        checkpoint cadence (``val_every`` decides which iterations are best candidates), the
+        data (train seeds and val ground truth), ``compute.precision`` and the code."""
+        relevant = {k: v for k, v in self.__dict__.items() if k != "checkpoint_every"}
+        return fingerprint(relevant, data_digest, {"precision": precision}, code_digest(*CODE_MODULES))
 
 
 def seed_path(seeds_dir: Path, image_id: str) -> Path:
     return seeds_dir / f"{image_id}.png"
 
 
-def data_digest(records: list[Record], seeds_dir: Path, class_names: list[str]) -> str:
-    """A hash of the training set (ids, images, seed contents), so new seeds restart training."""
+def data_digest(
+    records: list[Record], seeds_dir: Path, class_names: list[str], val_records: list[Record] = ()
+) -> str:
+    """A hash of the training set (ids, images, seed contents) and of the val set the best
+    checkpoint is chosen on (ids, images, ground-truth contents), so new data restarts training."""
     h = hashlib.sha256("\n".join(class_names).encode())
     for r in records:
         h.update(f"{r.id}\t{r.image}\n".encode())
         h.update(seed_path(seeds_dir, r.id).read_bytes())
+    h.update(b"val\n")
+    for r in val_records:
+        h.update(f"{r.id}\t{r.image}\n".encode())
+        h.update(Path(r.label).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -104,14 +140,39 @@ def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return image, seed
 
 
-def evaluate(net: torch.nn.Module, records: list[Record], num_classes: int) -> float:
-    """Single-scale mIoU of the argmax prediction against ground truth (quick training curve)."""
+def evaluate(net: torch.nn.Module, records: list[Record], num_classes: int, precision: str = "fp32") -> float:
+    """Single-scale mIoU of the argmax prediction against ground truth (training curve and best
+    checkpoint; NaN when the ground truth has no labelled pixel)."""
     acc = ConfusionAccumulator(num_classes)
     net.eval()
     for r in records:
-        probs = predict_probs(net, read_rgb(r.image), scales=(1.0,), flip=False)
+        probs = predict_probs(net, read_rgb(r.image), scales=(1.0,), flip=False, precision=precision)
         acc.add(probs.argmax(0).numpy(), read_label(r.label))
     return acc.scores().miou
+
+
+@dataclass
+class BestCheckpoint:
+    """The best weights so far on val: highest single-scale val mIoU, the first of equal scores."""
+
+    step: int | None = None
+    val_miou: float | None = None
+    state_dict: dict | None = None
+
+    def offer(self, step: int, val_miou: float, net: torch.nn.Module) -> bool:
+        """Keep ``net``'s weights (a CPU copy) if ``val_miou`` beats the best so far."""
+        if math.isnan(val_miou) or (self.val_miou is not None and val_miou <= self.val_miou):
+            return False
+        self.step, self.val_miou = step, float(val_miou)
+        self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        return True
+
+    def to_state(self) -> dict:
+        return {"step": self.step, "val_miou": self.val_miou, "state_dict": self.state_dict}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "BestCheckpoint":
+        return cls(state["step"], state["val_miou"], state["state_dict"])
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -161,17 +222,20 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         raise StageError(f"no seed for image {missing[0]} in {seeds} ({len(missing)} missing; run `wsss seeds`)")
     val_records = [r for r in val.good() if r.label is not None]
     num_classes = len(train.class_names) + 1
-    fp = cfg.training_fingerprint(data_digest(records, seeds, train.class_names))
+    fp = cfg.training_fingerprint(
+        data_digest(records, seeds, train.class_names, val_records), compute.precision
+    )
 
     try:
-        net = build_segmenter(cfg.model, num_classes, cfg.encoder_weights, cfg.encoder_weights_sha256, cfg.seed)
+        net = build_segmenter(cfg.model, num_classes, cfg.encoder_weights, cfg.encoder_weights_sha256, cfg.seed,
+                              cfg.output_stride)
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
     net.to(device)
     optimizer = build_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    start, history = 0, []
+    start, history, best = 0, [], BestCheckpoint()
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -180,34 +244,58 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
             optimizer.load_state_dict(ckpt["optimizer"])
             _set_rng_state(rng, ckpt["rng"], device)
             start, history = int(ckpt["step"]), list(ckpt["history"])
-            log.info("resuming from iteration %d of %d", start, cfg.iterations)
+            best = BestCheckpoint.from_state(ckpt["best"])
+            log.info("resuming from iteration %d of %d (best so far: %s)", start, cfg.iterations,
+                     f"iteration {best.step}, val mIoU {best.val_miou:.4f}" if best.step is not None else "none")
         else:
-            log.info("checkpoint %s is from other params or seeds; training from scratch", ckpt_path)
+            log.info("checkpoint %s is from other params or data; training from scratch", ckpt_path)
 
     def save_checkpoint(step: int) -> None:
+        # The best weights travel inside the one atomic file, so a resumed run keeps exactly the
+        # best of the iterations before its checkpoint, never one from a lost later part.
         save_atomic(
             {"fingerprint": fp, "step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": _rng_state(rng, device), "history": history},
+             "rng": _rng_state(rng, device), "history": history, "best": best.to_state()},
             ckpt_path,
         )
 
+    if not val_records:
+        log.warning("eval split %r has no ground truth: no val mIoU, best.pt will be the last iteration",
+                    data.eval_split)
     augment = SegmentationAugment(cfg.crop_size, cfg.scale_range, cfg.flip_prob)
-    multiple = ARCHS[cfg.model].encoder_output_stride
     bar = tqdm(range(start, cfg.iterations), desc="train segmenter", unit="it", dynamic_ncols=True)
     for step in bar:
         batch = rng.choice(len(records), size=cfg.batch_size, replace=len(records) < cfg.batch_size)
         pairs = [augment(*load_pair(records[i], seeds), rng) for i in batch]
         lr = poly_lr(cfg.lr, step, cfg.iterations, cfg.poly_power)
-        loss = train_step(net, optimizer, *collate(pairs), lr, multiple=multiple)
+        loss = train_step(net, optimizer, *collate(pairs), lr, sub_batches=cfg.sub_batches,
+                          precision=compute.precision)
         done = step + 1
         row = {"step": done, "loss": round(loss, 6), "lr": lr, "val_miou": ""}
         if val_records and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
-            row["val_miou"] = round(evaluate(net, val_records, num_classes), 6)
+            miou = evaluate(net, val_records, num_classes, compute.precision)
+            row["val_miou"] = round(miou, 6)
+            if best.offer(done, miou, net):
+                log.info("iteration %d: val mIoU %.4f, the best so far", done, miou)
         history.append(row)
         bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(done)
-    save_segmenter(out_dir / "model.pt", net, cfg.model, train.class_names)
+    last_miou = history[-1]["val_miou"] if history else ""
+    last_info = {"step": cfg.iterations,
+                 "val_miou": None if last_miou == "" or math.isnan(last_miou) else last_miou,
+                 "selected_by": "last iteration"}
+    save_segmenter(out_dir / "last.pt", net, cfg.model, train.class_names, last_info)
+    if best.step is None:
+        log.warning("no val mIoU to select by (eval split %r has no usable ground truth): "
+                    "best.pt is the last iteration", data.eval_split)
+        best_info = {**last_info, "selected_by": "last iteration (no val ground truth)"}
+        save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info)
+    else:
+        best_info = {"step": best.step, "val_miou": round(best.val_miou, 6),
+                     "selected_by": "highest single-scale val mIoU"}
+        save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info, best.state_dict)
+        log.info("best checkpoint: iteration %d of %d, val mIoU %.4f", best.step, cfg.iterations, best.val_miou)
     write_csv(Path(plots), history)
     final = history[-1]["loss"] if history else "n/a"
     log.info("segmenter trained for %d iterations; final loss %s", cfg.iterations, final)

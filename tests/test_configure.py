@@ -53,6 +53,15 @@ def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
     assert tree["sam"]["pred_iou_thresh"] == 0.86 and tree["sam"]["stability_score_thresh"] == 0.92
     assert tree["prompts"]["cls"]["iterations"] == 1800 and tree["prompts"]["seg"]["iterations"] == 17000
     assert tree["seeds"]["fine"]["alpha"] == 0.7
+    # §9: DeepLabV3+ R101 at output stride 8, 80 epochs of train_aug (10,582 images) at batch 16,
+    # 512 crops, the best checkpoint on val, alpha 3 with the 1-5 sweep in the metrics.
+    seg = tree["segmenter"]
+    assert (seg["model"], seg["output_stride"], seg["batch_size"], seg["crop_size"]) == ("deeplabv3plus_r101", 8, 16, 512)
+    assert seg["iterations"] == 52910 == 80 * 10582 // 16 and seg["sub_batches"] == 1
+    assert seg["encoder_weights"] == p["resnet101.pth"]
+    assert tree["predict"]["checkpoint"] == "best" and tree["predict"]["alpha"] == 3
+    assert tree["predict"]["alpha_sweep"] == [1, 2, 3, 4, 5]
+    assert "segmenter.iterations: 60 -> 52910" in result.output and "predict.alpha: 1.0 -> 3.0" in result.output
     # untouched keys stay as they were
     original = yaml.safe_load((REPO / "params.yaml").read_text())
     assert tree["sam"]["points_per_side"] == original["sam"]["points_per_side"]
@@ -69,11 +78,16 @@ def test_configure_coco_and_custom(tmp_path):
     tree = yaml.safe_load(params.read_text())
     assert tree["cams"]["seg"]["caa"]["enabled"] is False and tree["seeds"]["fine"]["alpha"] == 1.0
     assert tree["clip_features"]["augment"]["long_side_range"] == [318, 530]
+    # COCO: §9 gives no DeepLabV3+ schedule; ours is 100k iterations, val every 10k (40,504 images).
+    assert tree["segmenter"]["iterations"] == 100_000 and tree["segmenter"]["val_every"] == 10_000
+    assert tree["segmenter"]["output_stride"] == 8 and tree["predict"]["alpha"] == 3
     shutil.copy(REPO / "params.yaml", params)
     result = CliRunner().invoke(main, ["configure", "custom", "--params", str(params), *common,
                                        "--class-names", p["classes.txt"], "--labels-file", p["labels.csv"]])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(params.read_text())["dataset"]["labels_file"] == p["labels.csv"]
+    assert yaml.safe_load(params.read_text())["segmenter"]["iterations"] == 52910
+    assert "ceil(80 * N / 16)" in result.output
 
 
 @pytest.mark.parametrize("drop, message", [

@@ -58,7 +58,7 @@ def test_full_run_produces_every_artifact_and_metric(project):
     repo, env = project
     for path in ("cache/index/train.json", "cache/sam_masks.zarr/zarr.json",
                  "cache/clip_features/inference.zarr", "cache/prompts/cls.pt", "cache/prompts/seg.pt",
-                 "cache/cams/cls.zarr", "cache/cams/seg.zarr", "cache/segmenter/model.pt",
+                 "cache/cams/cls.zarr", "cache/cams/seg.zarr", "cache/segmenter/best.pt",
                  "cache/metrics/seeds_coarse.json", "cache/metrics/seeds_fine.json",
                  "cache/metrics/predict.json"):
         assert (repo / path).exists(), path

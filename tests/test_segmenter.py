@@ -7,7 +7,8 @@ import torch
 
 from pipeline.seeds.sams import sams_postprocess
 from pipeline.segmenter.model import (
-    ARCHS, SegmenterArch, build_segmenter, load_segmenter, predict_probs, save_segmenter, to_input,
+    ARCHS, SegmenterArch, build_segmenter, forward_padded, input_multiple, load_segmenter, predict_probs,
+    save_atomic, save_segmenter, to_input,
 )
 from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
@@ -145,16 +146,16 @@ def test_build_is_deterministic_and_save_load_round_trips(tmp_path):
     a, b = build_segmenter("tiny", 3, seed=0), build_segmenter("tiny", 3, seed=0)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-    save_segmenter(tmp_path / "model.pt", a, "tiny", ["ball", "box"])
+    save_segmenter(tmp_path / "model.pt", a, "tiny", ["ball", "box"], {"step": 7})
     net, meta = load_segmenter(tmp_path / "model.pt")
-    assert meta == {"model": "tiny", "class_names": ["ball", "box"]}
+    assert meta == {"model": "tiny", "output_stride": 8, "class_names": ["ball", "box"], "info": {"step": 7}}
     image = np.full((32, 32, 3), 120, np.uint8)
     torch.testing.assert_close(predict_probs(net, image, (1.0,), False), predict_probs(a.eval(), image, (1.0,), False))
 
 
 def test_trained_model_loads_without_its_encoder_weights(tmp_path, monkeypatch):
     # A model that needs ImageNet weights to be built, but not to be loaded once trained.
-    monkeypatch.setitem(ARCHS, "tiny_pretrained", SegmenterArch("resnet18", 32, 16, True))
+    monkeypatch.setitem(ARCHS, "tiny_pretrained", SegmenterArch("resnet18", 32, True))
     torch.save(build_segmenter("tiny", 3, seed=5).encoder.state_dict(), tmp_path / "enc.pth")
     with pytest.raises(CheckpointError):
         build_segmenter("tiny_pretrained", 3)
@@ -219,3 +220,179 @@ def test_all_ignored_batch_gives_no_update():
     y = torch.full((2, 32, 32), 255, dtype=torch.int64)
     assert train_step(net, opt, x, y, 0.01) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+# -- output stride (§9: 8) ------------------------------------------------------------------------
+
+
+def test_reference_output_stride_is_8_and_inputs_pad_to_8_only():
+    net8 = build_segmenter("tiny", 3, seed=0).eval()
+    net16 = build_segmenter("tiny", 3, seed=0, output_stride=16).eval()
+    assert input_multiple(net8) == 8 and input_multiple(net16) == 16
+    # Same weights: the stride is dilation, not parameters.
+    for (k, a), b in zip(net8.state_dict().items(), net16.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = to_input(np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8))
+    with torch.no_grad():
+        assert net8.encoder(x)[-1].shape[-2:] == (5, 7)  # input / 8
+        assert net16.encoder(torch.nn.functional.pad(x, (0, 8, 0, 8)))[-1].shape[-2:] == (3, 4)
+        # 40 x 56 is a multiple of 8: stride 8 runs it unpadded, exactly the network's output.
+        torch.testing.assert_close(forward_padded(net8, x), net8(x), atol=0, rtol=0)
+        # Any other size: padded to the next multiple of 8 (not 16) and cropped back.
+        odd = x[..., :37, :53]
+        with pytest.raises(RuntimeError, match="divisible by 8"):
+            net8(odd)
+        out = forward_padded(net8, odd)
+        assert out.shape == (1, 3, 37, 53)
+        expected = net8(torch.nn.functional.pad(odd, (0, 3, 0, 3)))[..., :37, :53]
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="output stride"):
+        build_segmenter("tiny", 3, output_stride=32)
+
+
+def test_multiscale_inference_at_stride_8_any_size():
+    net = build_segmenter("tiny", 4, seed=2).eval()
+    for h, w in ((37, 53), (41, 30), (64, 48)):
+        image = np.random.default_rng(h).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        probs = predict_probs(net, image, scales=(0.5, 0.75, 1.0, 1.25), flip=True)
+        assert probs.shape == (4, h, w)
+        torch.testing.assert_close(probs.sum(0), torch.ones(h, w), atol=1e-5, rtol=0)
+
+
+def test_saved_segmenter_keeps_its_output_stride(tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    for stride in (8, 16):
+        net = build_segmenter("tiny", 3, seed=3, output_stride=stride).eval()
+        save_segmenter(tmp_path / f"os{stride}.pt", net, "tiny", ["a", "b"])
+        loaded, meta = load_segmenter(tmp_path / f"os{stride}.pt")
+        assert meta["output_stride"] == stride and input_multiple(loaded) == stride
+        torch.testing.assert_close(predict_probs(loaded, image), predict_probs(net, image))
+    # Format 1 files did not record the stride; all of them were trained at 16.
+    old = build_segmenter("tiny", 3, seed=3, output_stride=16)
+    save_atomic({"format": 1, "model": "tiny", "class_names": ["a", "b"],
+                 "state_dict": old.state_dict()}, tmp_path / "v1.pt")
+    loaded, meta = load_segmenter(tmp_path / "v1.pt")
+    assert meta["output_stride"] == 16 and meta["info"] == {}
+    torch.testing.assert_close(predict_probs(loaded, image), predict_probs(old.eval(), image))
+
+
+# -- sub-batches (gradient accumulation inside one iteration) -------------------------------------
+
+
+def _strip_batch_statistics(net: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm and dropout replaced by identities: what is left depends on each sample alone."""
+    for name, child in net.named_children():
+        if isinstance(child, (torch.nn.BatchNorm2d, torch.nn.Dropout)):
+            setattr(net, name, torch.nn.Identity())
+        else:
+            _strip_batch_statistics(child)
+    return net
+
+
+def _uneven_batch():
+    """4 samples whose labelled-pixel counts differ a lot (so sub-batch losses need weighting)."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(4, 3, 32, 32)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, size=(4, 32, 32))).long()
+    y[0, 4:] = 255   # 128 labelled pixels
+    y[1, 20:] = 255  # 640
+    return x, y
+
+
+def _step(net, x, y, **kwargs):
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)  # update = -gradient
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    loss = train_step(net, opt, x, y, lr=1.0, **kwargs)
+    return loss, {k: before[k] - p.detach() for k, p in net.named_parameters()}
+
+
+def test_sub_batches_give_the_full_batch_gradient_without_batch_statistics():
+    x, y = _uneven_batch()
+    results = {}
+    for n in (1, 2, 4):
+        net = _strip_batch_statistics(build_segmenter("tiny", 3, seed=0))
+        results[n] = _step(net, x, y, sub_batches=n)
+    for n in (2, 4):
+        assert results[n][0] == pytest.approx(results[1][0], rel=1e-5)
+        for k, g in results[1][1].items():
+            torch.testing.assert_close(results[n][1][k], g, atol=1e-6, rtol=1e-4, msg=k)
+    # The weighting matters: averaging the sub-batch means would give another gradient here.
+    net = _strip_batch_statistics(build_segmenter("tiny", 3, seed=0))
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    net.train()
+    opt.zero_grad()
+    for xs, ys in zip(x.split(2), y.split(2)):
+        (torch.nn.functional.cross_entropy(net(xs), ys, ignore_index=255) / 2).backward()
+    naive = net.segmentation_head[0].weight.grad
+    assert not torch.allclose(naive, results[1][1]["segmentation_head.0.weight"], atol=1e-6, rtol=1e-4)
+
+
+def test_sub_batches_batchnorm_sees_the_sub_batch():
+    x, y = _uneven_batch()
+    n_valid = int((y != 255).sum())
+    torch.manual_seed(0)  # the ASPP dropout draws the same masks in both runs
+    loss, update = _step(build_segmenter("tiny", 3, seed=0), x, y, sub_batches=2)
+    # Reference: each half through the network in train mode on its own, its summed pixel loss
+    # over the whole batch's labelled pixels, gradients added.
+    net = build_segmenter("tiny", 3, seed=0)
+    net.train()
+    torch.manual_seed(0)
+    total = 0.0
+    for xs, ys in zip(x.split(2), y.split(2)):
+        part = torch.nn.functional.cross_entropy(net(xs), ys, ignore_index=255, reduction="sum") / n_valid
+        part.backward()
+        total += float(part.detach())
+    assert loss == pytest.approx(total, rel=1e-6)
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(update[k], p.grad, atol=1e-6, rtol=1e-5, msg=k)
+    # ... which is not the undivided batch's gradient (BatchNorm statistics differ).
+    torch.manual_seed(0)
+    _, full = _step(build_segmenter("tiny", 3, seed=0), x, y, sub_batches=1)
+    assert not torch.allclose(full["encoder.conv1.weight"], update["encoder.conv1.weight"], atol=1e-6, rtol=1e-4)
+
+
+def test_sub_batches_out_of_range_are_rejected():
+    net = build_segmenter("tiny", 3, seed=0)
+    x, y = _uneven_batch()
+    with pytest.raises(ValueError, match="sub_batches"):
+        train_step(net, build_optimizer(net), x, y, 0.01, sub_batches=5)
+
+
+# -- precision (compute.precision) ----------------------------------------------------------------
+
+
+def _record_head_dtype(net, seen):
+    return net.segmentation_head[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_selects_the_forward_dtype_and_keeps_loss_and_probs_fp32(precision, dtype, monkeypatch):
+    net = build_segmenter("tiny", 3, seed=0)
+    seen, loss_dtypes = [], []
+    hook = _record_head_dtype(net, seen)
+    real_ce = torch.nn.functional.cross_entropy
+
+    def recording_ce(logits, *args, **kwargs):
+        loss_dtypes.append(logits.dtype)
+        return real_ce(logits, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_ce)
+    x, y = _uneven_batch()
+    loss = train_step(net, build_optimizer(net), x, y, 0.01, sub_batches=2, precision=precision)
+    assert seen == [dtype, dtype] and loss_dtypes == [torch.float32, torch.float32]
+    assert np.isfinite(loss) and all(p.dtype == torch.float32 for p in net.parameters())
+    seen.clear()
+    image = np.random.default_rng(0).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    probs = predict_probs(net.eval(), image, scales=(0.75, 1.0), flip=True, precision=precision)
+    hook.remove()
+    assert seen == [dtype, dtype] and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(0), torch.ones(37, 53), atol=1e-5, rtol=0)
+
+
+def test_bf16_inference_agrees_with_fp32():
+    net = build_segmenter("tiny", 3, seed=0).eval()
+    image = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    a = predict_probs(net, image, precision="fp32")
+    b = predict_probs(net, image, precision="bf16")
+    assert not torch.equal(a, b)  # bf16 really ran
+    assert (a - b).abs().max() < 0.01  # measured 0.0004 (bf16 keeps 8 bits of mantissa)

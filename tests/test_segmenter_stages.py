@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.data.datasets import load_split
 from pipeline.data.demo_data import DEMO_CLASSES
 from pipeline.data.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
-from pipeline.metrics import ConfusionAccumulator
+from pipeline.metrics import ConfusionAccumulator, percent
 from pipeline.seeds.sams import sams_postprocess
 from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore
@@ -96,9 +96,12 @@ def workspace(tmp_path_factory):
 
 
 def test_train_writes_model_checkpoint_and_curves(workspace):
-    tmp, _ = workspace
-    net, meta = load_segmenter(tmp / "segmenter" / "model.pt")
-    assert meta == {"model": "tiny", "class_names": list(DEMO_CLASSES)}
+    tmp, params = workspace
+    net, meta = load_segmenter(tmp / "segmenter" / "last.pt")
+    stride = yaml.safe_load(params.read_text())["segmenter"]["output_stride"]
+    assert meta == {"model": "tiny", "output_stride": stride, "class_names": list(DEMO_CLASSES),
+                    "info": {"step": ITERATIONS, "val_miou": meta["info"]["val_miou"], "selected_by": "last iteration"}}
+    assert 0.0 <= meta["info"]["val_miou"] <= 1.0
     assert net.segmentation_head[0].out_channels == len(DEMO_CLASSES) + 1
     ckpt = torch.load(tmp / "segmenter" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == ITERATIONS
@@ -132,14 +135,15 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypat
     result = _invoke(*args)
     assert result.exit_code != 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
-    assert not (out / "model.pt").exists()
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
     monkeypatch.setattr(ts, "train_step", real_step)
     _ok(_invoke(*args))
-    a = torch.load(tmp / "segmenter" / "model.pt")["state_dict"]
-    b = torch.load(out / "model.pt")["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ("last.pt", "best.pt"):
+        a, b = torch.load(tmp / "segmenter" / name), torch.load(out / name)
+        assert a["info"] == b["info"]
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
     assert plots.read_text() == (tmp / "plots" / "train.csv").read_text()
 
 
@@ -153,8 +157,8 @@ def test_changed_params_restart_instead_of_resuming(workspace):
     rows = list(csv.DictReader((tmp / "plots" / "restarted.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, ITERATIONS + 1))
     assert float(rows[0]["lr"]) == pytest.approx(0.02)
-    a = torch.load(tmp / "segmenter" / "model.pt")["state_dict"]
-    b = torch.load(out / "model.pt")["state_dict"]
+    a = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
+    b = torch.load(out / "last.pt")["state_dict"]
     assert not torch.equal(a["segmentation_head.0.weight"], b["segmentation_head.0.weight"])
 
 
@@ -165,7 +169,7 @@ def test_predict_on_eval_split(workspace):
                 "--sam-masks", tmp / "sam_masks.zarr", "--out", out, "--metrics", metrics_path))
     records = load_split(tmp / "index", "val").good()
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(r.id for r in records)
-    net, _ = load_segmenter(tmp / "segmenter" / "model.pt")
+    net, meta = load_segmenter(tmp / "segmenter" / "best.pt")  # predict.checkpoint: best
     raw_acc, post_acc, sweep3 = (ConfusionAccumulator(len(DEMO_CLASSES) + 1) for _ in range(3))
     store = ImageStore(tmp / "sam_masks.zarr")
     for r in records:
@@ -187,13 +191,18 @@ def test_predict_on_eval_split(workspace):
         sweep3.add(sams_postprocess(probs, arrays["masks"], arrays["levels"], 3.0), gt)
     metrics = json.loads(metrics_path.read_text())
     assert metrics["images"] == metrics["images_with_ground_truth"] == len(records)
-    assert metrics["raw"]["miou"] == pytest.approx(raw_acc.scores().miou)
-    assert metrics["postprocessed"]["miou"] == pytest.approx(post_acc.scores().miou)
+    # JSON scores are percentages rounded to 0.001 (pipeline.metrics.percent)
+    assert metrics["raw"]["miou"] == percent(raw_acc.scores().miou)
+    assert metrics["postprocessed"]["miou"] == percent(post_acc.scores().miou)
     assert metrics["postprocessed"]["alpha"] == 1.0
     assert metrics["miou"] == metrics["postprocessed"]["miou"]
     assert metrics["alpha_sweep"] == {
-        "1": pytest.approx(post_acc.scores().miou), "3": pytest.approx(sweep3.scores().miou)
+        "1": percent(post_acc.scores().miou), "3": percent(sweep3.scores().miou)
     }
+    assert metrics["checkpoint"] == {"which": "best", "file": str(tmp / "segmenter" / "best.pt"),
+                                     **meta["info"], "val_miou": percent(meta["info"]["val_miou"]),
+                                     "output_stride": meta["output_stride"]}
+    assert metrics["compute_precision"] == "fp32"
     assert set(metrics["raw"]["per_class_iou"]) <= {"background", *DEMO_CLASSES}
     assert "background" in metrics["postprocessed"]["per_class_iou"]
 
@@ -252,14 +261,14 @@ def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     res = {"net": build_segmenter("tiny", 3).eval(), "meta": {"model": "tiny"}, "generator": None}
     item = {"id": "im", "image": str(tmp_path / "im.png"), "label": str(tmp_path / "gt.png"),
             "scales": [1.0], "flip": False, "postprocess": True, "alpha": 1.0, "alpha_sweep": [2.0],
-            "out": str(tmp_path / "out"), "sam_masks": str(tmp_path / "masks.zarr")}
+            "out": str(tmp_path / "out"), "sam_masks": str(tmp_path / "masks.zarr"), "precision": "fp32"}
     result = predict_image(res, item)
     raw = read_label(tmp_path / "out" / "raw" / "im.png")
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "im.png"), raw)
     assert result["no_masks"] is True
     np.testing.assert_array_equal(result["post"][1.0], result["raw"])
     assert result["raw"].sum() == 40 * 56
-    metrics = summarise([result], PredictConfig(alpha_sweep=[2.0]), ["a", "b"], "tiny")
+    metrics = summarise([result], PredictConfig(alpha=1.0, alpha_sweep=[2.0]), ["a", "b"], "tiny")
     assert metrics["images_without_sam_masks"] == 1
     assert metrics["postprocessed"]["miou"] == metrics["raw"]["miou"] == metrics["alpha_sweep"]["2"]
 
@@ -277,3 +286,196 @@ def test_predict_on_a_dask_cluster_equals_the_serial_run(workspace):
     for f in files:
         np.testing.assert_array_equal(read_label(serial / f), read_label(parallel / f))
     assert json.loads((serial / "metrics.json").read_text()) == json.loads((parallel / "metrics.json").read_text())
+
+
+# -- best checkpoint on val (§9), its resume, and predict's choice --------------------------------
+
+
+def _train(tmp: Path, params: Path, out: Path, plots: Path | None = None, index: Path | None = None):
+    return _invoke("train-segmenter", "--params", params, "--index", index or tmp / "index", "--seeds",
+                   tmp / "seeds", "--out", out, "--plots", plots or out.with_suffix(".csv"))
+
+
+def test_best_checkpoint_is_the_best_evaluated_iteration(workspace):
+    import stages.train_segmenter as ts
+
+    tmp, _ = workspace
+    rows = list(csv.DictReader((tmp / "plots" / "train.csv").open()))
+    scored = [(int(r["step"]), float(r["val_miou"])) for r in rows if r["val_miou"]]
+    best_step, best_miou = max(scored, key=lambda sv: (sv[1], -sv[0]))  # first of equal scores
+    best, meta = load_segmenter(tmp / "segmenter" / "best.pt")
+    assert meta["info"] == {"step": best_step, "val_miou": best_miou, "selected_by": "highest single-scale val mIoU"}
+    # The file really holds that iteration's weights: re-evaluating it gives its val mIoU.
+    val = [r for r in load_split(tmp / "index", "val").good()]
+    assert ts.evaluate(best, val, len(DEMO_CLASSES) + 1) == pytest.approx(best_miou, abs=1e-6)
+    last = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
+    same = all(torch.equal(v, last[k]) for k, v in best.state_dict().items())
+    assert same == (best_step == ITERATIONS)
+
+
+@pytest.fixture(scope="module")
+def scripted(workspace):
+    """Runs whose val mIoU is scripted (0.2, 0.5, 0.5, 0.4 at iterations 1-4), so the best is
+    iteration 2, before a crash at iteration 3: one uninterrupted run and one killed + resumed."""
+    import stages.train_segmenter as ts
+
+    tmp, _ = workspace
+    params = _params(tmp, **{"segmenter.val_every": 1})
+    mp = pytest.MonkeyPatch()
+    real_evaluate, real_step = ts.evaluate, ts.train_step
+
+    def script(values):
+        values = list(values)
+        mp.setattr(ts, "evaluate", lambda *args, **kwargs: values.pop(0))
+
+    script([0.2, 0.5, 0.5, 0.4])
+    full = tmp / "scripted_full"
+    _ok(_train(tmp, params, full))
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    resumed = tmp / "scripted_resumed"
+    script([0.2, 0.5])
+    mp.setattr(ts, "train_step", crash_on_third)
+    assert _train(tmp, params, resumed).exit_code != 0
+    at_crash = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    mp.setattr(ts, "train_step", real_step)
+    script([0.5, 0.4])  # iterations 3 and 4, after the resume from iteration 2
+    _ok(_train(tmp, params, resumed))
+    mp.undo()
+    assert ts.evaluate is real_evaluate
+    return tmp, params, full, resumed, at_crash
+
+
+def test_best_is_kept_across_a_resume(scripted):
+    tmp, _, full, resumed, at_crash = scripted
+    assert at_crash["step"] == 2 and at_crash["best"]["step"] == 2
+    step2 = at_crash["model"]  # the weights of iteration 2
+    for run in (full, resumed):
+        best, last = torch.load(run / "best.pt"), torch.load(run / "last.pt")
+        # iteration 3 ties 0.5: the first of equal scores stays
+        assert best["info"] == {"step": 2, "val_miou": 0.5, "selected_by": "highest single-scale val mIoU"}
+        assert last["info"] == {"step": ITERATIONS, "val_miou": 0.4, "selected_by": "last iteration"}
+        for k, v in best["state_dict"].items():
+            assert torch.equal(v, step2[k]), (run.name, k)
+        assert not torch.equal(best["state_dict"]["segmentation_head.0.weight"],
+                               last["state_dict"]["segmentation_head.0.weight"])
+    for name in ("best.pt", "last.pt"):
+        a, b = torch.load(full / name)["state_dict"], torch.load(resumed / name)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert full.with_suffix(".csv").read_text() == resumed.with_suffix(".csv").read_text()
+
+
+@pytest.mark.parametrize("which, step", [("best", 2), ("last", ITERATIONS)])
+def test_predict_uses_the_chosen_checkpoint(scripted, which, step):
+    tmp, _, full, _, _ = scripted
+    params = _params(tmp, **{"predict.checkpoint": which, "predict.scales": [1.0], "predict.flip": False})
+    out = tmp / f"pred_{which}"
+    _ok(_invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", full,
+                "--sam-masks", tmp / "sam_masks.zarr", "--out", out, "--metrics", out / "metrics.json"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"]["which"] == which and metrics["checkpoint"]["step"] == step
+    assert metrics["checkpoint"]["val_miou"] == {"best": 50.0, "last": 40.0}[which]  # percent
+    assert metrics["checkpoint"]["file"] == str(full / f"{which}.pt")
+    net, _ = load_segmenter(full / f"{which}.pt")
+    for r in load_split(tmp / "index", "val").good():
+        expected = predict_probs(net, read_rgb(r.image), (1.0,), flip=False).argmax(0).numpy()
+        np.testing.assert_array_equal(read_label(out / "raw" / f"{r.id}.png"), expected)
+
+
+def test_without_val_ground_truth_best_is_the_last_iteration(workspace, caplog):
+    tmp, params = workspace
+    index = tmp / "index_no_gt"
+    shutil.copytree(tmp / "index", index)
+    val = json.loads((index / "val.json").read_text())
+    for r in val["records"]:
+        r["label"] = None
+    (index / "val.json").write_text(json.dumps(val))
+    out = tmp / "no_gt"
+    with caplog.at_level("WARNING", logger="wsss"):
+        _ok(_train(tmp, params, out, index=index))
+    assert "best.pt is the last iteration" in caplog.text
+    best, last = torch.load(out / "best.pt"), torch.load(out / "last.pt")
+    assert best["info"] == {"step": ITERATIONS, "val_miou": None,
+                            "selected_by": "last iteration (no val ground truth)"}
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
+    assert all(r["val_miou"] == "" for r in csv.DictReader(out.with_suffix(".csv").open()))
+    # Same weights as the run with ground truth: evaluation never changes training.
+    ref = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
+    assert all(torch.equal(v, ref[k]) for k, v in last["state_dict"].items())
+    metrics_path = tmp / "no_gt_metrics.json"
+    _ok(_invoke("predict", "--params", params, "--index", index, "--segmenter", out,
+                "--sam-masks", tmp / "sam_masks.zarr", "--out", tmp / "no_gt_pred", "--metrics", metrics_path))
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["checkpoint"]["selected_by"] == "last iteration (no val ground truth)"
+    assert metrics["images_with_ground_truth"] == 0 and "miou" not in metrics
+
+
+# -- precision and sub-batches in the stage ----------------------------------------------------------
+
+
+def test_changed_precision_restarts_training_and_is_recorded(workspace, caplog):
+    tmp, _ = workspace
+    out = tmp / "bf16"
+    shutil.copytree(tmp / "segmenter", out)  # a finished fp32 run
+    params = _params(tmp, **{"compute.precision": "bf16"})
+    with caplog.at_level("INFO", logger="wsss"):
+        _ok(_train(tmp, params, out))
+    assert "training from scratch" in caplog.text
+    a = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
+    b = torch.load(out / "last.pt")["state_dict"]
+    assert not torch.equal(a["segmentation_head.0.weight"], b["segmentation_head.0.weight"])
+    metrics_path = tmp / "bf16_metrics.json"
+    _ok(_invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", out,
+                "--sam-masks", tmp / "sam_masks.zarr", "--out", tmp / "bf16_pred", "--metrics", metrics_path))
+    assert json.loads(metrics_path.read_text())["compute_precision"] == "bf16"
+
+
+def test_stage_passes_sub_batches_and_precision_to_each_step(workspace, monkeypatch):
+    import stages.train_segmenter as ts
+
+    tmp, _ = workspace
+    seen = []
+    real_step = ts.train_step
+
+    def spy(*args, **kwargs):
+        seen.append((len(args[2]), kwargs["sub_batches"], kwargs["precision"]))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "train_step", spy)
+    params = _params(tmp, **{"segmenter.iterations": 2, "segmenter.batch_size": 4, "segmenter.sub_batches": 2,
+                             "segmenter.val_every": 0})
+    _ok(_train(tmp, params, tmp / "sub_batches"))
+    assert seen == [(4, 2, "fp32"), (4, 2, "fp32")]
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"segmenter.sub_batches": 3}, "segmenter.sub_batches"),          # 4 images do not split in 3
+    ({"segmenter.sub_batches": 4}, "segmenter.sub_batches"),          # sub-batches of 1 image
+    ({"segmenter.output_stride": 32}, "segmenter.output_stride"),
+    ({"predict.checkpoint": "final"}, "predict.checkpoint"),
+])
+def test_bad_recipe_params_name_the_key(workspace, override, key):
+    tmp, _ = workspace
+    params = _params(tmp, **{"segmenter.batch_size": 4, **override})
+    command = "predict" if key.startswith("predict") else "train-segmenter"
+    result = _invoke(command, "--params", params, "--index", tmp / "index", "--out", tmp / "never")
+    assert result.exit_code == 1 and key in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp / "never").exists()
+
+
+def test_dvc_stages_depend_on_compute_precision():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train_segmenter", "predict"):
+        assert "compute.precision" in stages[name]["params"], name
+        assert "pipeline/precision.py" in stages[name]["deps"], name
+    import stages.train_segmenter as ts
+
+    code = {f"{m.replace('.', '/')}.py" for m in ts.CODE_MODULES}
+    assert code <= set(stages["train_segmenter"]["deps"])

@@ -3,11 +3,13 @@
 Like open_clip's factory, architectures are named configs and weights are resolved separately:
 ``deeplabv3plus_r101`` is the paper's model (ResNet-101 encoder, ImageNet-1k weights read from a
 local file), ``tiny`` is the embedded default (ResNet-18 encoder, narrow decoder, random weights).
-Both go through :func:`build_segmenter`; nothing here downloads.
+Both go through :func:`build_segmenter`; nothing here downloads. The encoder's output stride is an
+argument: §9's ``d3p-r1d8`` runs used 8 (the last two ResNet stages dilated instead of strided).
 
 Inference (:func:`predict_probs`) is multi-scale + flip: softmax probabilities of every scale and
 flip, resized back to the original size and averaged. SAMS post-processing of those probabilities
-is :func:`pipeline.seeds.sams.sams_postprocess`.
+is :func:`pipeline.seeds.sams.sams_postprocess`. Forward passes run under
+:func:`pipeline.precision.autocast`; softmax and everything after it stay fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.precision import autocast
 from pipeline.weights import CheckpointError, resolve_checkpoint
 
 #: Normalisation of the ImageNet-pretrained encoders (torchvision's statistics, RGB 0-1 scale).
@@ -30,8 +33,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Label of pixels the loss ignores (VOC boundary band, and the padding of augmented crops).
 IGNORE_INDEX = 255
 
-#: Version of the ``model.pt`` layout written by :func:`save_segmenter`.
-CHECKPOINT_FORMAT = 1
+#: Version of the segmenter file layout written by :func:`save_segmenter`. Format 2 added the
+#: output stride (format 1 files were all built at 16) and the training ``info``.
+CHECKPOINT_FORMAT = 2
+
+#: Output strides DeepLabV3+ supports; §9 (``d3p-r1d8``): 8. At 8, smp's default ASPP rates
+#: (12, 24, 36) are the DeepLabV3+ paper's rates for that stride.
+OUTPUT_STRIDES = (8, 16)
+REFERENCE_OUTPUT_STRIDE = 8
 
 
 @dataclass(frozen=True)
@@ -42,17 +51,15 @@ class SegmenterArch:
     """smp encoder name (torchvision ResNet layout, so ImageNet state dicts load directly)."""
     decoder_channels: int
     """Channels of the ASPP/decoder convolutions (DeepLabV3+: 256)."""
-    encoder_output_stride: int
-    """Output stride of the encoder; inputs are padded to a multiple of it."""
     needs_encoder_weights: bool
     """True when the model is meaningless without its ImageNet encoder weights (paper runs)."""
 
 
 ARCHS: dict[str, SegmenterArch] = {
-    # Paper: DeepLabV3+ ResNet-101 (ImageNet-1k). Output stride 16 is DeepLabV3+'s training default.
-    "deeplabv3plus_r101": SegmenterArch("resnet101", 256, 16, True),
+    # Paper: DeepLabV3+ ResNet-101 (ImageNet-1k).
+    "deeplabv3plus_r101": SegmenterArch("resnet101", 256, True),
     # Embedded default: the same network family, small enough to train on two CPU cores.
-    "tiny": SegmenterArch("resnet18", 32, 16, False),
+    "tiny": SegmenterArch("resnet18", 32, False),
 }
 
 ENCODER_WEIGHTS_SOURCE = (
@@ -67,6 +74,7 @@ def build_segmenter(
     encoder_weights: str | os.PathLike | None = None,
     encoder_weights_sha256: str | None = None,
     seed: int = 0,
+    output_stride: int = REFERENCE_OUTPUT_STRIDE,
 ) -> torch.nn.Module:
     """A DeepLabV3+ network with ``num_classes`` outputs (background + foreground classes).
 
@@ -77,20 +85,23 @@ def build_segmenter(
             (``fc.*`` entries are ignored). Required for models that need it; optional otherwise.
         encoder_weights_sha256: expected checksum of that file (None: not checked).
         seed: seed of the random initialisation, so the tiny model is the same on every machine.
+        output_stride: 8 (§9) or 16: input size / encoder output size. Inputs are padded to a
+            multiple of it (:func:`input_multiple`). Weights do not depend on it (dilation only).
 
     Raises:
-        ValueError: unknown model name.
+        ValueError: unknown model name or output stride.
         pipeline.weights.CheckpointError: required encoder weights missing, wrong checksum, or a
             state dict that does not fit the encoder.
     """
     arch = _arch(model)
+    _check_output_stride(output_stride)
     weights_path = None
     if encoder_weights is not None or arch.needs_encoder_weights:
         weights_path = resolve_checkpoint(
             encoder_weights, encoder_weights_sha256, f"{arch.encoder_name} ImageNet encoder",
             ENCODER_WEIGHTS_SOURCE, "segmenter.encoder_weights",
         )
-    net = _network(arch, num_classes, seed)
+    net = _network(arch, num_classes, seed, output_stride)
     if weights_path is not None:
         _load_encoder_weights(net.encoder, weights_path)
     return net
@@ -102,7 +113,12 @@ def _arch(model: str) -> SegmenterArch:
     return ARCHS[model]
 
 
-def _network(arch: SegmenterArch, num_classes: int, seed: int) -> torch.nn.Module:
+def _check_output_stride(output_stride: int) -> None:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"segmenter output stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+
+
+def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: int) -> torch.nn.Module:
     import segmentation_models_pytorch as smp
 
     # fork_rng: a seeded init that leaves the caller's random stream alone.
@@ -111,7 +127,7 @@ def _network(arch: SegmenterArch, num_classes: int, seed: int) -> torch.nn.Modul
         return smp.DeepLabV3Plus(
             encoder_name=arch.encoder_name,
             encoder_weights=None,  # never let smp download; weights are loaded separately
-            encoder_output_stride=arch.encoder_output_stride,
+            encoder_output_stride=output_stride,
             decoder_channels=arch.decoder_channels,
             classes=num_classes,
         )
@@ -154,15 +170,25 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_segmenter(
-    path: str | os.PathLike, net: torch.nn.Module, model: str, class_names: Sequence[str]
+    path: str | os.PathLike,
+    net: torch.nn.Module,
+    model: str,
+    class_names: Sequence[str],
+    info: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a trained segmenter (architecture name, class names, weights) as one file."""
+    """Write a trained segmenter (architecture name, output stride, class names, weights) as one
+    file. ``info`` is JSON-able training metadata (which iteration, its val mIoU, why it was
+    chosen); ``state_dict`` replaces the weights of ``net`` (e.g. a best state kept aside)."""
+    state = net.state_dict() if state_dict is None else state_dict
     save_atomic(
         {
             "format": CHECKPOINT_FORMAT,
             "model": model,
+            "output_stride": input_multiple(net),
             "class_names": list(class_names),
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "info": dict(info or {}),
+            "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         },
         path,
     )
@@ -170,18 +196,23 @@ def save_segmenter(
 
 def load_segmenter(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """A segmenter written by :func:`save_segmenter`, in eval mode on ``device``, and its metadata
-    (``model``, ``class_names``). Encoder weights come from the file, so none are needed here."""
+    (``model``, ``output_stride``, ``class_names``, ``info``). Encoder weights come from the file,
+    so none are needed here."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no trained segmenter at {path} (run `wsss train-segmenter`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a segmenter checkpoint of format {CHECKPOINT_FORMAT}")
-    # The file holds every weight, so the ImageNet encoder file is not needed again.
-    net = _network(_arch(ckpt["model"]), len(ckpt["class_names"]) + 1, seed=0)
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path} is not a segmenter checkpoint (format 1 to {CHECKPOINT_FORMAT})")
+    # Format 1 did not record the stride; every format-1 file was trained at 16. The weights
+    # would load at either stride, so guessing would silently change the predictions.
+    output_stride = int(ckpt.get("output_stride", 16))
+    net = _network(_arch(ckpt["model"]), len(ckpt["class_names"]) + 1, 0, output_stride)
     net.load_state_dict(ckpt["state_dict"])
     net.to(device).eval()
-    return net, {"model": ckpt["model"], "class_names": list(ckpt["class_names"])}
+    meta = {"model": ckpt["model"], "output_stride": output_stride,
+            "class_names": list(ckpt["class_names"]), "info": dict(ckpt.get("info", {}))}
+    return net, meta
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -198,12 +229,22 @@ def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def forward_padded(net: torch.nn.Module, x: torch.Tensor, multiple: int) -> torch.Tensor:
+def input_multiple(net: torch.nn.Module) -> int:
+    """The side multiple ``net`` needs: its encoder's output stride (8 or 16). The stem and
+    layer1/layer2 halve the size 3 times (input/8), layer3 and layer4 once more each unless
+    dilated; the decoder upsamples the ASPP output to the stride-4 features, which matches only
+    when every halving was exact."""
+    return int(net.encoder.output_stride)
+
+
+def forward_padded(net: torch.nn.Module, x: torch.Tensor, multiple: int | None = None) -> torch.Tensor:
     """Logits (B, K+1, H, W) of normalised input (B, 3, H, W) of any size.
 
-    DeepLabV3+ needs sides divisible by the encoder's output stride; the input is zero-padded
-    (zero = the mean colour after normalisation) at the bottom/right and the logits cropped back.
+    DeepLabV3+ needs sides divisible by the encoder's output stride (``multiple``; default
+    :func:`input_multiple`); the input is zero-padded (zero = the mean colour after
+    normalisation) at the bottom/right to the next multiple only, and the logits cropped back.
     """
+    multiple = input_multiple(net) if multiple is None else multiple
     H, W = x.shape[-2:]
     ph, pw = (-H) % multiple, (-W) % multiple
     if ph or pw:
@@ -217,7 +258,7 @@ def predict_probs(
     image: np.ndarray,
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
-    multiple: int = 16,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Multi-scale (+ flip) softmax probabilities (K+1, H, W) float32 on the CPU.
 
@@ -227,10 +268,11 @@ def predict_probs(
         scales: the image is resized (bilinear) by each factor; §9 uses multi-scale inference
             (the common DeepLabV3+ set is 0.5, 0.75, 1.0, 1.25, 1.5).
         flip: also run each scale horizontally flipped (and flip the result back).
-        multiple: inputs are padded to a multiple of this (the encoder's output stride).
+        precision: ``fp32`` or ``bf16``, the network forward pass only (``compute.precision``).
 
-    Softmax probabilities (not logits) of every view are resized back to H x W (bilinear,
-    align_corners=False) and averaged, so the result sums to 1 over classes at every pixel.
+    Every view is padded to the network's :func:`input_multiple`. Softmax probabilities (fp32,
+    not logits) of every view are resized back to H x W (bilinear, align_corners=False) and
+    averaged, so the result sums to 1 over classes at every pixel.
     """
     device = next(net.parameters()).device
     H, W = image.shape[:2]
@@ -242,7 +284,9 @@ def predict_probs(
         xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if flip:
             xs = torch.cat([xs, xs.flip(-1)], 0)
-        probs = forward_padded(net, xs, multiple).softmax(dim=1)
+        with autocast(device, precision):
+            logits = forward_padded(net, xs)
+        probs = logits.float().softmax(dim=1)
         if flip:
             probs = torch.stack([probs[0], probs[1].flip(-1)])
         if size != (H, W):

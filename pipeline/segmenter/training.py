@@ -4,6 +4,12 @@ The recipe is DeepLabV3+'s: SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with 
 ``lr = base * (1 - step / total) ** 0.9``, random scale 0.5-2.0, 512 x 512 random crop, horizontal
 flip, cross-entropy ignoring 255. Seeds contain no 255; the padding of crops larger than the
 scaled image does.
+
+Memory: one iteration's batch can run as ``sub_batches`` forward/backward passes whose gradients
+add up before the single optimizer step (gradient accumulation inside the iteration). The loss
+is weighted by labelled pixels, so the gradient is the full batch's, with one exception:
+BatchNorm normalises each sub-batch with that sub-batch's statistics (and updates its running
+statistics once per sub-batch), so results are close to, not equal to, the undivided batch.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.precision import autocast
 from pipeline.segmenter.model import IGNORE_INDEX, IMAGENET_MEAN, forward_padded, to_input
 
 #: Image padding colour: the normalisation mean, so padded pixels are 0 after :func:`to_input`.
@@ -83,28 +90,41 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     lr: float,
-    multiple: int = 16,
+    sub_batches: int = 1,
+    precision: str = "fp32",
     ignore_index: int = IGNORE_INDEX,
 ) -> float:
-    """One SGD step at learning rate ``lr`` on a batch; returns the cross-entropy loss.
+    """One SGD step at learning rate ``lr`` on a batch; returns its mean cross-entropy.
 
     Args:
-        multiple: inputs are padded to a multiple of the encoder's output stride.
+        sub_batches: run the batch as this many consecutive forward/backward passes (split along
+            the batch axis, sizes differing by at most one) and step once: the effective batch
+            is unchanged, activation memory shrinks by about this factor, BatchNorm sees only
+            the sub-batch (see the module docstring).
+        precision: ``fp32`` or ``bf16``: autocast of the forward pass; the loss is fp32.
         ignore_index: label the loss skips (padding and dataset ignore bands).
 
-    A batch whose pixels are all ignored gives no gradient (loss 0) instead of NaN.
+    The loss is the sum over labelled pixels divided by the batch's labelled pixel count, so
+    sub-batches are weighted by their labelled pixels, as in one undivided pass. A batch whose
+    pixels are all ignored gives no update (loss 0) instead of NaN.
     """
+    if not 1 <= sub_batches <= len(images):
+        raise ValueError(f"sub_batches must be in [1, batch size {len(images)}], got {sub_batches}")
     device = next(net.parameters()).device
     images, labels = images.to(device), labels.to(device)
+    n_valid = int((labels != ignore_index).sum())
+    if n_valid == 0:
+        return 0.0
     for group in optimizer.param_groups:
         group["lr"] = lr
     net.train()
-    logits = forward_padded(net, images, multiple)
-    valid = labels != ignore_index
-    if not bool(valid.any()):
-        return 0.0
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for x, y in zip(torch.tensor_split(images, sub_batches), torch.tensor_split(labels, sub_batches)):
+        with autocast(device, precision):
+            logits = forward_padded(net, x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum") / n_valid
+        loss.backward()
+        total += float(loss.detach())
     optimizer.step()
-    return float(loss.detach())
+    return total
