@@ -200,8 +200,6 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
     info = meta["info"]
     checkpoint = {"which": cfg.checkpoint, "file": str(model_path), **info,
                   "output_stride": meta["output_stride"]}
-    if info.get("val_miou") is not None:
-        checkpoint["val_miou"] = percent(info["val_miou"])  # JSON scores are percentages
     log.info("segmenter: %s", ", ".join(f"{k} {v}" for k, v in checkpoint.items()))
     sam = None
     if images_dir is not None:
@@ -240,8 +238,18 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
     except (ImageReadError, CheckpointError) as exc:
         raise StageError(str(exc)) from exc
     metrics = summarise(results, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
+    # Random upstream models (the seeds' CLIP/SAM, or the post-processing's SAM) make the scores a
+    # plumbing check: every metrics file says so.
+    untrained = bool(info.get("untrained"))
+    if cfg.postprocess and images_dir is None:
+        untrained = untrained or bool(ImageStore(sam_masks).attrs.get("untrained"))
+    elif sam is not None:
+        from pipeline.sam.models import SPECS
+
+        untrained = untrained or SPECS[sam["model"]].checkpoint_name is None
+    metrics["untrained"] = untrained
     if metrics_path:
         write_json_atomic(Path(metrics_path), metrics)
     if "miou" in metrics:
-        log.info("mIoU %.4f (raw %.4f) on %d images", metrics["miou"] or float("nan"),
+        log.info("mIoU %.1f%% (raw %.1f%%) on %d images", metrics["miou"] or float("nan"),
                  metrics["raw"]["miou"] or float("nan"), metrics["images_with_ground_truth"])

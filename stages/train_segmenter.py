@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.datasets import DatasetError, Record, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
-from pipeline.metrics import ConfusionAccumulator
+from pipeline.metrics import ConfusionAccumulator, percent
 from pipeline.segmenter.model import ARCHS, build_segmenter, predict_probs, save_atomic, save_segmenter
 from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
@@ -107,6 +108,16 @@ class SegmenterConfig:
         data (train seeds and val ground truth), ``compute.precision`` and the code."""
         relevant = {k: v for k, v in self.__dict__.items() if k != "checkpoint_every"}
         return fingerprint(relevant, data_digest, {"precision": precision}, code_digest(*CODE_MODULES))
+
+
+def seeds_untrained(seeds_dir: Path) -> bool:
+    """Whether the seeds' provenance (written by the seeds stage) says a model was untrained;
+    seeds from elsewhere (no provenance file) count as trained."""
+    path = seeds_dir / "provenance.json"
+    try:
+        return bool(json.loads(path.read_text()).get("untrained", False)) if path.is_file() else False
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def seed_path(seeds_dir: Path, image_id: str) -> Path:
@@ -246,7 +257,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
             start, history = int(ckpt["step"]), list(ckpt["history"])
             best = BestCheckpoint.from_state(ckpt["best"])
             log.info("resuming from iteration %d of %d (best so far: %s)", start, cfg.iterations,
-                     f"iteration {best.step}, val mIoU {best.val_miou:.4f}" if best.step is not None else "none")
+                     f"iteration {best.step}, val mIoU {100 * best.val_miou:.1f}%" if best.step is not None else "none")
         else:
             log.info("checkpoint %s is from other params or data; training from scratch", ckpt_path)
 
@@ -274,17 +285,18 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         row = {"step": done, "loss": round(loss, 6), "lr": lr, "val_miou": ""}
         if val_records and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
             miou = evaluate(net, val_records, num_classes, compute.precision)
-            row["val_miou"] = round(miou, 6)
+            row["val_miou"] = percent(miou)
             if best.offer(done, miou, net):
-                log.info("iteration %d: val mIoU %.4f, the best so far", done, miou)
+                log.info("iteration %d: val mIoU %.1f%%, the best so far", done, 100 * miou)
         history.append(row)
         bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(done)
     last_miou = history[-1]["val_miou"] if history else ""
+    # `untrained`: the seeds came from random (untrained) CLIP/SAM, so the scores check plumbing
     last_info = {"step": cfg.iterations,
-                 "val_miou": None if last_miou == "" or math.isnan(last_miou) else last_miou,
-                 "selected_by": "last iteration"}
+                 "val_miou": None if last_miou in ("", None) else last_miou,
+                 "selected_by": "last iteration", "untrained": seeds_untrained(seeds)}
     save_segmenter(out_dir / "last.pt", net, cfg.model, train.class_names, last_info)
     if best.step is None:
         log.warning("no val mIoU to select by (eval split %r has no usable ground truth): "
@@ -292,10 +304,11 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         best_info = {**last_info, "selected_by": "last iteration (no val ground truth)"}
         save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info)
     else:
-        best_info = {"step": best.step, "val_miou": round(best.val_miou, 6),
-                     "selected_by": "highest single-scale val mIoU"}
+        best_info = {"step": best.step, "val_miou": percent(best.val_miou),
+                     "selected_by": "highest single-scale val mIoU", "untrained": last_info["untrained"]}
         save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info, best.state_dict)
-        log.info("best checkpoint: iteration %d of %d, val mIoU %.4f", best.step, cfg.iterations, best.val_miou)
+        log.info("best checkpoint: iteration %d of %d, val mIoU %.1f%%", best.step, cfg.iterations,
+                 100 * best.val_miou)
     write_csv(Path(plots), history)
     final = history[-1]["loss"] if history else "n/a"
     log.info("segmenter trained for %d iterations; final loss %s", cfg.iterations, final)

@@ -100,8 +100,9 @@ def test_train_writes_model_checkpoint_and_curves(workspace):
     net, meta = load_segmenter(tmp / "segmenter" / "last.pt")
     stride = yaml.safe_load(params.read_text())["segmenter"]["output_stride"]
     assert meta == {"model": "tiny", "output_stride": stride, "class_names": list(DEMO_CLASSES),
-                    "info": {"step": ITERATIONS, "val_miou": meta["info"]["val_miou"], "selected_by": "last iteration"}}
-    assert 0.0 <= meta["info"]["val_miou"] <= 1.0
+                    "info": {"step": ITERATIONS, "val_miou": meta["info"]["val_miou"], "selected_by": "last iteration",
+                             "untrained": False}}  # seeds without provenance: not from random models
+    assert 0.0 <= meta["info"]["val_miou"] <= 100.0  # percent
     assert net.segmentation_head[0].out_channels == len(DEMO_CLASSES) + 1
     ckpt = torch.load(tmp / "segmenter" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == ITERATIONS
@@ -112,7 +113,7 @@ def test_train_writes_model_checkpoint_and_curves(workspace):
     assert all(float(r["loss"]) > 0 for r in rows)
     # val mIoU every val_every (2) iterations, blank otherwise
     assert [r["val_miou"] != "" for r in rows] == [False, True, False, True]
-    assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows if r["val_miou"])
+    assert all(0.0 <= float(r["val_miou"]) <= 100.0 for r in rows if r["val_miou"])  # percent
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypatch):
@@ -200,8 +201,8 @@ def test_predict_on_eval_split(workspace):
         "1": percent(post_acc.scores().miou), "3": percent(sweep3.scores().miou)
     }
     assert metrics["checkpoint"] == {"which": "best", "file": str(tmp / "segmenter" / "best.pt"),
-                                     **meta["info"], "val_miou": percent(meta["info"]["val_miou"]),
-                                     "output_stride": meta["output_stride"]}
+                                     **meta["info"], "output_stride": meta["output_stride"]}
+    assert metrics["untrained"] is False  # hand-made seeds and SAM store, no random model
     assert metrics["compute_precision"] == "fp32"
     assert set(metrics["raw"]["per_class_iou"]) <= {"background", *DEMO_CLASSES}
     assert "background" in metrics["postprocessed"]["per_class_iou"]
@@ -304,10 +305,11 @@ def test_best_checkpoint_is_the_best_evaluated_iteration(workspace):
     scored = [(int(r["step"]), float(r["val_miou"])) for r in rows if r["val_miou"]]
     best_step, best_miou = max(scored, key=lambda sv: (sv[1], -sv[0]))  # first of equal scores
     best, meta = load_segmenter(tmp / "segmenter" / "best.pt")
-    assert meta["info"] == {"step": best_step, "val_miou": best_miou, "selected_by": "highest single-scale val mIoU"}
+    assert meta["info"] == {"step": best_step, "val_miou": best_miou,
+                            "selected_by": "highest single-scale val mIoU", "untrained": False}
     # The file really holds that iteration's weights: re-evaluating it gives its val mIoU.
     val = [r for r in load_split(tmp / "index", "val").good()]
-    assert ts.evaluate(best, val, len(DEMO_CLASSES) + 1) == pytest.approx(best_miou, abs=1e-6)
+    assert percent(ts.evaluate(best, val, len(DEMO_CLASSES) + 1)) == pytest.approx(best_miou, abs=1e-3)
     last = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
     same = all(torch.equal(v, last[k]) for k, v in best.state_dict().items())
     assert same == (best_step == ITERATIONS)
@@ -359,8 +361,10 @@ def test_best_is_kept_across_a_resume(scripted):
     for run in (full, resumed):
         best, last = torch.load(run / "best.pt"), torch.load(run / "last.pt")
         # iteration 3 ties 0.5: the first of equal scores stays
-        assert best["info"] == {"step": 2, "val_miou": 0.5, "selected_by": "highest single-scale val mIoU"}
-        assert last["info"] == {"step": ITERATIONS, "val_miou": 0.4, "selected_by": "last iteration"}
+        assert best["info"] == {"step": 2, "val_miou": 50.0, "selected_by": "highest single-scale val mIoU",
+                                "untrained": False}
+        assert last["info"] == {"step": ITERATIONS, "val_miou": 40.0, "selected_by": "last iteration",
+                                "untrained": False}
         for k, v in best["state_dict"].items():
             assert torch.equal(v, step2[k]), (run.name, k)
         assert not torch.equal(best["state_dict"]["segmentation_head.0.weight"],
@@ -402,7 +406,7 @@ def test_without_val_ground_truth_best_is_the_last_iteration(workspace, caplog):
     assert "best.pt is the last iteration" in caplog.text
     best, last = torch.load(out / "best.pt"), torch.load(out / "last.pt")
     assert best["info"] == {"step": ITERATIONS, "val_miou": None,
-                            "selected_by": "last iteration (no val ground truth)"}
+                            "selected_by": "last iteration (no val ground truth)", "untrained": False}
     assert all(torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
     assert all(r["val_miou"] == "" for r in csv.DictReader(out.with_suffix(".csv").open()))
     # Same weights as the run with ground truth: evaluation never changes training.
@@ -479,3 +483,21 @@ def test_dvc_stages_depend_on_compute_precision():
 
     code = {f"{m.replace('.', '/')}.py" for m in ts.CODE_MODULES}
     assert code <= set(stages["train_segmenter"]["deps"])
+
+
+def test_untrained_upstream_models_are_flagged_through_training_and_predict(workspace):
+    """Seeds from random models (the seeds stage's provenance says so) make every downstream
+    metrics file say `untrained`, as the seeds' own metrics do."""
+    tmp, params = workspace
+    seeds = tmp / "seeds_untrained"
+    shutil.copytree(tmp / "seeds", seeds)
+    (seeds / "provenance.json").write_text(json.dumps({"stage": "seeds", "untrained": True}))
+    out = tmp / "segmenter_untrained"
+    _ok(_invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", seeds,
+                "--out", out, "--plots", out.with_suffix(".csv")))
+    assert torch.load(out / "best.pt")["info"]["untrained"] is True
+    pred = tmp / "pred_untrained"
+    p = _params(tmp, **{"predict.postprocess": False, "predict.scales": [1.0]})
+    _ok(_invoke("predict", "--params", p, "--index", tmp / "index", "--segmenter", out,
+                "--out", pred, "--metrics", pred / "metrics.json"))
+    assert json.loads((pred / "metrics.json").read_text())["untrained"] is True
