@@ -35,7 +35,22 @@ def resolve_checkpoint(
         actual = actual or sha256sum(path)
         if actual != sha256.lower():
             raise CheckpointError(mismatch_message(path, actual, sha256, what, source, param))
+    elif (prefix := name_hash_prefix(path)) is not None:
+        actual = actual or sha256sum(path)
+        if not actual.startswith(prefix):
+            raise CheckpointError(
+                f"{what} checkpoint {path} has SHA-256 {actual}, but its name says it starts with "
+                f"{prefix} (torchvision's naming): the file is truncated or corrupt; get it again "
+                f"from {source}, or set '{param}_sha256: {actual}' if it is your own file.")
     return Path(path)
+
+
+def name_hash_prefix(path: str | Path) -> str | None:
+    """The SHA-256 prefix a torchvision-style file name carries (``resnet101-63fe2227.pth``)."""
+    import re
+
+    match = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", Path(path).name)
+    return match.group(1) if match else None
 
 
 def check_file(path: str | Path | None, sha256: str | None, what: str, source: str, param: str) -> None:

@@ -37,7 +37,7 @@ from pipeline.segmenter.model import ARCHS, build_segmenter, predict_probs, save
 from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
 )
-from pipeline.weights import CheckpointError
+from pipeline.weights import CheckpointError, sha256sum
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, code_digest, fingerprint, load_params, section,
     torch_device, write_text_atomic,
@@ -297,6 +297,8 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
     last_info = {"step": cfg.iterations,
                  "val_miou": None if last_miou in ("", None) else last_miou,
                  "selected_by": "last iteration", "untrained": seeds_untrained(seeds)}
+    if cfg.encoder_weights:  # provenance: which ImageNet weights (pinned, name-checked or not)
+        last_info["encoder_weights_sha256"] = sha256sum(cfg.encoder_weights)
     save_segmenter(out_dir / "last.pt", net, cfg.model, train.class_names, last_info)
     if best.step is None:
         log.warning("no val mIoU to select by (eval split %r has no usable ground truth): "
@@ -305,7 +307,8 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info)
     else:
         best_info = {"step": best.step, "val_miou": percent(best.val_miou),
-                     "selected_by": "highest single-scale val mIoU", "untrained": last_info["untrained"]}
+                     "selected_by": "highest single-scale val mIoU",
+                     **{k: last_info[k] for k in ("untrained", "encoder_weights_sha256") if k in last_info}}
         save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info, best.state_dict)
         log.info("best checkpoint: iteration %d of %d, val mIoU %.1f%%", best.step, cfg.iterations,
                  100 * best.val_miou)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.precision import autocast
-from pipeline.weights import CheckpointError, resolve_checkpoint
+from pipeline.weights import CheckpointError, load_torch_file, resolve_checkpoint
 
 #: Normalisation of the ImageNet-pretrained encoders (torchvision's statistics, RGB 0-1 scale).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,10 +134,7 @@ def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: in
 
 
 def _load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors have many types
-        raise CheckpointError(f"cannot read encoder weights {path}: {exc}") from exc
+    state = load_torch_file(path, "ImageNet encoder", ENCODER_WEIGHTS_SOURCE)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
