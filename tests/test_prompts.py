@@ -28,6 +28,21 @@ def test_class_names_of_the_paper():
     assert background_names("demo") == VOC_BACKGROUND_NAMES
 
 
+def test_coco_prompt_names_are_the_references():
+    """The golden COCO vector carries the reference's 80 prompt names, snowboard spelled
+    ``sknowboard``; the dataset's (display) class name stays ``snowboard``."""
+    import numpy as np
+
+    from conftest import golden_files
+    from pipeline.data.datasets import COCO_CLASSES
+
+    coco = next(p for p in golden_files("prompt") if str(np.load(p)["style"]).startswith("coco"))
+    assert list(COCO_PROMPT_NAMES) == [str(n) for n in np.load(coco)["fg_names"]]
+    assert prompt_names(["snowboard", "skis"], "coco") == ("sknowboard", "skis")
+    assert "snowboard" in COCO_CLASSES and "sknowboard" not in COCO_CLASSES
+    assert [str(n) for n in np.load(coco)["bg_names"]] == list(COCO_BACKGROUND_NAMES)
+
+
 def test_token_layout_class_at_end():
     tokens, layout = tokenize_prompts(["bird avian", "cat", "sky"], 4, "end")
     assert prompt_strings(["cat"], 4) == ["X X X X cat."]
