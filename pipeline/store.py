@@ -101,6 +101,15 @@ class ImageStore:
             return {name: arr[...] for name, arr in group.arrays()}
         return {name: group[name][...] for name in names}
 
+    def read_array(self, image_id: str, name: str, index: Any = None) -> np.ndarray:
+        """Array ``name`` of one image, or only ``array[index]``: a store written with one chunk
+        per leading index (``write_group(..., chunks=...)``) then reads and decompresses just
+        that chunk. Opens the array directly (no group listing), the cheapest read per call."""
+        if image_id not in self:
+            raise KeyError(f"image {image_id!r} is not in {self.path}")
+        arr = zarr.open_array(str(self.path / image_id / name), mode="r")
+        return arr[...] if index is None else arr[index]
+
     def read_attrs(self, image_id: str) -> dict:
         return dict(self._group(image_id).attrs)
 
@@ -122,17 +131,20 @@ def write_group(
     image_id: str,
     arrays: Mapping[str, np.ndarray],
     attrs: Mapping[str, Any] | None = None,
+    chunks: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Write ``arrays`` as group ``image_id`` of the store at ``store_path``, atomically.
 
-    A function of paths only, so dask workers in other processes can call it.
+    Each array is one chunk unless ``chunks`` gives its chunk shape (e.g. one chunk per cached
+    view, so a reader of one view decompresses only that one). A function of paths only, so
+    dask workers in other processes can call it.
     """
     store_path = Path(store_path)
     final = store_path / _check_id(image_id)
     tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_tmp_group(tmp, arrays, attrs)
+        _write_tmp_group(tmp, arrays, attrs, chunks or {})
     except BaseException:
         # Disk full, read-only, killed: nothing half-written stays behind.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +154,8 @@ def write_group(
     os.replace(tmp, final)
 
 
-def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None) -> None:
+def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None,
+                     chunks: Mapping[str, tuple[int, ...]]) -> None:
     with zarr.config.set(_ZARR_CONFIG):
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         if attrs:
@@ -152,12 +165,13 @@ def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping
             if not value.flags.c_contiguous:
                 value = value.copy(order="C")
             compress = value.ndim > 0 and value.nbytes >= _MIN_COMPRESSED_BYTES
-            # One chunk per array: images are read whole, and one file per array keeps stores small.
+            # One chunk per array by default: images are read whole, and one file per array keeps
+            # stores small.
             arr = group.create_array(
                 name,
                 shape=value.shape,
                 dtype=value.dtype,
-                chunks=value.shape if value.ndim else (),
+                chunks=tuple(chunks.get(name, value.shape)) if value.ndim else (),
                 compressors=[_COMPRESSOR] if compress else None,
             )
             arr[...] = value

@@ -1,10 +1,13 @@
 """Stage ``cams@{cls,seg}``: inference cache + prompts -> ``cache/cams/<which>.zarr`` (§3, §4).
 
 Per train image, from ``inference.zarr``: the last block on the cached tokens, logits against
-the prompts, Softmax-GradCAM of every image-label class in one batched call, then CAA with the
-cached last-8-block attention. Group arrays (docs/CONTRACT.md): ``cam`` (P, h, w) f32 raw,
+the prompts (text encoder over all 77 positions; the context of ``prompts.<which>.cam_iteration``
+when set), Softmax-GradCAM of every image-label class in one batched call, then CAA with the
+cached last-8-block attention (stored fp16, computed in f32). Group arrays (docs/CONTRACT.md):
+``cam`` (P, h, w) f32 raw on the grid of the (possibly ``clip.max_side``-capped) inference image,
 ``fg_cls`` (P,) i64 ascending, ``cam_caa`` (P, h, w) f32 (absent when CAA is off); attrs
-``height``, ``width`` of the original image. Store attrs say ``untrained: true`` for the tiny CLIP.
+``height``, ``width`` of the original image (consumers resize CAMs to it). Store attrs say
+``untrained: true`` for the tiny CLIP.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from stages.common import (
     fingerprint, load_params, package_version, run_per_image, section, torch_device,
 )
 from stages.prepare import DatasetConfig
+from stages.train_prompts import PromptsConfig
 
 log = logging.getLogger("wsss.cams")
 # Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
 CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.learner", "pipeline.prompts.training",
-                "pipeline.cams.gradcam", "pipeline.cams.caa", "pipeline.cams.score")
+                "pipeline.cams.gradcam", "pipeline.cams.caa", "pipeline.cams.score",
+                "pipeline.precision")
 STAGE = "cams"
 
 
@@ -66,12 +71,13 @@ class Resource(NamedTuple):
     n_fg: int
 
 
-def _build(prompts: str, **clip_kwargs) -> Resource:
-    """Per-process CLIP + trained prompts, text features computed once."""
+def _build(prompts: str, cam_iteration: int | None = None, **clip_kwargs) -> Resource:
+    """Per-process CLIP + trained prompts (the context of ``cam_iteration``, None: final), text
+    features computed once over all 77 positions (the reference's inference)."""
     from stages.train_prompts import load_learner
 
     clip = build_clip(**clip_kwargs)
-    learner, _ = load_learner(clip, prompts)
+    learner, _ = load_learner(clip, prompts, cam_iteration)
     with torch.no_grad():
         text = learner.text_features(clip.model)
     return Resource(clip, text, learner.n_fg)
@@ -83,18 +89,23 @@ class Item(NamedTuple):
     features: str
     out: str
     caa: CaaConfig
+    precision: str
 
 
-def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens: np.ndarray, labels, grid_hw):
-    """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input."""
+def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens, labels, grid_hw,
+               precision: str = "fp32"):
+    """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input
+    (``tokens`` (1+hw, D)); the last block runs under ``pipeline.precision.autocast``."""
+    from pipeline.precision import autocast
     from pipeline.prompts.training import batched_gradcam
 
     fg_cls = np.array(sorted(set(int(c) for c in labels)), dtype=np.int64)
     hot = torch.zeros((1, n_fg))
     hot[0, torch.from_numpy(fg_cls)] = 1.0
     device = clip.visual.proj.device
-    x = torch.from_numpy(tokens).float().to(device)[None]
-    cams = batched_gradcam(clip, text_features, x, hot.to(device), n_fg, grid_hw, create_graph=False)
+    x = torch.as_tensor(tokens).float().to(device)[None]
+    with autocast(device, precision):
+        cams = batched_gradcam(clip, text_features, x, hot.to(device), n_fg, grid_hw, create_graph=False)
     return cams.detach().float().cpu().numpy(), fg_cls
 
 
@@ -105,16 +116,30 @@ def cams_for_image(resource: Resource, item: Item) -> str:
     data, attrs = store.read(item.image_id), store.read_attrs(item.image_id)
     grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
     cam, fg_cls = image_cams(resource.clip, resource.text_features, resource.n_fg, data["tokens"],
-                             item.labels, grid)
+                             item.labels, grid, item.precision)
     arrays = {"cam": cam, "fg_cls": fg_cls}
     if item.caa.enabled:
+        # The attention is stored in float16 (as the reference stores it); CAA runs in float32.
         arrays["cam_caa"] = class_aware_attention_affinity(
-            cam, data["attention"], sinkhorn_iters=item.caa.n_sinkhorn, box_thresh=item.caa.t_box,
-            power=item.caa.n_power, propagate=item.caa.propagate,
+            cam, data["attention"].astype(np.float32), sinkhorn_iters=item.caa.n_sinkhorn,
+            box_thresh=item.caa.t_box, power=item.caa.n_power, propagate=item.caa.propagate,
         ).astype(np.float32)
     write_group(item.out, item.image_id, arrays,
                 attrs={"height": int(attrs["height"]), "width": int(attrs["width"])})
     return item.image_id
+
+
+def _check_context(prompts: str, cam_iteration: int | None) -> None:
+    """Fail before any work when the checkpoint lacks the context the CAMs are to use."""
+    if cam_iteration is None:
+        return
+    try:
+        state = torch.load(prompts, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise StageError(f"cannot read prompts checkpoint {prompts}: {exc}") from exc
+    if cam_iteration not in state.get("contexts", {}):
+        raise StageError(f"prompts checkpoint {prompts} holds no context of iteration {cam_iteration} "
+                         f"(prompts.*.cam_iteration); rerun train-prompts with this cam_iteration")
 
 
 @click.command("cams")
@@ -132,6 +157,7 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     """Softmax-GradCAMs (+ CAA) of every train image's present classes."""
     params = load_params(params_path)
     cfg = section(params, f"cams.{which}", CamsConfig)
+    cam_iteration = section(params, f"prompts.{which}", PromptsConfig).cam_iteration
     clip_cfg = section(params, "clip", ClipConfig)
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
@@ -139,6 +165,7 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     out = out or f"cache/cams/{which}.zarr"
     if not Path(prompts).is_file():
         raise StageError(f"prompts not found: {prompts} (run train-prompts --which {which})")
+    _check_context(prompts, cam_iteration)
     sha = verify_clip(clip_cfg)
     torch_device(compute.device)
     split = train_records(index_dir, dataset)
@@ -157,15 +184,17 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     attrs = {
         "stage": STAGE, "which": which, "cams": to_dict(cfg), "clip": provenance,
         "untrained": provenance["untrained"], "prompts_sha256": prompts_sha,
+        "cam_iteration": cam_iteration, "precision": compute.precision,
         "class_names": list(split.class_names), "package_version": package_version(),
         "fingerprint": fingerprint(STAGE, which, cfg, clip_cfg.result_identity(),
-                                   sha, prompts_sha, inference.attrs.get("fingerprint"),
-                                   code_digest(*CODE_MODULES)),
+                                   sha, prompts_sha, cam_iteration, compute.precision,
+                                   inference.attrs.get("fingerprint"), code_digest(*CODE_MODULES)),
     }
     store = ImageStore.open_for_writing(out, attrs)
-    items = [Item(r.id, tuple(r.labels), str(features_store), str(store.path), cfg.caa)
+    items = [Item(r.id, tuple(r.labels), str(features_store), str(store.path), cfg.caa,
+                  compute.precision)
              for r in records if r.id not in store]
-    resource = WorkerResource.of(_build, prompts=str(prompts),
+    resource = WorkerResource.of(_build, prompts=str(prompts), cam_iteration=cam_iteration,
                                  **clip_resource_kwargs(clip_cfg, compute.device))
     run_per_image(cams_for_image, items, compute, resource, desc=f"cams {which}")
     finish(out)

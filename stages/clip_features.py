@@ -3,14 +3,17 @@
 CLIP is frozen, so everything before its last block is computed once here:
 
 - ``train_views.zarr``: per train image, K augmented views (the §7 augmentation, drawn
-  deterministically from the image id and ``clip_features.seed``): ``tokens`` (K, 1+196, D) fp16,
-  the residual-stream input of the last block; ``views`` (K, 18) f32, the view parameters
+  deterministically from the image id and ``clip_features.seed``): ``tokens`` (K, 1+g², D) fp16,
+  the residual-stream input of the last block, one chunk per view (a training step reads only
+  the view it draws); ``views`` (K, 18) f32, the view parameters
   (``pipeline.prompts.augment.ViewParams.to_array``) so seed maps can be given the same transform;
   ``labels`` (C,) uint8 multi-hot image labels.
 - ``inference.zarr``: per train image at inference resolution (each side up to a multiple of 16,
-  PIL bicubic, one scale, no flip): ``tokens`` (1+hw, D) f32 and ``attention`` (hw, hw) f32, the
-  last-``clip.attention_blocks`` mean attention; attrs ``height``, ``width`` (original) and
-  ``grid_h``, ``grid_w``.
+  PIL bicubic, one scale, no flip; long side first capped at ``clip.max_side``): ``tokens``
+  (1+hw, D) f32 and ``attention`` (hw, hw) f16 (the reference stores it in half precision too;
+  CAA reloads it as f32), the last-``clip.attention_blocks`` mean attention; attrs ``height``,
+  ``width`` (original), ``input_height``, ``input_width`` (what CLIP saw) and ``grid_h``,
+  ``grid_w``.
 
 Also home of the ``clip`` section's typed config and of the per-process CLIP factory shared by
 ``train_prompts`` and ``cams``.
@@ -27,7 +30,7 @@ import click
 import numpy as np
 import torch
 
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
 from pipeline.store import ImageStore, finish, write_group
@@ -39,7 +42,11 @@ from stages.common import (
 from stages.prepare import DatasetConfig
 
 # Modules whose code decides the cached features (code deps of the stage in dvc.yaml).
-CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.augment", "pipeline.data.imageio")
+CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.augment", "pipeline.data.imageio",
+                "pipeline.precision")
+# Version of the stored layout (dtypes, chunking); part of the fingerprints so a store written
+# with another layout is rebuilt instead of resumed. 2: fp16 attention, one chunk per view.
+STORE_LAYOUT = 2
 
 log = logging.getLogger("wsss.clip_features")
 STAGE = "clip_features"
@@ -66,8 +73,13 @@ class ClipConfig:
     so only set it where downloads are allowed."""
     seed: int = 0
     """Seed of the random initialisation (tiny model)."""
-    attention_blocks: int = 8
+    attention_blocks: int = param(8, ge=1)
     """How many final blocks the CAA attention is averaged over (8 in the paper)."""
+    max_side: int | None = param(512, ge=16)
+    """Inference images whose long side exceeds this are scaled down to it before CLIP (then
+    each side up to a multiple of 16); CAMs are mapped back to the original size downstream.
+    Not in the reference (which ran VOC at native size, long side <= 500: unaffected by 512);
+    memory and the cache grow with the square of the pixel count without it. null: native."""
 
     def __post_init__(self):
         if self.model != "tiny" and self.checkpoint is None and self.pretrained_tag is None:
@@ -80,6 +92,11 @@ class ClipConfig:
         """What results depend on, for fingerprints: everything but the checkpoint's location
         (its checksum is fingerprinted separately; teammates keep weights in different places)."""
         return {k: v for k, v in to_dict(self).items() if k != "checkpoint"}
+
+    def model_identity(self) -> dict:
+        """The model alone (not the inference settings): what prompt training depends on."""
+        return {k: v for k, v in self.result_identity().items()
+                if k not in ("attention_blocks", "max_side")}
 
 
 def verify_clip(cfg: ClipConfig) -> str | None:
@@ -121,15 +138,22 @@ def clip_resource_kwargs(cfg: ClipConfig, device: str) -> dict:
 class AugmentConfig:
     """§7 augmentation of a training view (``pipeline.prompts.augment.sample_view`` arguments)."""
 
-    long_side_range: tuple[int, int] = (288, 480)
+    long_side_range: tuple[int, int] = param((288, 480), ge=1)
     """Random long side (VOC 288–480, COCO 318–530)."""
-    crop: int = 224
-    flip_p: float = 0.5
-    jitter_p: float = 0.5
-    brightness: float = 25.0
-    contrast: tuple[float, float] = (0.6, 1.4)
-    saturation: tuple[float, float] = (0.5, 1.5)
-    hue: int = 25
+    crop: int = param(224, ge=16)
+    """Side of the square crop; a multiple of the patch size (16), so the view is a token grid."""
+    flip_p: float = param(0.5, ge=0, le=1)
+    jitter_p: float = param(0.5, ge=0, le=1)
+    brightness: float = param(25.0, ge=0)
+    contrast: tuple[float, float] = param((0.6, 1.4), ge=0)
+    saturation: tuple[float, float] = param((0.5, 1.5), ge=0)
+    hue: float = param(25.0, ge=0)
+    """Max |hue offset| on OpenCV's 0–255 (HSV_FULL) hue scale."""
+
+    def __post_init__(self):
+        if self.crop % 16:
+            raise StageError(f"params.yaml: clip_features.augment.crop must be a multiple of the "
+                             f"patch size 16, got {self.crop}")
 
 
 @dataclass(frozen=True)
@@ -157,16 +181,37 @@ def sample_views(rng: np.random.Generator, image_hw: tuple[int, int], n: int, au
     return [sample_view(rng, image_hw, **to_dict(augment)) for _ in range(n)]
 
 
-def encode_views(clip, image: np.ndarray | None, views, images=None) -> torch.Tensor:
-    """Last-block input tokens (K, 1+196, D) of views of one ``image`` (or view k of images[k])."""
-    from pipeline.prompts.augment import apply_view_image
+def encode_views(clip, image: np.ndarray | None, views, images=None, precision: str = "fp32") -> torch.Tensor:
+    """Last-block input tokens (K, 1+g², D) of views of one ``image`` (or view k of images[k])."""
     from pipeline.clip.model import to_model_input
+    from pipeline.precision import autocast
+    from pipeline.prompts.augment import apply_view_image
 
     images = images if images is not None else [image] * len(views)
     crops = np.stack([apply_view_image(im, v) for im, v in zip(images, views)])
     device = clip.visual.proj.device
-    with torch.no_grad():
-        return clip.encode_to_last_block(to_model_input(crops).to(device))
+    with torch.no_grad(), autocast(device, precision):
+        return clip.encode_to_last_block(to_model_input(crops).to(device)).float()
+
+
+def inference_features(clip, image: np.ndarray, attention_blocks: int, max_side: int | None,
+                       precision: str = "fp32"):
+    """The inference cache of one RGB image (§3): (last-block input (1+hw, D) f32 tensor,
+    last-``attention_blocks`` mean attention (hw, hw) f32 tensor, grid (h, w), input (H', W')).
+
+    One scale, no flip; the image is resized by ``pipeline.clip.model.inference_resize``.
+    ``precision`` runs the encoder under ``pipeline.precision.autocast`` (fp32: the reference).
+    """
+    from pipeline.clip.model import inference_resize, to_model_input
+    from pipeline.precision import autocast
+
+    patch = clip.patch_size
+    resized = inference_resize(image, max_side, patch)
+    device = clip.visual.proj.device
+    with torch.no_grad(), autocast(device, precision):
+        x, att = clip.encode_with_attention(to_model_input(resized[None]).to(device), attention_blocks)
+    grid = (resized.shape[0] // patch, resized.shape[1] // patch)
+    return x[0].float(), att[0].float(), grid, resized.shape[:2]
 
 
 class Item(NamedTuple):
@@ -180,37 +225,34 @@ class Item(NamedTuple):
     seed: int
     augment: AugmentConfig
     attention_blocks: int
+    max_side: int | None
+    precision: str
 
 
 def features_for_image(clip, item: Item) -> str:
     """Both caches of one image (whichever is missing), each written atomically."""
-    from pipeline.clip.model import inference_resize, to_model_input
-
     try:
         image = read_rgb(item.image)
     except ImageReadError as exc:
         raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
-    device = clip.visual.proj.device
     if item.views_store is not None:
         views = sample_views(view_rng(item.seed, item.image_id), (h, w), item.n_views, item.augment)
-        tokens = encode_views(clip, image, views)
+        tokens = encode_views(clip, image, views, precision=item.precision)
         labels = np.zeros(item.n_classes, np.uint8)
         labels[list(item.labels)] = 1
         write_group(item.views_store, item.image_id, {
             "tokens": tokens.cpu().numpy().astype(np.float16),
             "views": np.stack([v.to_array() for v in views]).astype(np.float32),
             "labels": labels,
-        }, attrs={"height": h, "width": w})
+        }, attrs={"height": h, "width": w}, chunks={"tokens": (1, *tokens.shape[1:])})
     if item.inference_store is not None:
-        resized = inference_resize(image)
-        with torch.no_grad():
-            x, att = clip.encode_with_attention(to_model_input(resized[None]).to(device),
-                                                item.attention_blocks)
-        gh, gw = resized.shape[0] // 16, resized.shape[1] // 16
+        x, att, (gh, gw), (ih, iw) = inference_features(
+            clip, image, item.attention_blocks, item.max_side, item.precision)
         write_group(item.inference_store, item.image_id, {
-            "tokens": x[0].float().cpu().numpy(), "attention": att[0].float().cpu().numpy(),
-        }, attrs={"height": h, "width": w, "grid_h": gh, "grid_w": gw})
+            "tokens": x.cpu().numpy(), "attention": att.cpu().numpy().astype(np.float16),
+        }, attrs={"height": h, "width": w, "input_height": ih, "input_width": iw,
+                  "grid_h": gh, "grid_w": gw})
     return item.image_id
 
 
@@ -243,13 +285,20 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     provenance = clip_provenance(clip_cfg, sha)
     common = {"stage": STAGE, "clip": provenance, "untrained": provenance["untrained"],
               "class_names": list(split.class_names), "dataset": split.dataset,
-              "package_version": package_version()}
+              "precision": compute.precision, "package_version": package_version()}
     # The code digest resets the stores when the feature code changes (DVC reruns; no stale resume).
-    model_fp = (clip_cfg.result_identity(), code_digest(*CODE_MODULES))
+    code_fp = (code_digest(*CODE_MODULES), STORE_LAYOUT, compute.precision)
     views_attrs = {**common, "clip_features": to_dict(cfg),
-                   "fingerprint": fingerprint("views", model_fp, sha, cfg, split.class_names)}
-    inf_attrs = {**common, "attention_blocks": clip_cfg.attention_blocks,
-                 "fingerprint": fingerprint("inference", model_fp, sha)}
+                   "fingerprint": fingerprint("views", clip_cfg.model_identity(), code_fp, sha, cfg,
+                                              split.class_names)}
+    inf_attrs = {**common, "attention_blocks": clip_cfg.attention_blocks, "max_side": clip_cfg.max_side,
+                 "fingerprint": fingerprint("inference", clip_cfg.result_identity(), code_fp, sha)}
+    capped = [r for r in records if clip_cfg.max_side is not None
+              and max(r.height, r.width) > clip_cfg.max_side]
+    if capped:
+        log.warning("clip.max_side=%d: %d of %d images are larger; CLIP sees them with the long "
+                    "side at %d px (CAMs are mapped back to each image's size); null = native size",
+                    clip_cfg.max_side, len(capped), len(records), clip_cfg.max_side)
     out_dir = Path(out)
     views = ImageStore.open_for_writing(out_dir / VIEWS_STORE, views_attrs)
     inference = ImageStore.open_for_writing(out_dir / INFERENCE_STORE, inf_attrs)
@@ -261,7 +310,8 @@ def command(params_path: str, index_dir: str, out: str) -> None:
             items.append(Item(
                 r.id, r.image, tuple(r.labels), len(split.class_names),
                 str(views.path) if todo_v else None, str(inference.path) if todo_i else None,
-                cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks,
+                cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks, clip_cfg.max_side,
+                compute.precision,
             ))
     resource = WorkerResource.of(build_clip, **clip_resource_kwargs(clip_cfg, compute.device))
     run_per_image(features_for_image, items, compute, resource, desc="clip features")

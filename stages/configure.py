@@ -61,6 +61,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dataset.name": "voc",
         "dataset.train_split": "train_aug",
         "dataset.eval_split": "val",
+        # the reference ran CLIP inference at native size (VOC: long side <= 500)
+        "clip.max_side": None,
         "prompts.cls.iterations": 1800,
         "prompts.seg.iterations": 17000,
         "seeds.coarse.alpha": 0.6,
@@ -78,12 +80,18 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dataset.train_split": "train",
         "dataset.eval_split": "val",
         "clip_features.augment.long_side_range": [318, 530],
+        "clip.max_side": None,  # native size, as the reference (COCO: long side <= 640)
         "prompts.cls.iterations": 20500,
         "prompts.cls.warmup_iterations": 1000,
-        "prompts.cls.grad_accum": 4,
+        # 16 samples per step, split for memory as the reference did (§7)
+        "prompts.cls.sub_batches": 4,
         "prompts.seg.iterations": 75000,
         "prompts.seg.warmup_iterations": 1000,
-        "prompts.seg.grad_accum": 8,
+        "prompts.seg.sub_batches": 8,
+        # the authors' COCO CAMs come from intermediate checkpoints (§7)
+        "prompts.cls.cam_iteration": 6150,
+        "prompts.seg.cam_iteration": 45000,
+        "prompts.seg.loss_classes": "image",
         # COCO uses the classification-style prompts for both sets (§2).
         "prompts.seg.shared_context": True,
         "prompts.seg.class_position": "end",

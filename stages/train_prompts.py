@@ -4,9 +4,13 @@ Classification prompts learn with L_MCL on image labels; segmentation prompts wi
 the coarse seeds, cropped and flipped like the view (algorithms.md §6, §7). The default
 ``path: cached`` samples (image, view) pairs from ``train_views.zarr`` and runs only the last
 block; ``path: exact`` runs the full image encoder on a fresh augmentation every step, as the
-authors did. Batches are drawn from ``(seed, iteration)`` only, so a resumed run is identical to
+authors did. Every iteration is one optimizer step over ``batch_size`` samples (optionally in
+``sub_batches`` whose gradients add up to the full-batch gradient); the scheduler steps once per
+iteration. Batches are drawn from ``(seed, iteration)`` only, so a resumed run is identical to
 an uninterrupted one. Every ``checkpoint_every`` iterations the full training state goes to
 ``<out>.resume`` (atomic); the final ``<out>`` is written atomically and the resume file removed.
+It holds the final context and, with ``cam_iteration``, the context after that iteration, which
+``cams`` then uses (the authors' COCO CAMs come from intermediate checkpoints).
 """
 from __future__ import annotations
 
@@ -25,10 +29,13 @@ from tqdm.auto import tqdm
 
 from pipeline.prompts.augment import ViewParams, apply_view_label
 from pipeline.prompts.class_names import background_names, prompt_names
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
 from pipeline.prompts.learner import PromptLearner
-from pipeline.prompts.training import classification_loss, segmentation_loss, warmup_cosine_factor
+from pipeline.prompts.training import (
+    classification_loss, classification_weight, segmentation_labels, segmentation_loss,
+    segmentation_weight, sub_batches, warmup_cosine_factor,
+)
 from pipeline.store import ImageStore, StoreError
 from stages.clip_features import (
     VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,
@@ -48,7 +55,7 @@ STAGE = "train_prompts"
 class PromptsConfig:
     """Section ``prompts.cls`` / ``prompts.seg`` of params.yaml (§2 prompt layout, §7 recipe)."""
 
-    n_ctx: int = 16
+    n_ctx: int = param(16, ge=1)
     """Learned context tokens per prompt."""
     shared_context: bool = True
     """One context for all prompts (cls; COCO seg) or one per prompt (VOC seg)."""
@@ -56,33 +63,49 @@ class PromptsConfig:
     """Class name after the context (cls) or before it (VOC seg)."""
     background: Literal["names", "empty"] = "names"
     """Background prompts with the real names, or context + "." only (VOC seg)."""
-    init_std: float = 0.015
+    init_std: float = param(0.015, ge=0)
     """Std of the context initialisation (cls 0.015, VOC seg 0.0125)."""
-    iterations: int = 1800
-    """Scheduler iterations (VOC cls 1,800, seg 17,000)."""
-    warmup_iterations: int = 500
+    iterations: int = param(1800, ge=1)
+    """Optimizer steps, one per iteration (VOC cls 1,800, seg 17,000; COCO 20,500 / 75,000)."""
+    warmup_iterations: int = param(500, ge=0)
     """Iterations at the constant ``warmup_lr`` before the cosine schedule."""
-    warmup_lr: float = 1e-5
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 16
-    grad_accum: int = 1
-    """Iterations whose gradients are accumulated per optimizer step (COCO 4 / 8)."""
+    warmup_lr: float = param(1e-5, ge=0)
+    lr: float = param(1e-3, gt=0)
+    momentum: float = param(0.9, ge=0)
+    weight_decay: float = param(5e-4, ge=0)
+    batch_size: int = param(16, ge=1)
+    """Samples per optimizer step (16: the effective batch of every reference run)."""
+    sub_batches: int = param(1, ge=1)
+    """Pieces each batch is split into, for memory; their gradients are accumulated into one
+    step and equal the full-batch gradient (COCO: cls 4, seg 8, as the reference splits)."""
+    cam_iteration: int | None = param(None, ge=1)
+    """Also keep the context after this iteration; ``cams`` uses it instead of the final one
+    (COCO: cls 6,150 of 20,500, seg 45,000 of 75,000; VOC: null = final). Training still runs
+    to ``iterations`` (the cosine schedule depends on it)."""
+    loss_classes: Literal["crop", "image"] = "crop"
+    """seg only: the classes L_CAL explains per view: present in the augmented seed crop (VOC,
+    the reference default) or the image-level labels (COCO)."""
+    truncate_text: bool = False
+    """Run the text encoder only up to the last EOS while training (exact in mathematics, ~1e-6
+    relative rounding; see pipeline.prompts.learner). False: all 77 positions, the reference.
+    CAMs always use all 77 positions."""
     path: Literal["cached", "exact"] = "cached"
     """cached: last block on cached views; exact: full encoder, fresh views each step."""
     amp: bool = True
     """Mixed precision (fp16 autocast + grad scaling); only ever used on CUDA."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = param(500, ge=1)
     """Iterations between resumable checkpoints."""
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_ctx", "iterations", "batch_size", "grad_accum", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise StageError(f"params.yaml: prompts.*.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_iterations <= self.iterations:
+        if self.warmup_iterations > self.iterations:
             raise StageError("params.yaml: prompts.*.warmup_iterations must be in [0, iterations]")
+        if self.sub_batches > self.batch_size:
+            raise StageError(f"params.yaml: prompts.*.sub_batches ({self.sub_batches}) must be <= "
+                             f"batch_size ({self.batch_size})")
+        if self.cam_iteration is not None and self.cam_iteration > self.iterations:
+            raise StageError(f"params.yaml: prompts.*.cam_iteration ({self.cam_iteration}) must be "
+                             f"<= iterations ({self.iterations}) or null")
 
 
 def build_learner(clip, class_names, dataset: str, cfg: PromptsConfig) -> PromptLearner:
@@ -93,24 +116,36 @@ def build_learner(clip, class_names, dataset: str, cfg: PromptsConfig) -> Prompt
     return PromptLearner(
         clip.model, list(fg) + list(bg), n_fg=len(fg), n_ctx=cfg.n_ctx,
         shared_context=cfg.shared_context, class_position=cfg.class_position,
-        init_std=cfg.init_std, seed=cfg.seed,
+        init_std=cfg.init_std, seed=cfg.seed, truncate=cfg.truncate_text,
     ).to(clip.visual.proj.device)
 
 
-def load_learner(clip, path: str | os.PathLike) -> tuple[PromptLearner, dict]:
-    """Rebuild trained prompts from a final checkpoint written by this stage."""
+def load_learner(clip, path: str | os.PathLike, iteration: int | None = None) -> tuple[PromptLearner, dict]:
+    """Rebuild trained prompts from a final checkpoint written by this stage.
+
+    ``iteration``: the context kept after that iteration (``prompts.<which>.cam_iteration``);
+    None: the final one. The text encoder runs over all 77 positions (the reference's inference).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise StageError(f"cannot read prompts checkpoint {path}: {exc}") from exc
     spec = state["spec"]
+    if iteration is None:
+        ctx = state["ctx"]
+    elif iteration in state.get("contexts", {}):
+        ctx = state["contexts"][iteration]
+    else:
+        raise StageError(f"prompts checkpoint {path} holds no context of iteration {iteration} "
+                         f"(it has {sorted(state.get('contexts', {}))}); rerun train-prompts with "
+                         "this cam_iteration")
     learner = PromptLearner(clip.model, spec["names"], spec["n_fg"], spec["n_ctx"],
-                            spec["shared_context"], spec["class_position"])
-    if learner.ctx.shape != state["ctx"].shape:
+                            spec["shared_context"], spec["class_position"], truncate=False)
+    if learner.ctx.shape != ctx.shape:
         raise StageError(f"prompts checkpoint {path} does not fit the CLIP model (context "
-                         f"{tuple(state['ctx'].shape)} vs {tuple(learner.ctx.shape)})")
+                         f"{tuple(ctx.shape)} vs {tuple(learner.ctx.shape)})")
     with torch.no_grad():
-        learner.ctx.copy_(state["ctx"])
+        learner.ctx.copy_(ctx)
     return learner.to(clip.visual.proj.device), state
 
 
@@ -127,6 +162,7 @@ class BatchSource:
             raise StageError("the train split has no usable image")
         self.n_classes = len(split.class_names)
         self.views = None
+        self._view_params: dict[str, np.ndarray] = {}  # (K, 18) per image, read once
         if cfg.path == "cached":
             try:
                 self.views = ImageStore(features / VIEWS_STORE)
@@ -161,9 +197,13 @@ class BatchSource:
         return x, torch.from_numpy(labels), seed_crops
 
     def _cached_view(self, record, rng):
-        data = self.views.read(record.id)
-        k = int(rng.integers(data["tokens"].shape[0]))
-        return torch.from_numpy(data["tokens"][k]), ViewParams.from_array(data["views"][k])
+        # One view's chunk is read and decompressed, not the K views of the image.
+        params = self._view_params.get(record.id)
+        if params is None:
+            params = self._view_params[record.id] = self.views.read_array(record.id, "views")
+        k = int(rng.integers(params.shape[0]))
+        tokens = self.views.read_array(record.id, "tokens", k)
+        return torch.from_numpy(tokens), ViewParams.from_array(params[k])
 
     def _image(self, record) -> np.ndarray:
         try:
@@ -211,7 +251,7 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     resume_path = out.with_name(out.name + ".resume")
-    start, rows = 0, []
+    start, rows, contexts = 0, [], {}
     if resume_path.is_file():
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
         if state.get("fingerprint") == fp:
@@ -221,48 +261,73 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
-            start, rows = state["iteration"], list(state["rows"])
+            start, rows, contexts = state["iteration"], list(state["rows"]), dict(state["contexts"])
             log.info("train_prompts@%s: resuming at iteration %d from %s", which, start, resume_path)
         else:
             log.info("train_prompts@%s: ignoring %s (other params)", which, resume_path)
-    optimizer.zero_grad(set_to_none=True)
-    pending = False  # a gradient was accumulated since the last optimizer step
     for it in tqdm(range(start, cfg.iterations), desc=f"prompts {which}", initial=start,
                    total=cfg.iterations, dynamic_ncols=True):
         x, labels, crops = source.batch(it)
-        x, labels = x.to(device), labels.to(device)
         lr = optimizer.param_groups[0]["lr"]
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            if which == "cls":
-                loss, n_pos = classification_loss(clip, learner, x, labels), 1
-            else:
-                loss, n_pos = segmentation_loss(clip, learner, x, crops.to(device))
-        # The reference crashes on a batch without any present class; here it adds nothing, and
-        # an accumulation window of such batches skips its optimizer step.
-        if n_pos:
-            scaler.scale(loss / cfg.grad_accum).backward()
-            pending = True
-        if (it + 1) % cfg.grad_accum == 0 or it + 1 == cfg.iterations:
-            if pending:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            pending = False
+        optimizer.zero_grad(set_to_none=True)
+        loss, stepped = batch_step(which, cfg, clip, learner, x.to(device), labels.to(device),
+                                   None if crops is None else crops.to(device), scaler, use_amp)
+        if stepped:
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
-        rows.append((it + 1, float(loss.detach()), lr))
-        if (it + 1) % cfg.checkpoint_every == 0 and (it + 1) % cfg.grad_accum == 0 \
-                and it + 1 < cfg.iterations:
+        rows.append((it + 1, loss, lr))
+        if cfg.cam_iteration == it + 1:
+            contexts[it + 1] = learner.ctx.detach().cpu().clone()
+        if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             _atomic_save({
                 "fingerprint": fp, "iteration": it + 1, "ctx": learner.ctx.detach().cpu(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "rows": rows,
+                "contexts": contexts,
             }, resume_path)
     final = {"which": which, "spec": learner.spec(), "ctx": learner.ctx.detach().cpu(),
+             "contexts": contexts, "cam_iteration": cfg.cam_iteration,
              "config": to_dict(cfg), "fingerprint": fp, **extra}
     _write_csv(rows, metrics)
     _atomic_save(final, out)
     resume_path.unlink(missing_ok=True)
     return final
+
+
+def batch_step(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, x: torch.Tensor,
+               labels: torch.Tensor, crops: torch.Tensor | None, scaler, use_amp: bool) -> tuple[float, bool]:
+    """Gradient of one batch into ``learner.ctx.grad`` (sub-batch by sub-batch); returns
+    (full-batch loss, whether the optimizer should step).
+
+    Sub-batch j's loss (a mean over its own terms) is weighted by ``w_j / Σ w`` with w its term
+    count, so the accumulated gradient is the full-batch gradient (pipeline.prompts.training).
+    A classification batch always steps (a batch without a valid image has a zero loss, as in
+    the reference); a segmentation batch without any class skips its step (the reference crashes).
+    """
+    parts = sub_batches(x.shape[0], cfg.sub_batches)
+    if which == "cls":
+        part_labels = [labels[p] for p in parts]
+        weights = [classification_weight(l) for l in part_labels]
+    else:
+        part_labels = [segmentation_labels(labels[p], crops[p], cfg.loss_classes) for p in parts]
+        weights = [segmentation_weight(l, crops[p]) for l, p in zip(part_labels, parts)]
+    total = sum(weights)
+    if which == "seg" and total == 0:
+        return 0.0, False
+    loss_value = 0.0
+    for p, l, w in zip(parts, part_labels, weights):
+        if which == "seg" and w == 0:
+            continue
+        share = w / total if total else 0.0
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=use_amp):
+            if which == "cls":
+                loss = classification_loss(clip, learner, x[p], l)
+            else:
+                loss, _ = segmentation_loss(clip, learner, x[p], crops[p], l)
+        scaler.scale(loss * share).backward()
+        loss_value += float(loss.detach()) * share
+    return loss_value, True
 
 
 @click.command("train-prompts")
@@ -286,6 +351,9 @@ def command(which, params_path, features, index_dir, seeds, out, metrics) -> Non
     features_cfg = section(params, "clip_features", ClipFeaturesConfig)
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
+    if which == "cls" and "loss_classes" in params["prompts"]["cls"]:
+        raise StageError("params.yaml: prompts.cls.loss_classes has no effect (classification prompts "
+                         "learn from the image labels); it belongs to prompts.seg")
     if which == "seg" and seeds is None:
         raise StageError("--seeds (the coarse seed directory) is required for --which seg")
     if seeds is not None and not Path(seeds).is_dir():
@@ -302,9 +370,10 @@ def command(which, params_path, features, index_dir, seeds, out, metrics) -> Non
     source = BatchSource(which, cfg, split, Path(features), Path(seeds) if seeds else None,
                          features_cfg, clip)
     provenance = clip_provenance(clip_cfg, sha)
-    model_fp = clip_cfg.result_identity()
-    fp = fingerprint(STAGE, which, cfg, model_fp, sha, features_cfg if cfg.path == "cached" else
-                     features_cfg.augment, split.class_names, [r.id for r in split.good()])
+    # cached: the views store's own fingerprint (model, precision, layout, views) decides the inputs
+    inputs = source.views.attrs.get("fingerprint") if source.views is not None else features_cfg.augment
+    fp = fingerprint(STAGE, which, cfg, clip_cfg.model_identity(), sha, inputs,
+                     split.class_names, [r.id for r in split.good()])
     extra = {"clip": provenance, "untrained": provenance["untrained"], "class_names": split.class_names,
              "dataset": split.dataset, "package_version": package_version()}
     train(which, cfg, clip, learner, source, out_path, metrics_path, fp, extra)

@@ -28,20 +28,50 @@ def test_class_names_of_the_paper():
     assert background_names("demo") == VOC_BACKGROUND_NAMES
 
 
+def test_coco_prompt_names_are_the_references():
+    """The golden COCO vector carries the reference's 80 prompt names, snowboard spelled
+    ``sknowboard``; the dataset's (display) class name stays ``snowboard``."""
+    import numpy as np
+
+    from conftest import golden_files
+    from pipeline.data.datasets import COCO_CLASSES
+
+    coco = next(p for p in golden_files("prompt") if str(np.load(p)["style"]).startswith("coco"))
+    assert list(COCO_PROMPT_NAMES) == [str(n) for n in np.load(coco)["fg_names"]]
+    assert prompt_names(["snowboard", "skis"], "coco") == ("sknowboard", "skis")
+    assert "snowboard" in COCO_CLASSES and "sknowboard" not in COCO_CLASSES
+    assert [str(n) for n in np.load(coco)["bg_names"]] == list(COCO_BACKGROUND_NAMES)
+
+
 def test_token_layout_class_at_end():
-    tokens, pos = tokenize_prompts(["bird avian", "cat", "sky"], 4, "end")
-    assert prompt_strings(["cat"], 4, "end") == ["X X X X cat."]
-    assert pos.tolist() == [[1, 2, 3, 4]] * 3
+    tokens, layout = tokenize_prompts(["bird avian", "cat", "sky"], 4, "end")
+    assert prompt_strings(["cat"], 4) == ["X X X X cat."]
     assert tokens[1, :8].tolist() == [SOS, X, X, X, X, 2368, DOT, EOS]
     assert tokens[0, 5:9].tolist() == [3329, 24115, DOT, EOS]
+    assert layout[1, :8].tolist() == [SOS, -1, -2, -3, -4, 2368, DOT, EOS]
+    assert torch.equal(layout[:, 5:], tokens[:, 5:])
 
 
 def test_token_layout_class_in_front_and_empty_background():
-    tokens, pos = tokenize_prompts(["bird avian", "cat", ""], 3, "front")
-    assert prompt_strings(["cat", ""], 3, "front") == ["cat X X X.", "X X X."]
-    assert pos.tolist() == [[3, 4, 5], [2, 3, 4], [1, 2, 3]]
-    assert tokens[0, :8].tolist() == [SOS, 3329, 24115, X, X, X, DOT, EOS]
-    assert tokens[2, :6].tolist() == [SOS, X, X, X, DOT, EOS]
+    """The reference tokenises the class-at-the-end string for both layouts and moves the
+    name's embeddings in front of the context; the tokens (and EOS index) stay those of
+    "X X X name."."""
+    tokens, layout = tokenize_prompts(["bird avian", "cat", ""], 3, "front")
+    assert prompt_strings(["cat", ""], 3) == ["X X X cat.", "X X X ."]
+    assert tokens[0, :8].tolist() == [SOS, X, X, X, 3329, 24115, DOT, EOS]
+    assert layout[0, :8].tolist() == [SOS, 3329, 24115, -1, -2, -3, DOT, EOS]
+    assert layout[1, :7].tolist() == [SOS, 2368, -1, -2, -3, DOT, EOS]
+    assert tokens[2, :6].tolist() == layout[2, :6].tolist()[:1] + [X] * 3 + [DOT, EOS]
+    assert layout[2, :6].tolist() == [SOS, -1, -2, -3, DOT, EOS]
+    assert tokens.argmax(1).tolist() == [7, 6, 5]
+
+
+def test_underscores_become_spaces_in_prompts():
+    """Custom class names like ``traffic_light`` are prompted as "traffic light" (reference)."""
+    tokens, layout = tokenize_prompts(["traffic_light"], 2, "front")
+    ref_tokens, ref_layout = tokenize_prompts(["traffic light"], 2, "front")
+    assert torch.equal(tokens, ref_tokens) and torch.equal(layout, ref_layout)
+    assert prompt_strings(["traffic_light"], 2) == ["X X traffic light."]
 
 
 @pytest.mark.parametrize("shared,position", [(True, "end"), (False, "front")])
@@ -50,10 +80,11 @@ def test_context_written_at_placeholders_only(clip, shared, position):
     learner = PromptLearner(clip.model, names, n_fg=2, n_ctx=4, shared_context=shared,
                             class_position=position, init_std=0.02, seed=3)
     emb = learner.prompt_embeddings()
-    fixed = clip.model.token_embedding(learner.tokens)
+    fixed = clip.model.token_embedding(learner.layout.clamp_min(0))
     ctx = learner.ctx.expand(4, -1, -1) if shared else learner.ctx
     for g in range(4):
         p = learner.positions[g]
+        assert learner.layout[g, p].tolist() == [-1, -2, -3, -4]
         torch.testing.assert_close(emb[g, p], ctx[g])
         keep = torch.ones(emb.shape[1], dtype=torch.bool)
         keep[p] = False
@@ -74,11 +105,12 @@ def test_only_context_requires_grad_and_init_std(clip):
 
 
 @pytest.mark.parametrize("shared,position", [(True, "end"), (False, "front")])
-def test_truncation_is_exact(clip, shared, position):
+def test_truncation_is_exact_up_to_rounding(clip, shared, position):
     names = ["person with clothes,people,human", "cat", "", "railway"]
     short = PromptLearner(clip.model, names, 2, 16, shared, position, seed=1, truncate=True)
-    full = PromptLearner(clip.model, names, 2, 16, shared, position, seed=1, truncate=False)
-    assert short.tokens.shape[1] < full.tokens.shape[1] == 77
+    full = PromptLearner(clip.model, names, 2, 16, shared, position, seed=1)
+    assert not full.truncate and short.truncate  # the reference's full length is the default
+    assert short.layout.shape[1] < full.layout.shape[1] == 77
     with torch.no_grad():
         torch.testing.assert_close(short.text_features(clip.model), full.text_features(clip.model),
                                    rtol=1e-5, atol=1e-5)

@@ -36,22 +36,39 @@ def softmax_gradcam(
     ``acts`` (B, L, D): the activation A of each copy (ln_1 output of the last block, token 0 the
     class token, L = 1 + h·w), part of the graph that produced ``logits`` (B, G). ``target`` (B,)
     the prompt index whose probability is explained in each copy; ``mask`` (B, G) the
-    :func:`masked_softmax` mask. Weights are the gradient averaged over patch tokens;
-    ``cam[b, l] = Σ_d A.detach()[b, l, d]·w[b, d]``. ``create_graph`` keeps the CAMs
-    differentiable through the weights (training); without it they are detached.
+    :func:`masked_softmax` mask. Weights are the gradient averaged over patch tokens
+    (:func:`gradcam_weights`); ``cam[b, l] = Σ_d A.detach()[b, l, d]·w[b, d]``. ``create_graph``
+    keeps the CAMs differentiable through the weights (training); without it they are detached.
     """
-    n_copies, n_tokens, _ = acts.shape
-    h, w = grid_hw
-    if n_tokens != 1 + h * w:
-        raise ValueError(f"{n_tokens} tokens do not make a class token plus a {h}x{w} grid")
-    if n_copies == 0:
-        return acts.new_zeros((0, h, w))
+    _check_grid(acts, grid_hw)
+    weights = gradcam_weights(acts, logits, target, mask, create_graph, eps)
+    return cams_from_weights(acts, weights, grid_hw)
+
+
+def gradcam_weights(
+    acts: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+    create_graph: bool = False, eps: float = SOFTMAX_EPS,
+) -> torch.Tensor:
+    """Grad-CAM channel weights (B, D): ``∂p[b, target_b]/∂A[b]`` averaged over patch tokens."""
+    if acts.shape[0] == 0:
+        return acts.new_zeros((0, acts.shape[-1]))
     probs = masked_softmax(logits, mask, eps)
     picked = probs.gather(1, target.long().to(probs.device)[:, None]).sum()
     (grads,) = torch.autograd.grad(picked, acts, create_graph=create_graph)
-    weights = grads[:, 1:, :].mean(dim=1)
+    return grads[:, 1:, :].mean(dim=1)
+
+
+def cams_from_weights(acts: torch.Tensor, weights: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """``cam[b] = A.detach()[b, patches] @ w[b]`` reshaped to (B, h, w)."""
+    _check_grid(acts, grid_hw)
     cams = torch.einsum("bld,bd->bl", acts.detach()[:, 1:, :], weights)
-    return cams.reshape(n_copies, h, w)
+    return cams.reshape(acts.shape[0], *grid_hw)
+
+
+def _check_grid(acts: torch.Tensor, grid_hw: tuple[int, int]) -> None:
+    h, w = grid_hw
+    if acts.shape[1] != 1 + h * w:
+        raise ValueError(f"{acts.shape[1]} tokens do not make a class token plus a {h}x{w} grid")
 
 
 def present_pairs(present: Sequence[Sequence[int]]) -> list[tuple[int, int]]:

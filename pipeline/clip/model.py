@@ -71,10 +71,29 @@ def create_clip(
     return FrozenClip(model, untrained=pretrained is None)
 
 
-def inference_resize(image: np.ndarray) -> np.ndarray:
-    """Resize each side of an (H, W, 3) uint8 image UP to a multiple of 16 (PIL bicubic)."""
+def inference_size(
+    height: int, width: int, max_side: int | None = None, patch: int = PATCH
+) -> tuple[int, int]:
+    """(h', w') the image is resized to for CAM inference (algorithms.md §3).
+
+    Each side goes UP to a multiple of ``patch`` (500×375 → 512×384). ``max_side`` (a project
+    cap, not in the reference, which ran VOC at native size) first scales an image whose long
+    side exceeds it down to a long side of ``max_side``, keeping the aspect ratio: the encoder's
+    attention grows with the square of the token count (a 12 MP photo at native size would
+    need ~100 GB for one attention map), the cap bounds it. None: native size.
+    """
+    h, w = int(height), int(width)
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    return -(-h // patch) * patch, -(-w // patch) * patch
+
+
+def inference_resize(image: np.ndarray, max_side: int | None = None, patch: int = PATCH) -> np.ndarray:
+    """An (H, W, 3) uint8 image at :func:`inference_size`, one PIL bicubic resize (the reference's
+    interpolation; also used when the cap shrinks the image)."""
     h, w = image.shape[:2]
-    th, tw = -(-h // PATCH) * PATCH, -(-w // PATCH) * PATCH
+    th, tw = inference_size(h, w, max_side, patch)
     if (th, tw) == (h, w):
         return image
     return np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
@@ -146,6 +165,10 @@ class FrozenClip(torch.nn.Module):
     @property
     def width(self) -> int:
         return self.visual.conv1.out_channels
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.conv1.kernel_size[0])
 
     @property
     def n_blocks(self) -> int:

@@ -5,13 +5,21 @@ A view is drawn once (:func:`sample_view`), stored as a fixed-length float vecto
 to the coarse seed map of the same image (:func:`apply_view_label`) so that seeds line up with the
 features the prompts are trained on. Geometry is shared by image and label; colour jitter only
 touches the image.
+
+Colour jitter follows the reference's OpenCV operations on uint8 (it works on BGR images; on our
+RGB arrays the RGB conversion codes give the same values): brightness and contrast are
+``cv2.convertScaleAbs`` of the raw values (``|a·x + b|`` rounded and saturated at 255, so a
+darkening that would go below 0 comes back as its absolute value), saturation scales S in OpenCV's
+8-bit HSV and hue shifts H in its 0–255 HSV_FULL scale, both through ``convertScaleAbs`` too:
+they saturate at 255 (and reflect at 0) instead of wrapping around the hue circle.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 """Colour-jitter operations, indexed 0..3 in ``ViewParams.jitter_order``."""
@@ -31,11 +39,11 @@ class ViewParams:
     brightness: float
     """Additive brightness offset on the 0–255 scale."""
     contrast: float
-    """Contrast factor (PIL ImageEnhance.Contrast)."""
+    """Factor multiplying the raw values (not around the mean: OpenCV ``convertScaleAbs``)."""
     saturation: float
-    """Saturation factor (PIL ImageEnhance.Color)."""
-    hue: int
-    """Hue offset on PIL's 0–255 hue circle."""
+    """Factor of S in OpenCV's 8-bit HSV."""
+    hue: float
+    """Offset of H on OpenCV's 0–255 (HSV_FULL) scale, saturating at the ends."""
     resize_hw: tuple[int, int]
     """Image size (h', w') after the random rescale."""
     crop_yx: tuple[int, int]
@@ -61,7 +69,7 @@ class ViewParams:
         ints = [int(round(v)) for v in a]
         return cls(
             jitter_order=tuple(ints[0:4]), jitter_apply=tuple(bool(v) for v in ints[4:8]),
-            brightness=float(a[8]), contrast=float(a[9]), saturation=float(a[10]), hue=ints[11],
+            brightness=float(a[8]), contrast=float(a[9]), saturation=float(a[10]), hue=float(a[11]),
             resize_hw=(ints[12], ints[13]), crop_yx=(ints[14], ints[15]), crop=ints[16],
             flip=bool(ints[17]),
         )
@@ -71,7 +79,7 @@ def sample_view(
     rng: np.random.Generator, image_hw: tuple[int, int],
     long_side_range: tuple[int, int] = (288, 480), crop: int = 224, flip_p: float = 0.5,
     jitter_p: float = 0.5, brightness: float = 25.0, contrast: tuple[float, float] = (0.6, 1.4),
-    saturation: tuple[float, float] = (0.5, 1.5), hue: int = 25,
+    saturation: tuple[float, float] = (0.5, 1.5), hue: float = 25.0,
 ) -> ViewParams:
     """Draw one view of an image of size ``image_hw`` (H, W).
 
@@ -79,7 +87,8 @@ def sample_view(
     the scale is ``max(target / long, crop / short)`` so the crop always fits. ``crop``: square
     crop side. ``flip_p``: probability of a horizontal flip. ``jitter_p``: probability of each
     colour operation, applied in a random order. ``brightness``: max |additive offset| on 0–255.
-    ``contrast``/``saturation``: factor ranges. ``hue``: max |hue offset| on a 0–255 hue circle.
+    ``contrast``/``saturation``: factor ranges. ``hue``: max |hue offset| on OpenCV's 0–255 hue
+    scale. All four magnitudes are uniform floats, as the reference draws them.
     """
     height, width = image_hw
     order = tuple(int(i) for i in rng.permutation(len(JITTER_OPS)))
@@ -87,7 +96,7 @@ def sample_view(
     b = float(rng.uniform(-brightness, brightness))
     c = float(rng.uniform(*contrast))
     s = float(rng.uniform(*saturation))
-    h = int(rng.integers(-hue, hue + 1))
+    h = float(rng.uniform(-hue, hue))
     target = int(rng.integers(long_side_range[0], long_side_range[1] + 1))
     scale = max(target / max(height, width), crop / min(height, width))
     resized = (int(height * scale + 0.5), int(width * scale + 0.5))
@@ -97,30 +106,36 @@ def sample_view(
     return ViewParams(order, apply, b, c, s, h, resized, (y0, x0), crop, flip)
 
 
-def _brightness(img: Image.Image, delta: float) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float32) + delta
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+def _scale_abs(values: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """OpenCV's ``convertScaleAbs``: ``saturate_uint8(round(|alpha·x + beta|))``."""
+    return cv2.convertScaleAbs(values, alpha=float(alpha), beta=float(beta))
 
 
-def _hue(img: Image.Image, delta: int) -> Image.Image:
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + delta) % 256).astype(np.uint8)
-    return Image.merge("HSV", [Image.fromarray(hsv[..., i]) for i in range(3)]).convert("RGB")
+def _saturation(img: np.ndarray, factor: float) -> np.ndarray:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = _scale_abs(np.ascontiguousarray(hsv[..., 1]), factor, 0.0)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def _hue(img: np.ndarray, delta: float) -> np.ndarray:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] = _scale_abs(np.ascontiguousarray(hsv[..., 0]), 1.0, delta)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
 def color_jitter(image: np.ndarray, view: ViewParams) -> np.ndarray:
     """The view's colour jitter on an RGB uint8 image (H, W, 3); deterministic given ``view``."""
-    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    img = np.ascontiguousarray(image, dtype=np.uint8)
     ops = {
-        0: lambda im: _brightness(im, view.brightness),
-        1: lambda im: ImageEnhance.Contrast(im).enhance(view.contrast),
-        2: lambda im: ImageEnhance.Color(im).enhance(view.saturation),
+        0: lambda im: _scale_abs(im, 1.0, view.brightness),
+        1: lambda im: _scale_abs(im, view.contrast, 0.0),
+        2: lambda im: _saturation(im, view.saturation),
         3: lambda im: _hue(im, view.hue),
     }
     for op in view.jitter_order:
         if view.jitter_apply[op]:
             img = ops[op](img)
-    return np.asarray(img)
+    return img
 
 
 def _crop_flip(arr: np.ndarray, view: ViewParams, fill: int) -> np.ndarray:

@@ -1,13 +1,17 @@
 """CoOp prompt learners over CLIP's frozen text encoder (algorithms.md §2).
 
-A prompt is the tokenised string ``"X " * n_ctx + name + "."`` (class token at the end,
-classification prompts) or ``name + " X" * n_ctx + "."`` (class token in front, VOC segmentation
-prompts); the embeddings of the ``X`` tokens are replaced by learned context vectors, everything
-else is CLIP's frozen token embedding. Only the context vectors are parameters.
+Every prompt is tokenised from the string ``"X " * n_ctx + name + "."`` (the reference tokenises
+this class-at-the-end string for both layouts; underscores in names become spaces). The embedding
+sequence is then laid out per position (:func:`prompt_layout`): ``[SOS][ctx][name][.][EOS]`` with
+the class token at the end (classification prompts) or ``[SOS][name][ctx][.][EOS]`` in front (VOC
+segmentation prompts); the context positions get learned vectors, every other position CLIP's
+frozen token embedding. Only the context vectors are parameters.
 
-The text encoder runs on the sequence truncated after the last EOS of the prompt set: under the
-causal mask no token attends to a later one, so the EOS outputs are exactly those of the full
-77-token sequence, at a fraction of the cost.
+The text encoder runs over all 77 positions by default, as the reference does. ``truncate=True``
+runs it only up to the last EOS of the prompt set: under the causal mask no token attends to a
+later one, so the EOS outputs are those of the full sequence in exact arithmetic; in float32 the
+shorter matrix products round differently (about 1e-6 relative in the text features, amplified to
+2e-5 in one golden Grad-CAM), so it is a training-speed option, never used for CAMs.
 """
 from __future__ import annotations
 
@@ -24,46 +28,63 @@ def _tokenizer():
     return open_clip.get_tokenizer("ViT-B-16")
 
 
-def prompt_strings(names: Sequence[str], n_ctx: int, class_position: Literal["end", "front"]) -> list[str]:
-    """The strings tokenised for each prompt (placeholders ``X`` mark the context)."""
+def prompt_name(name: str) -> str:
+    """The text a class name contributes to its prompt (reference: underscores become spaces)."""
+    return name.replace("_", " ")
+
+
+def prompt_strings(names: Sequence[str], n_ctx: int) -> list[str]:
+    """The strings tokenised for the prompts (placeholders ``X`` mark the context), either layout."""
     ctx = " ".join([CTX_TOKEN] * n_ctx)
-    if class_position == "end":
-        return [f"{ctx} {name}." for name in names]
-    return [f"{name} {ctx}.".lstrip() for name in names]
-
-
-def context_positions(
-    names: Sequence[str], n_ctx: int, class_position: Literal["end", "front"]
-) -> torch.Tensor:
-    """(G, n_ctx) token positions of the context in each prompt (position 0 is SOS)."""
-    tok = _tokenizer()
-    if class_position == "end":
-        starts = [1] * len(names)
-    else:
-        starts = [1 + len(tok.encode(name)) for name in names]
-    return torch.tensor(starts)[:, None] + torch.arange(n_ctx)[None, :]
+    return [f"{ctx} {prompt_name(name)}." for name in names]
 
 
 def tokenize_prompts(
     names: Sequence[str], n_ctx: int, class_position: Literal["end", "front"], context_length: int = 77
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (G, context_length) int64, context positions (G, n_ctx)).
+    """(tokens (G, context_length) int64, layout (G, context_length) int64).
+
+    ``tokens`` is the tokenisation of :func:`prompt_strings` (identical for both class positions;
+    the EOS index is its argmax). ``layout`` says what sits at each position of the embedding
+    sequence: a token id, or ``-1 - j`` for context vector j (:func:`prompt_layout`).
 
     Raises ``ValueError`` if a name is too long for the context or the placeholders do not sit
     where expected (a name that itself tokenises into the placeholder would).
     """
+    if class_position not in ("end", "front"):
+        raise ValueError(f"class_position must be 'end' or 'front', got {class_position!r}")
     tok = _tokenizer()
-    strings = prompt_strings(names, n_ctx, class_position)
+    strings = prompt_strings(names, n_ctx)
     too_long = [s for s in strings if len(tok.encode(s)) + 2 > context_length]
     if too_long:
         raise ValueError(f"prompt {too_long[0]!r} does not fit CLIP's context of {context_length} tokens")
-    tokens = tok(strings, context_length=context_length)
-    positions = context_positions(names, n_ctx, class_position)
+    tokens = tok(strings, context_length=context_length).long()
     x_id = tok.encode(CTX_TOKEN)[0]
     eos = tokens.argmax(dim=1)
-    if not bool((tokens.gather(1, positions) == x_id).all()) or bool((positions >= eos[:, None]).any()):
+    if not bool((tokens[:, 1 : 1 + n_ctx] == x_id).all()) or bool((eos <= n_ctx).any()):
         raise ValueError("context placeholders are not where expected in the tokenised prompts")
-    return tokens, positions
+    name_lengths = [len(tok.encode(prompt_name(n))) for n in names]
+    return tokens, prompt_layout(tokens, n_ctx, class_position, name_lengths)
+
+
+def prompt_layout(
+    tokens: torch.Tensor, n_ctx: int, class_position: Literal["end", "front"], name_lengths: Sequence[int]
+) -> torch.Tensor:
+    """(G, L) content of each position: token id, or ``-1 - j`` for context vector j.
+
+    ``end``: the tokens with positions 1..n_ctx replaced by the context. ``front``: SOS, the
+    name's tokens, the context, then the rest of the tokens ("." EOS and padding), as the
+    reference builds it from the same tokenisation.
+    """
+    layout = tokens.clone()
+    ctx_ids = -1 - torch.arange(n_ctx, dtype=layout.dtype)
+    if class_position == "end":
+        layout[:, 1 : 1 + n_ctx] = ctx_ids
+        return layout
+    for g, n in enumerate(name_lengths):
+        layout[g, 1 : 1 + n] = tokens[g, 1 + n_ctx : 1 + n_ctx + n]
+        layout[g, 1 + n : 1 + n + n_ctx] = ctx_ids
+    return layout
 
 
 def encode_prompt_embeddings(clip_model: torch.nn.Module, embeds: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -98,7 +119,9 @@ class PromptLearner(torch.nn.Module):
             ``[SOS][name][ctx][.][EOS]``.
         init_std: std of the normal initialisation (0.015 classification, 0.0125 segmentation).
         seed: seed of that initialisation.
-        truncate: run the text encoder only up to the last EOS (exact; see module doc).
+        truncate: run the text encoder only up to the last EOS of the prompt set (exact in
+            mathematics, not bit-exact; see module doc). Default False: all context positions,
+            the reference behaviour.
     """
 
     def __init__(
@@ -111,24 +134,26 @@ class PromptLearner(torch.nn.Module):
         class_position: Literal["end", "front"] = "end",
         init_std: float = 0.015,
         seed: int = 0,
-        truncate: bool = True,
+        truncate: bool = False,
     ):
         super().__init__()
-        if class_position not in ("end", "front"):
-            raise ValueError(f"class_position must be 'end' or 'front', got {class_position!r}")
         self.names = list(names)
         self.n_fg = int(n_fg)
         self.n_ctx = int(n_ctx)
         self.shared_context = bool(shared_context)
         self.class_position = class_position
         width = clip_model.token_embedding.weight.shape[1]
-        tokens, positions = tokenize_prompts(self.names, n_ctx, class_position, clip_model.context_length)
+        self.truncate = bool(truncate)
+        tokens, layout = tokenize_prompts(self.names, n_ctx, class_position, clip_model.context_length)
         eos = tokens.argmax(dim=1)
         if truncate:
-            tokens = tokens[:, : int(eos.max()) + 1]
+            layout = layout[:, : int(eos.max()) + 1]
+        # (G, n_ctx) position of context vector j in each prompt (both layouts keep j ascending)
+        positions = (layout < 0).nonzero()[:, 1].reshape(len(self.names), n_ctx)
         with torch.no_grad():
-            fixed = clip_model.token_embedding(tokens).float()
+            fixed = clip_model.token_embedding(layout.clamp_min(0)).float()
         self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("layout", layout, persistent=False)
         self.register_buffer("fixed_embeds", fixed, persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         self.register_buffer("eos", eos, persistent=False)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from pipeline.cams.gradcam import gradcam_copies, softmax_gradcam
+from pipeline.cams.gradcam import cams_from_weights, gradcam_copies, gradcam_weights
 from pipeline.prompts.losses import IGNORE_INDEX, cam_activation_loss, multilabel_contrastive_loss
 from pipeline.prompts.learner import clip_logits
 
@@ -28,20 +28,22 @@ def warmup_cosine_factor(iteration: int, total: int, warmup: int, warmup_lr: flo
 
 def batched_gradcam(
     clip, text_features: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, n_fg: int,
-    grid_hw: tuple[int, int], create_graph: bool,
-) -> torch.Tensor:
+    grid_hw: tuple[int, int], create_graph: bool, with_weights: bool = False,
+):
     """Raw Softmax-GradCAMs (P, h, w) of every positive of ``labels`` (N, C), row-major order.
 
     ``x`` (N, 1+hw, D) last-block inputs; one copy of the last block runs per (image, class)
     pair, all in one batched autograd call. ``text_features`` (G, E) with the C = ``n_fg``
-    foreground prompts first.
+    foreground prompts first. ``with_weights`` also returns the Grad-CAM weights (P, D).
     """
     n_bg = text_features.shape[0] - n_fg
     image_idx, target, mask = gradcam_copies(labels, n_bg)
     image_idx, target, mask = image_idx.to(x.device), target.to(x.device), mask.to(x.device)
     acts, feats = clip.last_block_tail(x[image_idx], requires_grad=True)
     logits = clip_logits(feats, text_features, clip.logit_scale)
-    return softmax_gradcam(acts, logits, target, mask, grid_hw, create_graph=create_graph)
+    weights = gradcam_weights(acts, logits, target, mask, create_graph=create_graph)
+    cams = cams_from_weights(acts, weights, grid_hw)
+    return (cams, weights) if with_weights else cams
 
 
 def classification_loss(clip, learner, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,17 @@ def classification_loss(clip, learner, x: torch.Tensor, labels: torch.Tensor) ->
         _, feats = clip.last_block_tail(x)
     logits = clip_logits(feats, learner.text_features(clip.model), clip.logit_scale)
     return multilabel_contrastive_loss(logits[:, : learner.n_fg], labels)
+
+
+def classification_weight(labels: torch.Tensor) -> int:
+    """How many terms L_MCL averages over: the positives of images with a positive and a negative.
+
+    A batch split into sub-batches gets the full-batch gradient when each sub-batch loss is
+    weighted by its share of this count (see :func:`sub_batches`).
+    """
+    pos = labels.to(torch.bool)
+    valid = pos.any(dim=1) & (~pos).any(dim=1)
+    return int(pos[valid].sum())
 
 
 def present_classes(seed_crops: torch.Tensor, n_fg: int) -> torch.Tensor:
@@ -61,19 +74,65 @@ def present_classes(seed_crops: torch.Tensor, n_fg: int) -> torch.Tensor:
     return hot[:, 1:]
 
 
+LOSS_CLASSES = ("crop", "image")
+"""Which classes the seg loss explains per view: those present in the augmented seed crop (VOC,
+the reference default) or the image-level labels (COCO: a labelled class absent from the crop
+still gets a CAM, an all-background L_bg term and a place in the softmax mask)."""
+
+
+def segmentation_labels(
+    image_labels: torch.Tensor, seed_crops: torch.Tensor, loss_classes: str = "crop"
+) -> torch.Tensor:
+    """(N, C) multi-hot of the classes L_CAL uses for each view (see :data:`LOSS_CLASSES`)."""
+    if loss_classes == "crop":
+        return present_classes(seed_crops, image_labels.shape[1]).to(image_labels.device)
+    if loss_classes == "image":
+        return image_labels.to(torch.float32)
+    raise ValueError(f"loss_classes must be one of {LOSS_CLASSES}, got {loss_classes!r}")
+
+
+def segmentation_weight(labels: torch.Tensor, seed_crops: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """How many pixels L_CAL divides by: for every (view, class) pair of ``labels``, the view's
+    pixels that are not ``ignore_index`` (each is foreground or background of that class)."""
+    counted = (seed_crops != ignore_index).flatten(1).sum(dim=1).to(labels.device)
+    return int((labels.to(torch.bool).sum(dim=1) * counted).sum())
+
+
 def segmentation_loss(
-    clip, learner, x: torch.Tensor, seed_crops: torch.Tensor, grid_hw: tuple[int, int] = (14, 14),
+    clip, learner, x: torch.Tensor, seed_crops: torch.Tensor, labels: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, int]:
-    """(L_CAL, number of present (image, class) pairs) of a batch against its seed crops.
+    """(L_CAL, number of (view, class) pairs) of a batch against its seed crops.
 
-    Present classes are those in each seed crop. With none, the loss is a zero that still
-    reaches the context (so ``backward`` is harmless) and the count is 0: callers skip the step.
+    ``labels`` (N, C): the classes to explain per view (:func:`segmentation_labels`); None: the
+    classes present in each seed crop. The token grid is the crop's (``seed_crops`` (N, H, W)
+    is cropped like the view, so any crop that is a multiple of the patch size works). With no
+    class, the loss is a zero that still reaches the context (so ``backward`` is harmless) and
+    the count is 0: callers skip the step (the reference crashes there).
     """
-    labels = present_classes(seed_crops, learner.n_fg)
+    if labels is None:
+        labels = present_classes(seed_crops, learner.n_fg)
+    labels = labels.to(x.device)
     text = learner.text_features(clip.model)
     if not bool(labels.any()):
         return text.sum() * 0.0, 0
+    patch = clip.patch_size
+    grid_hw = (seed_crops.shape[-2] // patch, seed_crops.shape[-1] // patch)
     cams = batched_gradcam(clip, text, x, labels, learner.n_fg, grid_hw, create_graph=True)
     loss_fg, loss_bg = cam_activation_loss(cams, labels, seed_crops, ignore_index)
     return loss_fg + loss_bg, int(labels.sum())
+
+
+def sub_batches(n: int, k: int) -> list[slice]:
+    """``k`` contiguous, nearly equal slices of a batch of ``n`` samples (§7 memory split).
+
+    The reference splits each batch of 16 into 4 (COCO cls) or 8 (COCO seg) sub-batches and
+    accumulates their gradients before one optimizer step. Both losses are means over terms that
+    do not interact across samples (L_MCL over positives, L_CAL over counted pixels), so the
+    trainer weights sub-batch loss j by ``weight_j / Σ weight`` (:func:`classification_weight`,
+    :func:`segmentation_weight`): the accumulated gradient is the full-batch gradient.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot split a batch of {n} into {k} sub-batches")
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,318 @@
+"""§7 prompt-training recipe: sub-batches, step counts, the CAM checkpoint iteration, the seg-loss
+classes and crop sizes, through pipeline functions and the real stages on a tiny demo index."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline.clip.model import create_clip
+from pipeline.data.datasets import load_split
+from pipeline.prompts.learner import PromptLearner
+from pipeline.prompts.training import (
+    present_classes, segmentation_labels, segmentation_loss, segmentation_weight, sub_batches,
+)
+from pipeline.store import ImageStore
+from stages import train_prompts as tp
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN = 5
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return create_clip("tiny", seed=0)
+
+
+def _learner(clip, n_fg=3, shared=False, position="front"):
+    names = ["ball", "box", "kite", "cup"][:n_fg] + ["", ""]
+    return PromptLearner(clip.model, names, n_fg=n_fg, n_ctx=4, shared_context=shared,
+                         class_position=position, init_std=0.0125, seed=0)
+
+
+def _seg_batch(n=6, crop=224):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 1 + (crop // 16) ** 2, 64, generator=gen)
+    crops = torch.zeros(n, crop, crop, dtype=torch.uint8)
+    labels = torch.zeros(n, 3)
+    for i in range(n):
+        c = i % 3
+        crops[i, 20 + 10 * i : 120 + 10 * i, 30:150] = c + 1
+        labels[i, c] = 1
+        labels[i, (c + 1) % 3] = 1  # a labelled class absent from the crop
+        crops[i, : 10 * i] = 255
+    crops[n - 1] = 0  # a view without any class in its crop
+    return x, labels, crops
+
+
+def _grad(clip, learner, cfg, which, x, labels, crops):
+    learner.ctx.grad = None
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss, stepped = tp.batch_step(which, cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    return loss, stepped, learner.ctx.grad.clone()
+
+
+def test_sub_batches_split_the_batch():
+    assert sub_batches(16, 4) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)]
+    assert [s.stop - s.start for s in sub_batches(16, 8)] == [2] * 8
+    assert [s.stop - s.start for s in sub_batches(7, 3)] == [2, 3, 2]
+    with pytest.raises(ValueError):
+        sub_batches(4, 5)
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_cls_sub_batched_gradient_equals_full_batch(clip, k):
+    learner = _learner(clip, shared=True, position="end")
+    x, labels, _ = _seg_batch()
+    labels[0] = 1  # an image with no negative: not valid, it contributes no term
+    cfg1 = tp.PromptsConfig(batch_size=6, sub_batches=1)
+    loss1, stepped1, g1 = _grad(clip, learner, cfg1, "cls", x, labels, None)
+    lossk, steppedk, gk = _grad(clip, learner, dataclasses.replace(cfg1, sub_batches=k), "cls",
+                                x, labels, None)
+    assert stepped1 and steppedk and float(g1.abs().sum()) > 0
+    assert lossk == pytest.approx(loss1, rel=1e-5)
+    # float32 summation order differs: compare relative to the gradient's scale
+    torch.testing.assert_close(gk, g1, rtol=1e-4, atol=1e-5 * float(g1.abs().max()))
+
+
+@pytest.mark.parametrize("loss_classes", ["crop", "image"])
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_seg_sub_batched_gradient_equals_full_batch(clip, k, loss_classes):
+    learner = _learner(clip)
+    x, labels, crops = _seg_batch()
+    cfg1 = tp.PromptsConfig(batch_size=6, sub_batches=1, loss_classes=loss_classes)
+    loss1, _, g1 = _grad(clip, learner, cfg1, "seg", x, labels, crops)
+    lossk, _, gk = _grad(clip, learner, dataclasses.replace(cfg1, sub_batches=k), "seg", x, labels, crops)
+    assert float(g1.abs().sum()) > 0
+    assert lossk == pytest.approx(loss1, rel=1e-5)
+    # float32 summation order differs: compare relative to the gradient's scale
+    torch.testing.assert_close(gk, g1, rtol=1e-4, atol=1e-5 * float(g1.abs().max()))
+
+
+def test_seg_batch_without_any_class_skips_its_step(clip):
+    learner = _learner(clip)
+    x, labels, crops = _seg_batch()
+    crops[:] = 0
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    cfg = tp.PromptsConfig(batch_size=6, sub_batches=3)
+    loss, stepped = tp.batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    assert (loss, stepped) == (0.0, False)
+
+
+def test_seg_loss_classes_crop_or_image_labels(clip):
+    """VOC: the classes present in the seed crop; COCO: the image labels, so a labelled class
+    absent from the crop still gets a CAM, an all-background L_bg term and a softmax place."""
+    learner = _learner(clip)
+    x, labels, crops = _seg_batch()
+    crop_labels = segmentation_labels(labels, crops, "crop")
+    image_labels = segmentation_labels(labels, crops, "image")
+    torch.testing.assert_close(crop_labels, present_classes(crops, 3))
+    torch.testing.assert_close(image_labels, labels)
+    assert int(crop_labels.sum()) == 5 and int(image_labels.sum()) == 12
+    # every class of a view counts that view's non-ignored pixels (fg or bg of that class)
+    counted = (crops != 255).flatten(1).sum(1)
+    assert segmentation_weight(image_labels, crops) == int((2 * counted).sum())
+    loss_crop, n_crop = segmentation_loss(clip, learner, x, crops, crop_labels)
+    loss_image, n_image = segmentation_loss(clip, learner, x, crops, image_labels)
+    assert (n_crop, n_image) == (5, 12) and not torch.isclose(loss_crop, loss_image)
+    # None: the crop's classes (the reference default)
+    loss_default, _ = segmentation_loss(clip, learner, x, crops)
+    torch.testing.assert_close(loss_default, loss_crop)
+    with pytest.raises(ValueError, match="loss_classes"):
+        segmentation_labels(labels, crops, "everything")
+
+
+# -- through the stages ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["dataset"]["demo"] = {"n_train": N_TRAIN, "n_val": 1, "seed": 0}
+    params["compute"] = {"scheduler": "local", "workers": 1, "device": "cpu", "precision": "fp32"}
+    params["clip_features"]["n_views"] = 2
+    for which in ("cls", "seg"):
+        params["prompts"][which].update(iterations=4, warmup_iterations=1, batch_size=6,
+                                        checkpoint_every=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _invoke("prepare", "--params", root / "params.yaml", "--out", root / "index").exit_code == 0
+    res = _invoke("clip-features", "--params", root / "params.yaml", "--index", root / "index",
+                  "--out", root / "features")
+    assert res.exit_code == 0, res.output
+    seeds = root / "seeds"
+    shutil.copytree(root / "index" / "demo" / "SegmentationClassAug", seeds)  # GT as coarse seeds
+    return root
+
+
+def _params(work, tmp_path, **prompts):
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for key, value in prompts.items():
+        which, name = key.split("__")
+        params["prompts"][which][name] = value
+    path = tmp_path / f"params_{len(list(tmp_path.glob('params_*')))}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _train(work, params, which, out, **kw):
+    extra = ["--seeds", work / "seeds"] if which == "seg" else []
+    res = _invoke("train-prompts", "--which", which, "--params", params, "--index", work / "index",
+                  "--features", work / "features", *extra, "--out", out,
+                  "--metrics", out.with_suffix(".csv"))
+    assert res.exit_code == 0, res.output
+    return torch.load(out, weights_only=False)
+
+
+def test_every_iteration_is_one_step_over_the_full_batch(work, tmp_path, monkeypatch):
+    """4 iterations = 4 optimizer steps of 6 samples each, whatever the sub-batch split (the old
+    grad_accum drew a batch per iteration and stepped every k iterations); same result."""
+    steps, batches = [], []
+    original_step, original_batch = torch.optim.SGD.step, tp.BatchSource.batch
+
+    def counting_step(self, *a, **k):
+        steps.append(1)
+        return original_step(self, *a, **k)
+
+    def recording_batch(self, iteration):
+        out = original_batch(self, iteration)
+        batches.append(out[0].shape[0])
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    monkeypatch.setattr(tp.BatchSource, "batch", recording_batch)
+    results = {}
+    for which, k in (("cls", 1), ("cls", 3), ("seg", 3)):
+        steps.clear(), batches.clear()
+        params = _params(work, tmp_path, **{f"{which}__sub_batches": k})
+        results[which, k] = _train(work, params, which, tmp_path / f"{which}{k}.pt")
+        assert len(steps) == 4 and batches == [6] * 4
+    # (the seg split's gradient is checked against the full batch above, step by step)
+    torch.testing.assert_close(results["cls", 3]["ctx"], results["cls", 1]["ctx"], rtol=1e-4, atol=1e-6)
+    rows = (tmp_path / "cls3.csv").read_text().splitlines()[1:]
+    lrs = [float(r.split(",")[2]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] == pytest.approx(1e-3)  # scheduler: every iteration
+
+
+def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
+    """Training runs to the end (same final context as without cam_iteration), keeps the context
+    after iteration 2, and `cams` uses that one."""
+    plain = _train(work, _params(work, tmp_path), "cls", tmp_path / "plain.pt")
+    params = _params(work, tmp_path, cls__cam_iteration=2)
+    state = _train(work, params, "cls", tmp_path / "cls.pt")
+    assert state["cam_iteration"] == 2 and sorted(state["contexts"]) == [2]
+    torch.testing.assert_close(state["ctx"], plain["ctx"], rtol=0, atol=0)
+    # the kept context is the one the run had after iteration 2 (its resume checkpoint there)
+    original = tp.BatchSource.batch
+
+    def dies_at_three(self, iteration):
+        if iteration == 3:
+            raise RuntimeError("killed")
+        return original(self, iteration)
+
+    monkeypatch.setattr(tp.BatchSource, "batch", dies_at_three)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(work, params, "cls", tmp_path / "killed.pt")
+    monkeypatch.setattr(tp.BatchSource, "batch", original)
+    at_two = torch.load(tmp_path / "killed.pt.resume", weights_only=False)
+    assert at_two["iteration"] == 2
+    torch.testing.assert_close(state["contexts"][2], at_two["ctx"], rtol=0, atol=0)
+    assert not torch.equal(state["contexts"][2], state["ctx"])
+
+    from stages.cams import image_cams
+
+    out = tmp_path / "cams.zarr"
+    res = _invoke("cams", "--which", "cls", "--params", params, "--index", work / "index",
+                  "--features", work / "features", "--prompts", tmp_path / "cls.pt", "--out", out)
+    assert res.exit_code == 0, res.output
+    store, inference = ImageStore(out), ImageStore(work / "features" / "inference.zarr")
+    assert store.attrs["cam_iteration"] == 2
+    clip = create_clip("tiny", seed=0)
+    record = load_split(work / "index", "train").good()[0]
+    attrs = inference.read_attrs(record.id)
+    grid = (attrs["grid_h"], attrs["grid_w"])
+    cams = {}
+    for name, ctx in (("kept", state["contexts"][2]), ("final", state["ctx"])):
+        learner, _ = tp.load_learner(clip, tmp_path / "cls.pt")
+        with torch.no_grad():
+            learner.ctx.copy_(ctx)
+            text = learner.text_features(clip.model)
+        cams[name] = image_cams(clip, text, learner.n_fg, inference.read(record.id)["tokens"],
+                                record.labels, grid)[0]
+    np.testing.assert_allclose(store.read(record.id)["cam"], cams["kept"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(cams["kept"], cams["final"], rtol=1e-3, atol=1e-5)
+    # a checkpoint without that context: one clear line, nothing written
+    bad = _params(work, tmp_path, cls__cam_iteration=3)
+    res = _invoke("cams", "--which", "cls", "--params", bad, "--index", work / "index",
+                  "--features", work / "features", "--prompts", tmp_path / "cls.pt",
+                  "--out", tmp_path / "bad.zarr")
+    assert res.exit_code == 1 and "no context of iteration 3" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad.zarr").exists()
+
+
+def test_cam_iteration_and_loss_classes_are_validated(work, tmp_path):
+    res = _invoke("train-prompts", "--which", "cls", "--params",
+                  _params(work, tmp_path, cls__cam_iteration=5), "--index", work / "index",
+                  "--features", work / "features", "--out", tmp_path / "x.pt")
+    assert res.exit_code == 1 and "cam_iteration" in res.output
+    res = _invoke("train-prompts", "--which", "cls", "--params",
+                  _params(work, tmp_path, cls__loss_classes="image"), "--index", work / "index",
+                  "--features", work / "features", "--out", tmp_path / "x.pt")
+    assert res.exit_code == 1 and "prompts.cls.loss_classes" in res.output
+
+
+def test_seg_prompts_train_on_image_labels(work, tmp_path):
+    """Against all-background seed maps, crop classes give nothing to learn (every step is
+    skipped, the context stays at its initialisation) while the image labels still train: each
+    labelled class gets a CAM pushed down by L_bg."""
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    from pipeline.data.imageio import read_label, write_palette_png
+
+    for png in (work / "seeds").glob("*.png"):
+        write_palette_png(blank / png.name, np.zeros_like(read_label(png)))
+    runs = {}
+    for mode in ("crop", "image"):
+        out = tmp_path / f"{mode}.pt"
+        res = _invoke("train-prompts", "--which", "seg", "--params",
+                      _params(work, tmp_path, seg__loss_classes=mode), "--index", work / "index",
+                      "--features", work / "features", "--seeds", blank, "--out", out,
+                      "--metrics", out.with_suffix(".csv"))
+        assert res.exit_code == 0, res.output
+        runs[mode] = torch.load(out, weights_only=False)
+    init = PromptLearner(create_clip("tiny", seed=0).model, runs["crop"]["spec"]["names"], 4, 16, False,
+                         "front", init_std=0.0125, seed=0).ctx.detach()
+    torch.testing.assert_close(runs["crop"]["ctx"], init, rtol=0, atol=0)
+    assert not torch.allclose(runs["image"]["ctx"], init)
+
+
+def test_crop_320_trains_segmentation_prompts(work, tmp_path):
+    """A crop other than 224 (a 20x20 token grid) goes through clip-features and the seg loss."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["clip_features"]["augment"]["crop"] = 320
+    params["prompts"]["seg"].update(iterations=2, batch_size=3)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    res = _invoke("clip-features", "--params", path, "--index", work / "index", "--out", tmp_path / "f")
+    assert res.exit_code == 0, res.output
+    views = ImageStore(tmp_path / "f" / "train_views.zarr")
+    image_id = views.ids()[0]
+    assert views.read_array(image_id, "tokens").shape == (2, 1 + 20 * 20, 64)
+    res = _invoke("train-prompts", "--which", "seg", "--params", path, "--index", work / "index",
+                  "--features", tmp_path / "f", "--seeds", work / "seeds", "--out", tmp_path / "seg.pt",
+                  "--metrics", tmp_path / "seg.csv")
+    assert res.exit_code == 0, res.output
+    losses = [float(r.split(",")[1]) for r in (tmp_path / "seg.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and max(losses) > 0
+    params["clip_features"]["augment"]["crop"] = 300
+    path.write_text(yaml.safe_dump(params))
+    res = _invoke("clip-features", "--params", path, "--index", work / "index", "--out", tmp_path / "g")
+    assert res.exit_code == 1 and "clip_features.augment.crop" in res.output
