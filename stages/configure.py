@@ -29,13 +29,57 @@ VOC_SEGMENTER_ITERATIONS = epochs_to_iterations(80, 10_582, 16)
 #: DeepLabV3+ R101-d8 512x512 COCO-Stuff164k schedules.
 COCO_SEGMENTER_ITERATIONS = 100_000
 
-# The paper's settings shared by every real run (algorithms.md §1, §7, §9).
+# What the method does differently per dataset (algorithms.md §2, §4, §5, §7): written whatever
+# models run, so `--models demo` tries the dataset's recipe with the embedded tiny models.
+METHOD: dict[str, dict[str, Any]] = {
+    "voc": {
+        "dataset.name": "voc",
+        "dataset.train_split": "train_aug",
+        "dataset.eval_split": "val",
+        "seeds.coarse.alpha": 0.6,
+        "seeds.fine.alpha": 0.7,
+        "cams.cls.caa.enabled": True,
+        "cams.cls.caa.t_box": 0.4,
+        "cams.cls.caa.propagate": "score",
+        "cams.seg.caa.enabled": True,
+        "cams.seg.caa.t_box": 0.5,
+        "cams.seg.caa.propagate": "cam",
+    },
+    "coco": {
+        "dataset.name": "coco",
+        "dataset.train_split": "train",
+        "dataset.eval_split": "val",
+        "clip_features.augment.long_side_range": [318, 530],
+        "prompts.seg.loss_classes": "image",
+        # COCO uses the classification-style prompts for both sets (§2).
+        "prompts.seg.shared_context": True,
+        "prompts.seg.class_position": "end",
+        "prompts.seg.background": "names",
+        "prompts.seg.init_std": 0.015,
+        "cams.cls.caa.enabled": True,
+        "cams.cls.caa.t_box": 0.6,
+        "cams.cls.caa.propagate": "cam",
+        "cams.seg.caa.enabled": False,
+        # §5: COCO coarse alpha is chosen in 0.3-0.5 on train ground truth; 0.4 is the middle.
+        "seeds.coarse.alpha": 0.4,
+        "seeds.fine.alpha": 1.0,
+    },
+    "custom": {
+        "dataset.name": "custom",
+    },
+}
+
+# The paper's models and run lengths (§1, §7, §9): written with `--models real` (the default).
 _REAL = {
     "compute.device": "auto",
     "sam.model": "vit_h",
     "sam.pred_iou_thresh": 0.86,
     "sam.stability_score_thresh": 0.92,
     "clip.model": "ViT-B-16",
+    # the reference ran CLIP inference at native size (VOC: long side <= 500)
+    "clip.max_side": None,
+    "prompts.cls.iterations": 1800,
+    "prompts.seg.iterations": 17000,
     "prompts.cls.warmup_iterations": 500,
     "prompts.seg.warmup_iterations": 500,
     "prompts.cls.checkpoint_every": 500,
@@ -55,32 +99,10 @@ _REAL = {
     "predict.alpha_sweep": [1.0, 2.0, 3.0, 4.0, 5.0],
 }
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "voc": {
-        **_REAL,
-        "dataset.name": "voc",
-        "dataset.train_split": "train_aug",
-        "dataset.eval_split": "val",
-        # the reference ran CLIP inference at native size (VOC: long side <= 500)
-        "clip.max_side": None,
-        "prompts.cls.iterations": 1800,
-        "prompts.seg.iterations": 17000,
-        "seeds.coarse.alpha": 0.6,
-        "seeds.fine.alpha": 0.7,
-        "cams.cls.caa.enabled": True,
-        "cams.cls.caa.t_box": 0.4,
-        "cams.cls.caa.propagate": "score",
-        "cams.seg.caa.enabled": True,
-        "cams.seg.caa.t_box": 0.5,
-        "cams.seg.caa.propagate": "cam",
-    },
+SCALE: dict[str, dict[str, Any]] = {
+    "voc": dict(_REAL),
     "coco": {
         **_REAL,
-        "dataset.name": "coco",
-        "dataset.train_split": "train",
-        "dataset.eval_split": "val",
-        "clip_features.augment.long_side_range": [318, 530],
-        "clip.max_side": None,  # native size, as the reference (COCO: long side <= 640)
         "prompts.cls.iterations": 20500,
         "prompts.cls.warmup_iterations": 1000,
         # 16 samples per step, split for memory as the reference did (§7)
@@ -88,35 +110,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prompts.seg.iterations": 75000,
         "prompts.seg.warmup_iterations": 1000,
         "prompts.seg.sub_batches": 8,
-        # the authors' COCO CAMs come from intermediate checkpoints (§7)
+        # the authors' COCO CAMs come from intermediate checkpoints of these schedules (§7)
         "prompts.cls.cam_iteration": 6150,
         "prompts.seg.cam_iteration": 45000,
-        "prompts.seg.loss_classes": "image",
-        # COCO uses the classification-style prompts for both sets (§2).
-        "prompts.seg.shared_context": True,
-        "prompts.seg.class_position": "end",
-        "prompts.seg.background": "names",
-        "prompts.seg.init_std": 0.015,
-        "cams.cls.caa.enabled": True,
-        "cams.cls.caa.t_box": 0.6,
-        "cams.cls.caa.propagate": "cam",
-        "cams.seg.caa.enabled": False,
-        # §5: COCO coarse alpha is chosen in 0.3-0.5 on train ground truth; 0.4 is the middle.
-        "seeds.coarse.alpha": 0.4,
-        "seeds.fine.alpha": 1.0,
         "segmenter.iterations": COCO_SEGMENTER_ITERATIONS,
         # val2014 has 40,504 images: a single-scale pass every 10k iterations (10 candidates).
         "segmenter.val_every": 10000,
     },
-    "custom": {
-        **_REAL,
-        "dataset.name": "custom",
-        "prompts.cls.iterations": 1800,
-        "prompts.seg.iterations": 17000,
-        # segmenter.iterations: the VOC schedule (80 epochs of 10,582 images); the command says
-        # how to scale it to the user's image count.
-    },
+    # segmenter.iterations: the VOC schedule (80 epochs of 10,582 images); the command says how to
+    # scale it to the user's image count.
+    "custom": dict(_REAL),
 }
+
+PROFILES: dict[str, dict[str, Any]] = {p: {**METHOD[p], **SCALE[p]} for p in METHOD}
+"""Everything `configure <profile>` writes with the paper's models."""
+
+SAM_MODELS = ("vit_h", "vit_l", "vit_b")
 
 
 def _get(tree, dotted: str):
@@ -140,48 +149,99 @@ def _require_file(path: str | None, option: str) -> str | None:
     return path
 
 
-def plan(profile: str, root: str | None, sam_checkpoint: str | None, clip_checkpoint: str | None,
-         backbone_weights: str | None, class_names: str | None, labels_file: str | None) -> dict[str, Any]:
-    """The dotted keys to set for ``profile``, after validating every given path."""
+def _sha256(value: str | None, option: str) -> str | None:
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+        raise StageError(f"{option}: a SHA-256 is 64 hex digits, got {value!r}")
+    return value.lower() if value else None
+
+
+def plan(profile: str, root: str | None, models: str = "real", sam_model: str = "vit_h",
+         sam_checkpoint: str | None = None, clip_checkpoint: str | None = None,
+         backbone_weights: str | None = None, class_names: str | None = None,
+         labels_file: str | None = None, sam_sha256: str | None = None,
+         clip_sha256: str | None = None, backbone_sha256: str | None = None) -> dict[str, Any]:
+    """The dotted keys to set for ``profile``, after validating every given path.
+
+    ``models``: ``real`` (the paper's models, local checkpoints required) or ``demo`` (keep the
+    embedded trained tiny models and the demo's run lengths; only the dataset and the dataset's
+    method settings change: try one's own data offline first).
+    """
     if root is None or not Path(root).is_dir():
         raise StageError(f"--root: dataset folder not found: {root}")
-    changes = dict(PROFILES[profile])
+    changes = dict(METHOD[profile]) if models == "demo" else dict(PROFILES[profile])
     changes["dataset.root"] = str(root)
     if profile == "custom":
-        changes["dataset.class_names"] = _require_file(class_names, "--class-names")
-        changes["dataset.labels_file"] = _require_file(labels_file, "--labels-file")
         if class_names is None or labels_file is None:
             raise StageError("custom data needs --class-names and --labels-file")
+        changes["dataset.class_names"] = _require_file(class_names, "--class-names")
+        changes["dataset.labels_file"] = _require_file(labels_file, "--labels-file")
+    if models == "demo":
+        given = [o for o, v in (("--sam-checkpoint", sam_checkpoint), ("--clip-checkpoint", clip_checkpoint),
+                                ("--backbone-weights", backbone_weights)) if v is not None]
+        if given:
+            raise StageError(f"{given[0]} is for --models real; --models demo keeps the embedded models")
+        return changes
+    changes["sam.model"] = sam_model
     for value, key, option in (
         (sam_checkpoint, "sam.checkpoint", "--sam-checkpoint"),
         (clip_checkpoint, "clip.checkpoint", "--clip-checkpoint"),
         (backbone_weights, "segmenter.encoder_weights", "--backbone-weights"),
     ):
         if value is None:
-            raise StageError(f"{option} is required: real runs load local weights only (see README)")
+            raise StageError(f"{option} is required with --models real: runs load local weights only "
+                             "(see README, or --models demo to try the embedded models)")
         changes[key] = _require_file(value, option)
+    # Empty: the published checksum of the official file (SAM), or the file's name rule / its
+    # checksum recorded in provenance (CLIP, ResNet-101); set for one's own checkpoints.
+    changes["sam.checkpoint_sha256"] = _sha256(sam_sha256, "--sam-sha256")
+    changes["clip.checkpoint_sha256"] = _sha256(clip_sha256, "--clip-sha256")
+    changes["segmenter.encoder_weights_sha256"] = _sha256(backbone_sha256, "--backbone-sha256")
     return changes
+
+
+def _eol_comment(parent, key) -> str | None:
+    token = parent.ca.items.get(key, [None, None, None, None])[2] if hasattr(parent, "ca") else None
+    return token.value if token is not None else None
+
+
+def _mark_configured(parent, key, profile: str) -> None:
+    """A comment that called the old value "demo" now says where the new one comes from."""
+    old = _eol_comment(parent, key)
+    if old is None or "demo" not in old:
+        return
+    token = parent.ca.items[key][2]
+    parent.yaml_add_eol_comment(f"# wsss configure {profile} (paper's setting)", key,
+                                column=token.column)
 
 
 @click.command("configure")
 @click.argument("profile", type=click.Choice(sorted(PROFILES)))
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--root", help="Dataset root folder.")
-@click.option("--sam-checkpoint", help="SAM ViT-H checkpoint (sam_vit_h_4b8939.pth).")
-@click.option("--clip-checkpoint", help="CLIP ViT-B/16 OpenAI weights (open_clip format).")
-@click.option("--backbone-weights", help="ResNet-101 ImageNet-1k weights for DeepLabV3+.")
+@click.option("--models", type=click.Choice(["real", "demo"]), default="real", show_default=True,
+              help="real: the paper's models from local checkpoints; demo: keep the embedded tiny "
+                   "models (offline, minutes) and set only the dataset and its method settings.")
+@click.option("--sam-model", type=click.Choice(SAM_MODELS), default="vit_h", show_default=True,
+              help="SAM variant of --sam-checkpoint (the paper: vit_h).")
+@click.option("--sam-checkpoint", help="SAM checkpoint (sam_vit_h_4b8939.pth for vit_h).")
+@click.option("--sam-sha256", help="SHA-256 of your own SAM checkpoint (default: the official file's).")
+@click.option("--clip-checkpoint", help="CLIP ViT-B/16 OpenAI weights (open_clip_pytorch_model.bin or ViT-B-16.pt).")
+@click.option("--clip-sha256", help="SHA-256 to pin for the CLIP file.")
+@click.option("--backbone-weights", help="ResNet-101 ImageNet-1k weights for DeepLabV3+ (resnet101-63fe2227.pth).")
+@click.option("--backbone-sha256", help="SHA-256 to pin for the ResNet-101 file.")
 @click.option("--class-names", help="custom: class list file (one name per line).")
 @click.option("--labels-file", help="custom: CSV or JSON, image id -> class names.")
 @click.option("--dry-run", is_flag=True, help="Print the changes without writing.")
-def command(profile, params_path, root, sam_checkpoint, clip_checkpoint, backbone_weights,
-            class_names, labels_file, dry_run) -> None:
+def command(profile, params_path, root, models, sam_model, sam_checkpoint, sam_sha256, clip_checkpoint,
+            clip_sha256, backbone_weights, backbone_sha256, class_names, labels_file, dry_run) -> None:
     """Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."""
     from ruamel.yaml import YAML
 
     path = Path(params_path)
     if not path.is_file():
         raise StageError(f"parameter file not found: {path}")
-    changes = plan(profile, root, sam_checkpoint, clip_checkpoint, backbone_weights, class_names, labels_file)
+    changes = plan(profile, root, models, sam_model, sam_checkpoint, clip_checkpoint, backbone_weights,
+                   class_names, labels_file, sam_sha256, clip_sha256, backbone_sha256)
     yaml = YAML()
     yaml.preserve_quotes = True
     tree = yaml.load(path.read_text())
@@ -193,6 +253,8 @@ def command(profile, params_path, root, sam_checkpoint, clip_checkpoint, backbon
         if old != value:
             click.echo(f"{key}: {old} -> {value}")
             _set(tree, key, value)
+            *parents, last = key.split(".")
+            _mark_configured(_get(tree, ".".join(parents)) if parents else tree, last, profile)
     if dry_run:
         click.echo("(dry run: nothing written)")
         return
@@ -200,7 +262,7 @@ def command(profile, params_path, root, sam_checkpoint, clip_checkpoint, backbon
     with open(tmp, "w") as f:
         yaml.dump(tree, f)
     tmp.replace(path)
-    if profile == "custom":
+    if profile == "custom" and models == "real":
         click.echo(f"note: segmenter.iterations is VOC's 80 epochs of 10,582 images at batch 16 "
                    f"({VOC_SEGMENTER_ITERATIONS}); for 80 epochs of N training images set it to ceil(80 * N / 16)")
     click.echo(f"wrote {path}; run `dvc repro` (or `dvc status` to see what reruns)")

@@ -106,3 +106,73 @@ def test_configure_validates_paths(tmp_path, drop, message):
                                        *[x for kv in args.items() for x in kv]])
     assert result.exit_code != 0 and message in result.output
     assert params.read_text() == before
+
+
+def _demo_marked_keys(path):
+    """Dotted keys whose line comment in params.yaml calls the value "demo"."""
+    from ruamel.yaml import YAML
+
+    found = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            token = node.ca.items.get(key, [None, None, None, None])[2]
+            if token is not None and "demo" in token.value.split("\n")[0]:
+                found.append(prefix + key)
+            if hasattr(value, "items"):
+                walk(value, prefix + key + ".")
+
+    walk(YAML().load(path.read_text()), "")
+    return found
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_demo_value_gets_the_papers_value(profile):
+    """A real run never keeps a value params.yaml marks as the demo's (a new demo key must get its
+    paper value in stages/configure.py)."""
+    marked = _demo_marked_keys(REPO / "params.yaml")
+    assert marked, "params.yaml marks its demo values"
+    demo_only = {k for k in marked if k.startswith("dataset.demo")}
+    assert sorted(set(marked) - demo_only - set(PROFILES[profile]) - {"dataset.root", "dataset.name"}) == []
+
+
+def _run(params, *args):
+    return CliRunner().invoke(main, ["configure", *args, "--params", str(params)])
+
+
+def test_configure_rewrites_demo_comments_and_takes_sam_variant_and_checksums(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    root, p = _files(tmp_path)
+    sha = "ab" * 32
+    res = _run(params, "voc", "--root", str(root), "--sam-model", "vit_b", "--sam-checkpoint",
+               p["sam_vit_h_4b8939.pth"], "--sam-sha256", sha.upper(), "--clip-checkpoint", p["clip.bin"],
+               "--backbone-weights", p["resnet101.pth"])
+    assert res.exit_code == 0, res.output
+    tree = yaml.safe_load(params.read_text())
+    assert tree["sam"]["model"] == "vit_b" and tree["sam"]["checkpoint_sha256"] == sha
+    assert tree["clip"]["checkpoint_sha256"] is None
+    assert _demo_marked_keys(params) == [k for k in _demo_marked_keys(REPO / "params.yaml")
+                                         if k.startswith("dataset.demo")]
+    assert "# wsss configure voc (paper's setting)" in params.read_text()
+    bad = _run(params, "voc", "--root", str(root), "--sam-checkpoint", p["sam_vit_h_4b8939.pth"],
+               "--sam-sha256", "1234", "--clip-checkpoint", p["clip.bin"], "--backbone-weights", p["resnet101.pth"])
+    assert bad.exit_code == 1 and "--sam-sha256: a SHA-256 is 64 hex digits" in bad.output
+
+
+def test_configure_custom_with_the_demo_models(tmp_path):
+    """Own images, embedded models: no checkpoints, the demo's models and run lengths kept."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    root, p = _files(tmp_path)
+    before = yaml.safe_load(params.read_text())
+    res = _run(params, "custom", "--models", "demo", "--root", str(root), "--class-names", p["classes.txt"],
+               "--labels-file", p["labels.csv"])
+    assert res.exit_code == 0, res.output
+    tree = yaml.safe_load(params.read_text())
+    assert tree["dataset"]["name"] == "custom" and tree["dataset"]["labels_file"] == p["labels.csv"]
+    for section, key in (("sam", "model"), ("sam", "checkpoint"), ("clip", "model"), ("clip", "checkpoint"),
+                         ("segmenter", "model"), ("prompts", "cls"), ("sam", "pred_iou_thresh")):
+        assert tree[section][key] == before[section][key], (section, key)
+    res = _run(params, "voc", "--models", "demo", "--root", str(root), "--sam-checkpoint", p["sam_vit_h_4b8939.pth"])
+    assert res.exit_code == 1 and "--sam-checkpoint is for --models real" in res.output
