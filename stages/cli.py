@@ -66,9 +66,9 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            store = sys.modules.get("pipeline.store")
-            if store is not None and isinstance(exc, store.StoreError):
-                raise StageError(str(exc)) from exc
+            for module, name in (("pipeline.store", "StoreError"), ("pipeline.weights", "CheckpointError")):
+                if module in sys.modules and isinstance(exc, getattr(sys.modules[module], name)):
+                    raise StageError(str(exc)) from exc
             if not isinstance(exc, OSError) or exc.errno not in _WRITE_ERRNOS:
                 raise
             where = exc.filename or "the output"

@@ -100,15 +100,28 @@ class ClipConfig:
 
 
 def verify_clip(cfg: ClipConfig) -> str | None:
-    """Check the checkpoint once in the main process; returns its SHA-256 (None: no file)."""
+    """Check the checkpoint once in the main process; returns its SHA-256 (None: no file).
+
+    The expected checksum is ``clip.checkpoint_sha256``, else the published one of a known official
+    file (OpenAI's ViT-B-16.pt). The Hugging Face conversion's checksum is not published: such a
+    file is not verified, and its SHA-256 goes into every store's provenance instead.
+    """
+    from pipeline.clip.model import known_sha256
+
     if cfg.model == "tiny" or cfg.checkpoint is None:
         return None
+    expected = cfg.checkpoint_sha256 or known_sha256(cfg.model, cfg.checkpoint)
     try:
-        path = resolve_checkpoint(cfg.checkpoint, cfg.checkpoint_sha256, f"CLIP {cfg.model}",
-                                  CLIP_SOURCE, "clip.checkpoint")
+        path = resolve_checkpoint(cfg.checkpoint, expected, f"CLIP {cfg.model}", CLIP_SOURCE,
+                                  "clip.checkpoint")
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
-    return cfg.checkpoint_sha256 or sha256sum(path)
+    if expected:
+        return expected.lower()
+    actual = sha256sum(path)
+    log.warning("CLIP checkpoint %s is not verified (no published checksum); its SHA-256 %s is "
+                "recorded in the outputs' provenance; pin it with clip.checkpoint_sha256", path, actual)
+    return actual
 
 
 def clip_provenance(cfg: ClipConfig, sha256: str | None) -> dict:

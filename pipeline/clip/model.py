@@ -42,6 +42,21 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+OPENAI_FILES = {
+    # OpenAI's own download of ViT-B/16 (a TorchScript archive): its URL carries the file's SHA-256
+    # (openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-16.pt), which OpenAI's loader checks.
+    "ViT-B-16": ("ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+}
+"""Architecture -> (official file name, its SHA-256) where the checksum can be established."""
+
+
+def known_sha256(model_name: str, checkpoint: str | Path) -> str | None:
+    """The published checksum of ``checkpoint`` if it is a known official file, else None (the
+    Hugging Face conversions' checksums are not published; callers record the file's own)."""
+    name, sha = OPENAI_FILES.get(model_name, (None, None))
+    return sha if Path(checkpoint).name == name else None
+
+
 def create_clip(
     model_name: str,
     checkpoint: str | Path | None = None,
@@ -60,15 +75,49 @@ def create_clip(
     """
     name = MODEL_ALIASES.get(model_name, model_name)
     register_model_configs()
-    pretrained = str(checkpoint) if checkpoint is not None else pretrained_tag
+    pretrained = None if checkpoint is not None else pretrained_tag
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # The OpenAI weights were trained with QuickGELU; open_clip's ViT-B-16 config defaults to
         # GELU, so the activation is forced whenever real weights are loaded.
         model = open_clip.create_model(
-            name, pretrained=pretrained, force_quick_gelu=pretrained is not None
+            name, pretrained=pretrained, force_quick_gelu=checkpoint is not None or pretrained is not None
         )
-    return FrozenClip(model, untrained=pretrained is None)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return FrozenClip(model, untrained=checkpoint is None and pretrained is None)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load an OpenAI-format CLIP state dict into an open_clip model, from either file format:
+    a ``torch.save``d state dict (open_clip_pytorch_model.bin) or OpenAI's TorchScript archive
+    (ViT-B-16.pt). A truncated or foreign file raises one CheckpointError naming it."""
+    import zipfile
+
+    from pipeline.weights import CheckpointError, load_torch_file
+
+    path = Path(checkpoint)
+    source = "https://huggingface.co/timm/vit_base_patch16_clip_224.openai or OpenAI's ViT-B-16.pt"
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as exc:  # TorchScript errors have many types
+            raise CheckpointError(f"CLIP checkpoint {path} is a TorchScript archive that cannot be "
+                                  f"loaded ({type(exc).__name__}); get it again from {source}.") from exc
+    else:
+        state = load_torch_file(path, "CLIP", source)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    # OpenAI's archive also holds its hyper-parameters as tensors, and an archive traced from an
+    # open_clip model its causal mask: neither is a weight.
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+        raise CheckpointError(f"CLIP checkpoint {path} does not fit this architecture "
+                              f"({lines[1] if len(lines) > 1 else lines[0]})"[:400] + ": is clip.model right?") from exc
 
 
 def inference_size(
