@@ -1,13 +1,9 @@
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# In-process CLI runs log to a scratch folder, not the checkout's cache/logs (DVC projects built by
-# tests/dvc_project.py drop this variable, so their stages log into the project, as users' do).
-os.environ.setdefault("WSSS_LOG_DIR", tempfile.mkdtemp(prefix="wsss-test-logs-"))
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 
@@ -21,3 +17,11 @@ def golden_files(kind: str) -> list[Path]:
 
 def golden_params(kind: str):
     return [pytest.param(p, id=p.stem) for p in golden_files(kind)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stage_logs_in_scratch(tmp_path_factory):
+    """In-process CLI runs log to pytest's scratch folder, not the checkout's cache/logs (DVC
+    projects built by tests/dvc_project.py drop the variable: their stages log into the project)."""
+    if "WSSS_LOG_DIR" not in os.environ:
+        os.environ["WSSS_LOG_DIR"] = str(tmp_path_factory.mktemp("stage-logs"))
