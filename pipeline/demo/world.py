@@ -10,8 +10,10 @@ levels (0 sub-part, 1 part, 2 whole) mean something:
     fish    body (+ eye, gill), tail, fin
     plane   fuselage (+ windows, cockpit), two wings (+ engines), tail fin
 
-Shape decides the class: every part's colour is drawn at random per instance, so colours vary
-within a class and overlap between classes. Scenes are made of background regions named like
+Shape decides the class, helped by local surface patterns (planks on a hull, scales on a fish,
+chevrons on wings...); colours vary within a class and overlap between classes (each class's main
+part takes a typical hue with a wide, overlapping spread for half of the instances, any colour
+otherwise; the other parts are random). Scenes are made of background regions named like
 the VOC background prompts (sky, mountain, grass, water, road, wall), textured, with clutter and
 distractor blobs that belong to no class; objects are 10-60 % of the image's short side, may
 occlude each other, and images are 193-319 px per side, never a multiple of 16.
@@ -93,6 +95,18 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
     """Any colour: hue uniform, saturation and value spread wide (object parts)."""
     return _hsv_to_rgb(rng.random(), rng.uniform(0.15, 0.95), rng.uniform(0.2, 0.98))
+
+
+# Typical hue of each class's main part (car, boat, person, flower, fish, plane), used for half of
+# the instances with a spread that overlaps the neighbouring classes; the rest are any colour.
+_CLASS_HUE = (0.0, 0.62, 0.33, 0.83, 0.12, 0.5)
+
+
+def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    if rng.random() < 0.5:
+        return _random_colour(rng)
+    hue = (_CLASS_HUE[cls] + rng.uniform(-0.12, 0.12)) % 1.0
+    return _hsv_to_rgb(hue, rng.uniform(0.35, 0.95), rng.uniform(0.35, 0.98))
 
 
 def _contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_dist: float = 70.0) -> np.ndarray:
@@ -207,13 +221,49 @@ class Part:
     shape: Callable
     colour: np.ndarray
     subparts: list  # [(shape, colour)]
+    pattern: Callable | None = None
+    """Surface pattern: (u, v) -> brightness factor around 1 (the class's typical surface)."""
+
+
+# Surface patterns of the classes' main parts, in the object's local frame. Colour is random per
+# instance; the pattern (like planks on a hull or scales on a fish) is a local cue of the class,
+# as surface texture is in real images.
+def _stripes(period, vertical=False, depth=0.22):
+    def f(u, v):
+        return 1.0 + depth * (_triangle_wave((u if vertical else v) / period) - 0.5)
+    return f
+
+
+def _scales(period, depth=0.3):
+    def f(u, v):
+        return 1.0 + depth * (_triangle_wave(u / period + 0.5 * np.floor(v / period)) * _triangle_wave(v / period) - 0.25)
+    return f
+
+
+def _dots(period, depth=0.3):
+    def f(u, v):
+        a, b = _triangle_wave(u / period), _triangle_wave(v / period)
+        return 1.0 + depth * ((a * a + b * b > 1.2) - 0.3)
+    return f
+
+
+def _gloss(depth=0.35):
+    def f(u, v):
+        return 1.0 + depth * (np.abs(v + 0.02) < 0.03) - 0.1 * depth
+    return f
+
+
+def _chevrons(period, depth=0.25):
+    def f(u, v):
+        return 1.0 + depth * (_triangle_wave((u + np.abs(v)) / period) - 0.5)
+    return f
 
 
 # -- the six classes ------------------------------------------------------------------------------
 
 
 def _car(rng):
-    body_c = _random_colour(rng)
+    body_c = _class_colour(rng, 0)
     glass = _contrasting_colour(rng, body_c)
     tyre = _contrasting_colour(rng, body_c, 90)
     hub = _contrasting_colour(rng, tyre)
@@ -238,14 +288,14 @@ def _car(rng):
     ]
     wr = rng.uniform(0.1, 0.14)
     wheel_x = length / 2 - wr - rng.uniform(0.04, 0.1)
-    parts = [Part(body, body_c, windows)]
+    parts = [Part(body, body_c, windows, _gloss())]
     for x in (-wheel_x, wheel_x):
         parts.append(Part(ellipse(x, base_y + h / 2, wr, wr), tyre, [(ellipse(x, base_y + h / 2, wr * 0.5, wr * 0.5), hub)]))
     return parts
 
 
 def _boat(rng):
-    hull_c = _random_colour(rng)
+    hull_c = _class_colour(rng, 1)
     sail_c = _contrasting_colour(rng, hull_c)
     mast_c = _contrasting_colour(rng, sail_c)
     top_w, bot_w = rng.uniform(0.8, 1.0), rng.uniform(0.45, 0.65)
@@ -260,7 +310,7 @@ def _boat(rng):
     sail = polygon([(mast_x + 0.03, -0.45), (mast_x + 0.03, hull_top - 0.05), (mast_x + 0.03 + sail_w, hull_top - 0.05)])
     stripe = polygon([(mast_x + 0.03, hull_top - 0.2), (mast_x + 0.03, hull_top - 0.11),
                       (mast_x + 0.03 + sail_w * 0.85, hull_top - 0.11), (mast_x + 0.03 + sail_w * 0.62, hull_top - 0.2)])
-    parts = [Part(hull, hull_c, holes), Part(mast, mast_c, []),
+    parts = [Part(hull, hull_c, holes, _stripes(0.045)), Part(mast, mast_c, []),
              Part(minus(sail, mast), sail_c, [(stripe, _contrasting_colour(rng, sail_c))])]
     if rng.random() < 0.5:  # a jib in front of the mast
         jib = polygon([(mast_x - 0.03, -0.35), (mast_x - 0.03, hull_top - 0.05), (mast_x - 0.03 - sail_w * 0.6, hull_top - 0.05)])
@@ -270,7 +320,7 @@ def _boat(rng):
 
 def _person(rng):
     skin = _random_colour(rng)
-    shirt = _contrasting_colour(rng, skin)
+    shirt = _class_colour(rng, 2)
     trousers = _contrasting_colour(rng, shirt)
     head_r = rng.uniform(0.09, 0.12)
     head_y = -0.5 + head_r
@@ -281,7 +331,8 @@ def _person(rng):
     hair = minus(ellipse(0, head_y - head_r * 0.35, head_r * 1.05, head_r * 0.75), rrect(0, head_y + head_r * 0.4, 1, head_r * 1.1))
     head = Part(ellipse(0, head_y, head_r * 0.9, head_r), skin, [(hair, _contrasting_colour(rng, skin))])
     belt = rrect(0, hip_y - 0.03, torso_w, 0.04)
-    torso = Part(rrect(0, torso_top + torso_h / 2, torso_w, torso_h, r=0.05), shirt, [(belt, _contrasting_colour(rng, shirt))])
+    torso = Part(rrect(0, torso_top + torso_h / 2, torso_w, torso_h, r=0.05), shirt, [(belt, _contrasting_colour(rng, shirt))],
+                 _stripes(0.05, vertical=True))
     arm_r = rng.uniform(0.028, 0.04)
     parts = [head, torso]
     for side in (-1, 1):
@@ -298,7 +349,7 @@ def _person(rng):
 
 
 def _flower(rng):
-    petal_c = _random_colour(rng)
+    petal_c = _class_colour(rng, 3)
     centre_c = _contrasting_colour(rng, petal_c)
     stem_c = _contrasting_colour(rng, petal_c)
     bloom_y = rng.uniform(-0.27, -0.2)
@@ -323,11 +374,11 @@ def _flower(rng):
     for side, y in ((-1, rng.uniform(0.15, 0.3)), (1, rng.uniform(0.2, 0.38))):
         lx = side * rng.uniform(0.1, 0.14)
         leaves.append(Part(minus(ellipse(lx + bend * 0.5, y, 0.1, 0.04, side * 0.5), stem), leaf_c, []))
-    return [Part(minus(stem, bloom), stem_c, []), *leaves, Part(bloom, petal_c, subs)]
+    return [Part(minus(stem, bloom), stem_c, []), *leaves, Part(bloom, petal_c, subs, _dots(0.045))]
 
 
 def _fish(rng):
-    body_c = _random_colour(rng)
+    body_c = _class_colour(rng, 4)
     fin_c = _contrasting_colour(rng, body_c)
     bl, bh = rng.uniform(0.32, 0.38), rng.uniform(0.14, 0.2)
     bx = rng.uniform(0.06, 0.1)
@@ -339,12 +390,13 @@ def _fish(rng):
     fin = minus(polygon([(bx - 0.12, -bh * 0.8), (bx + 0.1, -bh * 0.85), (bx - 0.12, -bh * 1.6)]), body)
     eye = ellipse(bx + bl * 0.62, -bh * 0.2, 0.035, 0.035)
     gill = minus(ellipse(bx + bl * 0.35, 0, 0.03, bh * 0.7), ellipse(bx + bl * 0.35 + 0.025, 0, 0.03, bh * 0.7))
-    body_part = Part(body, body_c, [(eye, _contrasting_colour(rng, body_c, 100)), (gill, _contrasting_colour(rng, body_c))])
+    body_part = Part(body, body_c, [(eye, _contrasting_colour(rng, body_c, 100)), (gill, _contrasting_colour(rng, body_c))],
+                     _scales(0.06))
     return [Part(union(tail, tail2), fin_c, []), Part(fin, fin_c * 0.8 + body_c * 0.2, []), body_part]
 
 
 def _plane(rng):
-    body_c = _random_colour(rng)
+    body_c = _class_colour(rng, 5)
     wing_c = _contrasting_colour(rng, body_c, 50)
     fl, fr = rng.uniform(0.44, 0.5), rng.uniform(0.05, 0.07)
     fuselage = union(rrect(0, 0, fl * 2, fr * 2, r=fr), ellipse(fl - fr * 0.2, 0, fr * 1.6, fr))
@@ -358,7 +410,7 @@ def _plane(rng):
         wing = polygon([(wx + chord / 2, side * fr * 0.5), (wx - chord / 2, side * fr * 0.5),
                         (wx - chord / 2 - sweep, side * span), (wx - chord / 2 - sweep + chord * 0.5, side * span)])
         engine = ellipse(wx - sweep * 0.45, side * span * 0.5, 0.06, 0.025)
-        parts.append(Part(minus(wing, fuselage), wing_c, [(minus(engine, fuselage), eng_c)]))
+        parts.append(Part(minus(wing, fuselage), wing_c, [(minus(engine, fuselage), eng_c)], _chevrons(0.08)))
     tail = polygon([(-fl + 0.02, 0), (-fl + 0.12, -fr), (-fl - 0.02, -0.2), (-fl - 0.08, -0.2)])
     tail2 = polygon([(-fl + 0.02, 0), (-fl + 0.12, fr), (-fl - 0.02, 0.2), (-fl - 0.08, 0.2)])
     parts.append(Part(minus(union(tail, tail2), fuselage), wing_c * 0.7 + body_c * 0.3, []))
@@ -532,7 +584,11 @@ def _render_object(rng, parts: list[Part], size: float, tilt: float, flip: bool,
         mask |= m
         part_idx[m] = k
         sub_idx[m] = 0
-        colour[m] = part.colour
+        if part.pattern is None:
+            colour[m] = part.colour
+        else:
+            factor = np.broadcast_to(part.pattern(u, v), shape)
+            colour[m] = part.colour * factor[m][:, None]
         for sub_shape, sub_colour in part.subparts:
             n_sub += 1
             sm = np.broadcast_to(sub_shape(u, v), shape) & m
