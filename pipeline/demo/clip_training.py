@@ -362,7 +362,7 @@ def evaluation_images(world_seed: int, n: int) -> list[WorldImage]:
 
 
 def evaluate_clip(model, samples: list[WorldImage], bg_powers=tuple(range(1, 11))) -> dict:
-    """Held-out quality of a demo CLIP through the pipeline's own inference code.
+    """Held-out quality of a demo CLIP through the pipeline's own inference code (percent).
 
     Hand-written prompts ("a photo of a car.", the 25 VOC background names) stand in for the
     learned ones: classification mAP of the image features, and the mIoU of the Softmax-GradCAMs
@@ -372,7 +372,7 @@ def evaluate_clip(model, samples: list[WorldImage], bg_powers=tuple(range(1, 11)
 
     from pipeline.cams.score import cam_score
     from pipeline.clip.model import FrozenClip, inference_resize
-    from pipeline.metrics import CamEvaluator, ConfusionAccumulator
+    from pipeline.metrics import CamEvaluator, ConfusionAccumulator, percent
     from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES
     from pipeline.prompts.learner import clip_logits
     from pipeline.prompts.training import batched_gradcam
@@ -399,8 +399,8 @@ def evaluate_clip(model, samples: list[WorldImage], bg_powers=tuple(range(1, 11)
         cams.add(cam_score(cam.detach().numpy(), s.label.shape), np.array(s.classes), s.label)
         background.add(np.zeros_like(s.label), s.label)
     return {"cam_miou": cams.results()["best_miou"], "cam_best_power": cams.results()["best_power"],
-            "all_background_miou": background.scores().miou,
-            "classification_map": _mean_average_precision(np.stack(scores), np.stack(targets))}
+            "all_background_miou": percent(background.scores().miou),
+            "classification_map": percent(_mean_average_precision(np.stack(scores), np.stack(targets)))}
 
 
 def _mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
