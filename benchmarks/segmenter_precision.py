@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.demo_data import DEMO_CLASSES, render_demo_image  # noqa: E402
+from pipeline.demo.world import DEMO_CLASSES, render  # noqa: E402
 from pipeline.metrics import ConfusionAccumulator  # noqa: E402
 from pipeline.segmenter.model import build_segmenter, predict_probs  # noqa: E402
 from pipeline.segmenter.training import (  # noqa: E402
@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--train-bf16", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = [render_demo_image(0, i) for i in range(args.n_train)]
-    val = [render_demo_image(0, i) for i in range(args.n_train, args.n_train + args.n_val)]
+    data = [(s.image, s.label) for s in map(lambda i: render(0, i), range(args.n_train))]
+    val = [(s.image, s.label) for s in map(lambda i: render(0, i), range(args.n_train, args.n_train + args.n_val))]
     pixels = sum(gt.size for _, gt in val)
     print(f"demo: {args.n_train} train, {args.n_val} val images ({pixels} val pixels); tiny segmenter, "
           f"output stride {args.output_stride}, {args.iterations} iterations at batch {args.batch}", flush=True)

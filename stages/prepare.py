@@ -25,7 +25,7 @@ from pipeline.data.datasets import (
     COCO_CLASSES, VOC_CLASSES, DatasetError, Record, SplitIndex, labels_from_mask,
     parse_class_list, parse_labels_file, split_path,
 )
-from pipeline.data.demo_data import DEMO_CLASSES, render_demo_image
+from pipeline.demo.world import DEMO_CLASSES, render as render_demo
 from pipeline.data.imageio import ImageReadError, image_size, read_label, write_palette_png
 from stages.common import PARAMS_OPTION, StageError, load_params, section
 
@@ -170,11 +170,11 @@ def generate_demo(root: Path, cfg: DemoConfig) -> None:
     for split, indices in lists.items():
         ids = []
         for i in tqdm(indices, desc=f"demo {split}", unit="img", dynamic_ncols=True):
-            image, label = render_demo_image(cfg.seed, i)
+            sample = render_demo(cfg.seed, i)
             image_id = f"demo_{i:04d}"
             # PNG content under a .jpg name would confuse viewers; JPEG at quality 95 is the VOC norm.
-            Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-            write_palette_png(root / "SegmentationClassAug" / f"{image_id}.png", label)
+            Image.fromarray(sample.image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            write_palette_png(root / "SegmentationClassAug" / f"{image_id}.png", sample.label)
             ids.append(image_id)
         (root / "ImageSets" / "SegmentationAug" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (root / "classes.txt").write_text("\n".join(DEMO_CLASSES) + "\n")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.clip.model import create_clip
 from pipeline.data.datasets import load_split
+from pipeline.demo.world import DEMO_CLASSES
 from pipeline.cams.gradcam import softmax_gradcam
 from pipeline.prompts.training import (
     batched_gradcam, present_classes, segmentation_loss, warmup_cosine_factor,
@@ -21,6 +22,7 @@ from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 5
+N_FG = len(DEMO_CLASSES)
 
 
 def _invoke(*args):
@@ -90,7 +92,7 @@ def test_train_prompts_cls_writes_checkpoint_and_curve(work):
     assert res.exit_code == 0, res.output
     state = torch.load(out, weights_only=False)
     assert state["ctx"].shape == (16, 64) and state["untrained"] is True
-    assert state["spec"]["n_fg"] == 4 and len(state["spec"]["names"]) == 4 + 25
+    assert state["spec"]["n_fg"] == N_FG and len(state["spec"]["names"]) == N_FG + 25
     rows = list(csv.DictReader(metrics.open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[0]["lr"]) == pytest.approx(1e-5) and float(rows[1]["lr"]) == pytest.approx(1e-3)
@@ -170,8 +172,8 @@ def test_train_prompts_seg_on_seed_crops(work):
                   "--seeds", str(seeds), "--out", str(out), "--metrics", str(work / "plots" / "seg.csv")))
     assert res.exit_code == 0, res.output
     state = torch.load(out, weights_only=False)
-    assert state["ctx"].shape == (4 + 25, 16, 64)
-    assert state["spec"]["names"][4:] == [""] * 25 and state["spec"]["class_position"] == "front"
+    assert state["ctx"].shape == (N_FG + 25, 16, 64)
+    assert state["spec"]["names"][N_FG:] == [""] * 25 and state["spec"]["class_position"] == "front"
     res = _invoke("train-prompts", "--which", "seg", *_args(work, "--features", str(work / "features")))
     assert res.exit_code == 1 and "--seeds" in res.output
 
@@ -248,7 +250,7 @@ def test_train_prompts_exact_path_runs_full_encoder_on_fresh_views(work, tmp_pat
         outs.append(torch.load(out, weights_only=False))
     # deterministic given the seed, and trained (context moved from its initialisation)
     torch.testing.assert_close(outs[0]["ctx"], outs[1]["ctx"], rtol=0, atol=0)
-    init = PromptLearner(create_clip("tiny").model, outs[0]["spec"]["names"], 4, 16, False, "front",
+    init = PromptLearner(create_clip("tiny").model, outs[0]["spec"]["names"], N_FG, 16, False, "front",
                          init_std=0.0125, seed=0).ctx.detach()
     assert not torch.equal(outs[0]["ctx"], init)
 

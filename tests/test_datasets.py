@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.data.datasets import (
     VOC_CLASSES, DatasetError, labels_from_mask, load_split, parse_class_list, parse_labels_file,
 )
-from pipeline.data.demo_data import render_demo_image
+from pipeline.demo.world import DEMO_CLASSES, render as render_demo
 from pipeline.data.imageio import read_label, read_rgb, write_palette_png
 from stages.cli import main
 
@@ -105,9 +105,8 @@ def test_custom_layout_with_optional_masks_and_modes(tmp_path, fmt):
 
 
 def test_demo_is_deterministic_and_consistent(tmp_path):
-    a, b = render_demo_image(0, 5), render_demo_image(0, 5)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(render_demo_image(1, 5)[0].shape, (0,))
+    a, b = render_demo(0, 5), render_demo(0, 5)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
     result = _prepare(tmp_path, _params(tmp_path))
     assert result.exit_code == 0, result.output
     train = load_split(tmp_path / "index", "train")
@@ -115,8 +114,9 @@ def test_demo_is_deterministic_and_consistent(tmp_path):
     for r in train.records:
         label = read_label(r.label)
         assert label.shape == (r.height, r.width) == read_rgb(r.image).shape[:2]
-        assert r.labels == labels_from_mask(label, 4) and len(r.labels) >= 1
-        assert set(np.unique(label)) <= {0, 1, 2, 3, 4, 255}
+        n = len(DEMO_CLASSES)
+        assert r.labels == labels_from_mask(label, n) == render_demo(0, int(r.id[-4:])).classes
+        assert len(r.labels) >= 1 and set(np.unique(label)) <= {*range(n + 1), 255}
     assert [r.id for r in load_split(tmp_path / "index", "val").records] == ["demo_0003", "demo_0004"]
 
 

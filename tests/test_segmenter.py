@@ -46,10 +46,10 @@ def _shapes_set(n: int, size: int, seed: int = 0):
 
 
 def test_training_reduces_loss_on_demo_data():
-    from pipeline.data.demo_data import DEMO_CLASSES, render_demo_image
+    from pipeline.demo.world import DEMO_CLASSES, render
 
     # The demo's ground truth as seeds (its 255 boundary band is ignored by the loss).
-    data = [render_demo_image(0, i) for i in range(8)]
+    data = [(s.image, s.label) for s in (render(0, i) for i in range(8))]
     net = build_segmenter("tiny", len(DEMO_CLASSES) + 1, seed=0)
     opt = build_optimizer(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
     augment = SegmentationAugment(crop_size=64, scale_range=(0.5, 1.0))

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.data.datasets import load_split
-from pipeline.data.demo_data import DEMO_CLASSES
+from pipeline.demo.world import DEMO_CLASSES
 from pipeline.data.imageio import VOC_PALETTE, read_label, read_rgb, write_palette_png
 from pipeline.metrics import ConfusionAccumulator, percent
 from pipeline.seeds.sams import sams_postprocess

@@ -73,6 +73,13 @@ SPECS: dict[str, SamSpec] = {
     # with 32-dim features. Random weights: its masks are meaningless but every step runs.
     "tiny": SamSpec(32, 2, 2, (1,), image_size=256, window_size=4, prompt_embed_dim=32,
                     decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
+    # Trained on the demo world by `wsss demo-models` (no weights committed yet, so no checksum
+    # is pinned here; sam.checkpoint_sha256 can pin one): 256 px input on a 16x16 token grid, 64x64 low-res masks (SAM's own
+    # 4 input px per low-res px); the decoder runs once per prompt point, so its width (64, the
+    # masks read 8 channels) is what two CPU cores can afford for hundreds of points per image.
+    "demo": SamSpec(64, 4, 2, (1, 3), image_size=256, window_size=8, prompt_embed_dim=64,
+                    decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64,
+                    checkpoint_name="sam_demo.pth", checkpoint_sha256=None),
 }
 
 

@@ -1,0 +1,112 @@
+"""``wsss demo-models``: train the embedded demo's tiny CLIP and SAM on the procedural world.
+
+Not a DVC stage of the pipeline: it creates the weights that ``clip.checkpoint`` (model
+``wsss-demo-ViT-16``) and ``sam.checkpoint`` (model ``demo``) load like real checkpoints. The
+training images come from the world's training stream, which no demo split uses.
+Writes ``clip_demo.pt`` (open_clip state dict, fp16), ``sam_demo.pth`` (segment-anything state
+dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality, seconds).
+Deterministic for a given seed and thread count (``--threads``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import click
+import torch
+from tqdm.auto import tqdm
+
+from stages.common import PARAMS_OPTION, StageError, load_params, section, write_json_atomic
+
+log = logging.getLogger("wsss.demo_models")
+CLIP_FILE = "clip_demo.pt"
+SAM_FILE = "sam_demo.pth"
+REPORT_FILE = "demo_models.json"
+
+
+def _bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def progress(step: int, stats: dict) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if isinstance(v, float)})
+        if step + 1 == total:
+            bar.close()
+    return progress
+
+
+def _save(obj, path: Path) -> str:
+    """Atomic ``torch.save`` with byte-identical output for identical tensors.
+
+    ``torch.save`` names the zip archive inside the file after the file it writes to, so saving
+    under a random temporary name (then renaming) would make every run's bytes differ; saving to
+    memory names it ``archive`` always.
+    """
+    import hashlib
+    import io
+    import os
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+@click.command("demo-models")
+@PARAMS_OPTION
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the weights (the committed ones live in pipeline/demo/weights).")
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
+@click.option("--threads", default=2, show_default=True,
+              help="Torch CPU threads; results are deterministic for a given thread count.")
+@click.option("--only", type=click.Choice(["clip", "sam"]), default=None, help="Train one model only.")
+@click.option("--clip-steps", type=int, default=None, help="Override the CLIP step count (quick runs).")
+@click.option("--sam-steps", type=int, default=None, help="Override the SAM step count (quick runs).")
+@click.option("--n-images", type=int, default=None, help="Override the training image count (quick runs).")
+@click.option("--eval-images", default=48, show_default=True, help="Held-out images for the report.")
+def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_images, eval_images) -> None:
+    """Train the demo CLIP and SAM on the procedural world (minutes on two CPU cores)."""
+    from pipeline.demo.clip_training import ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip
+    from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, train_sam
+
+    from stages.sam_masks import SamConfig
+
+    # the held-out SAM report runs the quasi-superpixel generator with the pipeline's settings
+    generator_settings = section(load_params(params_path), "sam", SamConfig).generator_settings()
+    if threads < 1:
+        raise StageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["command"] = {"seed": seed, "threads": threads}
+    held_out = evaluation_images(seed, eval_images) if eval_images else []
+    if only in (None, "clip"):
+        cfg = ClipTrainingConfig(seed=seed, world_seed=seed)
+        cfg = replace(cfg, **{k: v for k, v in (("steps", clip_steps), ("n_images", n_images)) if v})
+        start = time.perf_counter()
+        model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"))
+        seconds = time.perf_counter() - start
+        sha = _save({k: v.half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
+        model.load_state_dict(torch.load(out_dir / CLIP_FILE, map_location="cpu", weights_only=True))
+        report["clip"] = {"file": CLIP_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
+                          "held_out": evaluate_clip(model, held_out) if held_out else None}
+        log.info("demo CLIP: %s (SHA-256 %s) in %.0f s", out_dir / CLIP_FILE, sha, seconds)
+    if only in (None, "sam"):
+        cfg = SamTrainingConfig(seed=seed, world_seed=seed)
+        cfg = replace(cfg, **{k: v for k, v in (("steps", sam_steps), ("n_images", n_images)) if v})
+        start = time.perf_counter()
+        sam = train_sam(cfg, progress=_bar(cfg.steps, "demo SAM"))
+        seconds = time.perf_counter() - start
+        sha = _save(sam.state_dict(), out_dir / SAM_FILE)
+        report["sam"] = {"file": SAM_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
+                         "held_out": evaluate_sam(sam, held_out[:12], **generator_settings) if held_out else None}
+        log.info("demo SAM: %s (SHA-256 %s) in %.0f s", out_dir / SAM_FILE, sha, seconds)
+    write_json_atomic(report_path, report)
