@@ -10,8 +10,8 @@ levels (0 sub-part, 1 part, 2 whole) mean something:
     fish    body (+ eye, gill), tail, fin
     plane   fuselage (+ windows, cockpit), two wings (+ engines), tail fin
 
-Shape decides the class, helped by local surface patterns (planks on a hull, scales on a fish,
-chevrons on wings...); colours vary within a class and overlap between classes (each class's main
+Shape decides the class, helped by local surface patterns (checks on a car body, planks on a
+hull, stripes on a shirt, dots on a bloom, scales on a fish, chevrons on wings); colours vary within a class and overlap between classes (each class's main
 part takes a typical hue with a wide, overlapping spread for half of the instances, any colour
 otherwise; the other parts are random). Scenes are made of background regions named like
 the VOC background prompts (sky, mountain, grass, water, road, wall), textured, with clutter and
@@ -247,9 +247,10 @@ def _dots(period, depth=0.3):
     return f
 
 
-def _gloss(depth=0.35):
+def _checks(period, depth=0.5):
     def f(u, v):
-        return 1.0 + depth * (np.abs(v + 0.02) < 0.03) - 0.1 * depth
+        a = np.floor(u / period) + np.floor(v / period)
+        return 1.0 + depth * ((a - 2 * np.floor(a / 2)) - 0.5)
     return f
 
 
@@ -288,7 +289,7 @@ def _car(rng):
     ]
     wr = rng.uniform(0.1, 0.14)
     wheel_x = length / 2 - wr - rng.uniform(0.04, 0.1)
-    parts = [Part(body, body_c, windows, _gloss())]
+    parts = [Part(body, body_c, windows, _checks(0.09))]
     for x in (-wheel_x, wheel_x):
         parts.append(Part(ellipse(x, base_y + h / 2, wr, wr), tyre, [(ellipse(x, base_y + h / 2, wr * 0.5, wr * 0.5), hub)]))
     return parts
@@ -305,12 +306,12 @@ def _boat(rng):
     holes = [(ellipse(x, hull_top + hull_h * 0.45, 0.03, 0.03), _contrasting_colour(rng, hull_c))
              for x in np.linspace(-top_w * 0.25, top_w * 0.25, int(rng.integers(2, 4)))]
     mast_x = rng.uniform(-0.08, 0.08)
-    mast = rrect(mast_x, (hull_top - 0.5) / 2, 0.035, hull_top + 0.5)
+    mast = rrect(mast_x, (hull_top - 0.5) / 2, 0.05, hull_top + 0.5)
     sail_w = rng.uniform(0.3, 0.42)
     sail = polygon([(mast_x + 0.03, -0.45), (mast_x + 0.03, hull_top - 0.05), (mast_x + 0.03 + sail_w, hull_top - 0.05)])
     stripe = polygon([(mast_x + 0.03, hull_top - 0.2), (mast_x + 0.03, hull_top - 0.11),
                       (mast_x + 0.03 + sail_w * 0.85, hull_top - 0.11), (mast_x + 0.03 + sail_w * 0.62, hull_top - 0.2)])
-    parts = [Part(hull, hull_c, holes, _stripes(0.045)), Part(mast, mast_c, []),
+    parts = [Part(hull, hull_c, holes, _stripes(0.08, depth=0.5)), Part(mast, mast_c, []),
              Part(minus(sail, mast), sail_c, [(stripe, _contrasting_colour(rng, sail_c))])]
     if rng.random() < 0.5:  # a jib in front of the mast
         jib = polygon([(mast_x - 0.03, -0.35), (mast_x - 0.03, hull_top - 0.05), (mast_x - 0.03 - sail_w * 0.6, hull_top - 0.05)])
@@ -322,24 +323,24 @@ def _person(rng):
     skin = _random_colour(rng)
     shirt = _class_colour(rng, 2)
     trousers = _contrasting_colour(rng, shirt)
-    head_r = rng.uniform(0.09, 0.12)
+    head_r = rng.uniform(0.1, 0.13)
     head_y = -0.5 + head_r
     torso_top = head_y + head_r + 0.01
     torso_h = rng.uniform(0.3, 0.36)
-    torso_w = rng.uniform(0.22, 0.3)
+    torso_w = rng.uniform(0.3, 0.38)
     hip_y = torso_top + torso_h
     hair = minus(ellipse(0, head_y - head_r * 0.35, head_r * 1.05, head_r * 0.75), rrect(0, head_y + head_r * 0.4, 1, head_r * 1.1))
     head = Part(ellipse(0, head_y, head_r * 0.9, head_r), skin, [(hair, _contrasting_colour(rng, skin))])
     belt = rrect(0, hip_y - 0.03, torso_w, 0.04)
     torso = Part(rrect(0, torso_top + torso_h / 2, torso_w, torso_h, r=0.05), shirt, [(belt, _contrasting_colour(rng, shirt))],
-                 _stripes(0.05, vertical=True))
-    arm_r = rng.uniform(0.028, 0.04)
+                 _stripes(0.08, vertical=True, depth=0.5))
+    arm_r = rng.uniform(0.05, 0.065)
     parts = [head, torso]
     for side in (-1, 1):
         a = rng.uniform(0.1, 0.9)
         ex, ey = side * (torso_w / 2 + 0.05 + 0.12 * a), torso_top + 0.3 - 0.12 * a
         parts.append(Part(capsule(side * (torso_w / 2 + arm_r * 0.3), torso_top + 0.04, ex, ey, arm_r), shirt * 0.8 + skin * 0.2, []))
-    leg_r = rng.uniform(0.04, 0.055)
+    leg_r = rng.uniform(0.06, 0.075)
     shoe_c = _contrasting_colour(rng, trousers)
     for side in (-1, 1):
         fx = side * rng.uniform(0.05, 0.16)
@@ -354,9 +355,9 @@ def _flower(rng):
     stem_c = _contrasting_colour(rng, petal_c)
     bloom_y = rng.uniform(-0.27, -0.2)
     n = int(rng.integers(5, 9))
-    pl, pw = rng.uniform(0.13, 0.18), rng.uniform(0.05, 0.08)
+    pl, pw = rng.uniform(0.15, 0.2), rng.uniform(0.07, 0.1)
     phase = rng.uniform(0, 2 * math.pi)
-    centre_r = rng.uniform(0.07, 0.1)
+    centre_r = rng.uniform(0.09, 0.12)
     petals = []
     for k in range(n):
         a = phase + 2 * math.pi * k / n
@@ -366,7 +367,7 @@ def _flower(rng):
     bloom = union(centre, *[p for p, _ in petals])
     # sub-parts: each petal outside the centre, and the centre itself
     subs = [(minus(p, centre), c) for p, c in petals] + [(centre, centre_c)]
-    stem_r = rng.uniform(0.02, 0.03)
+    stem_r = rng.uniform(0.035, 0.045)
     bend = rng.uniform(-0.08, 0.08)
     stem = union(capsule(0, bloom_y, bend, 0.15, stem_r), capsule(bend, 0.15, 0, 0.5, stem_r))
     leaf_c = stem_c * 0.7 + _random_colour(rng) * 0.3
@@ -374,7 +375,7 @@ def _flower(rng):
     for side, y in ((-1, rng.uniform(0.15, 0.3)), (1, rng.uniform(0.2, 0.38))):
         lx = side * rng.uniform(0.1, 0.14)
         leaves.append(Part(minus(ellipse(lx + bend * 0.5, y, 0.1, 0.04, side * 0.5), stem), leaf_c, []))
-    return [Part(minus(stem, bloom), stem_c, []), *leaves, Part(bloom, petal_c, subs, _dots(0.045))]
+    return [Part(minus(stem, bloom), stem_c, []), *leaves, Part(bloom, petal_c, subs, _dots(0.07, depth=0.5))]
 
 
 def _fish(rng):
@@ -391,33 +392,34 @@ def _fish(rng):
     eye = ellipse(bx + bl * 0.62, -bh * 0.2, 0.035, 0.035)
     gill = minus(ellipse(bx + bl * 0.35, 0, 0.03, bh * 0.7), ellipse(bx + bl * 0.35 + 0.025, 0, 0.03, bh * 0.7))
     body_part = Part(body, body_c, [(eye, _contrasting_colour(rng, body_c, 100)), (gill, _contrasting_colour(rng, body_c))],
-                     _scales(0.06))
+                     _scales(0.09, depth=0.5))
     return [Part(union(tail, tail2), fin_c, []), Part(fin, fin_c * 0.8 + body_c * 0.2, []), body_part]
 
 
 def _plane(rng):
     body_c = _class_colour(rng, 5)
     wing_c = _contrasting_colour(rng, body_c, 50)
-    fl, fr = rng.uniform(0.44, 0.5), rng.uniform(0.05, 0.07)
+    fl, fr = rng.uniform(0.44, 0.5), rng.uniform(0.08, 0.1)
     fuselage = union(rrect(0, 0, fl * 2, fr * 2, r=fr), ellipse(fl - fr * 0.2, 0, fr * 1.6, fr))
     sweep = rng.uniform(0.05, 0.15)
     span = rng.uniform(0.38, 0.46)
     wx = rng.uniform(-0.02, 0.1)
-    chord = rng.uniform(0.12, 0.17)
+    chord = rng.uniform(0.18, 0.24)
     eng_c = _contrasting_colour(rng, wing_c)
     parts = []
     for side in (-1, 1):
         wing = polygon([(wx + chord / 2, side * fr * 0.5), (wx - chord / 2, side * fr * 0.5),
                         (wx - chord / 2 - sweep, side * span), (wx - chord / 2 - sweep + chord * 0.5, side * span)])
         engine = ellipse(wx - sweep * 0.45, side * span * 0.5, 0.06, 0.025)
-        parts.append(Part(minus(wing, fuselage), wing_c, [(minus(engine, fuselage), eng_c)], _chevrons(0.08)))
+        parts.append(Part(minus(wing, fuselage), wing_c, [(minus(engine, fuselage), eng_c)], _chevrons(0.12, depth=0.5)))
     tail = polygon([(-fl + 0.02, 0), (-fl + 0.12, -fr), (-fl - 0.02, -0.2), (-fl - 0.08, -0.2)])
     tail2 = polygon([(-fl + 0.02, 0), (-fl + 0.12, fr), (-fl - 0.02, 0.2), (-fl - 0.08, 0.2)])
     parts.append(Part(minus(union(tail, tail2), fuselage), wing_c * 0.7 + body_c * 0.3, []))
     win_c = _contrasting_colour(rng, body_c)
     windows = union(*[ellipse(x, 0, 0.018, 0.018) for x in np.linspace(-fl * 0.6, fl * 0.5, int(rng.integers(4, 7)))])
     cockpit = ellipse(fl - fr * 0.3, 0, fr * 0.9, fr * 0.55)
-    parts.append(Part(fuselage, body_c, [(windows, win_c), (cockpit, win_c * 0.6)]))
+    parts.append(Part(fuselage, body_c, [(windows, win_c), (cockpit, win_c * 0.6)],
+                      _stripes(0.08, vertical=True, depth=0.5)))
     return parts
 
 
@@ -674,8 +676,10 @@ def render(seed: int, index: int, stream: int = DEMO_STREAM) -> WorldImage:
         kind, cls = items[int(i)]
         for _attempt in range(8):
             if kind == "object":
-                # fewer objects, larger sizes: the largest fits about 60 % of the short side
-                size = short * rng.uniform(OBJECT_SIZE_RANGE[0], OBJECT_SIZE_RANGE[1] / (1 + 0.25 * (n_objects - 1)))
+                # fewer objects, larger sizes: the largest fits about 60 % of the short side; the
+                # power 0.35 leans towards large objects, which a 16-px patch grid can resolve
+                lo, hi = OBJECT_SIZE_RANGE[0], OBJECT_SIZE_RANGE[1] / (1 + 0.1 * (n_objects - 1))
+                size = short * (lo + (hi - lo) * rng.random() ** 0.35)
                 builder = _BUILDERS[cls]
                 parts = builder(rng)
                 tilt = rng.uniform(-_MAX_TILT[cls], _MAX_TILT[cls])
