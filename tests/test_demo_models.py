@@ -79,3 +79,16 @@ def test_demo_models_regenerates_deterministically_and_loads_like_real_checkpoin
     assert torch.equal(predictor.model.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
     assert predictor.model.image_encoder.img_size == SPECS["demo"].image_size
     assert sam_provenance("demo", sam_file, None)["untrained"] is False
+
+
+def test_evaluate_sam_counts_an_image_without_any_mask_as_zero():
+    """Thresholds nothing passes: every image keeps no quasi-superpixel, and the held-out report
+    says so instead of failing on the empty mask stack."""
+    from pipeline.demo.sam_training import build_demo_sam, evaluate_sam
+    from pipeline.demo.world import render
+
+    report = evaluate_sam(build_demo_sam(0), [render(0, 0)], points_per_side=4, crop_n_layers=0,
+                          pred_iou_thresh=2.0, stability_score_thresh=0.0)
+    assert report["masks_per_image"] == 0.0
+    assert report["three_level_percent"] == 0.0
+    assert report["object_recall_at_0.5_percent"] == 0.0

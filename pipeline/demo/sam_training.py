@@ -224,7 +224,7 @@ def evaluate_sam(sam, samples: list[WorldImage], **generator_settings) -> dict:
             qs = generator.generate(jpeg_roundtrip(s.image))
             counts.append(len(qs))
             three += len(set(qs.levels.tolist())) == 3
-            flat = torch.from_numpy(qs.masks.reshape(len(qs), -1)).float()
+            flat = torch.from_numpy(qs.masks.reshape(len(qs), s.image.shape[0] * s.image.shape[1])).float()
             for wid in np.nonzero(s.instance_class >= 0)[0]:
                 gt = torch.from_numpy((s.whole == wid).reshape(-1)).float()
                 objects += 1
