@@ -20,7 +20,7 @@ import click
 import numpy as np
 import torch
 
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.store import ImageStore, StoreError, finish, write_group
 from pipeline.weights import sha256sum
 from stages.clip_features import (
@@ -48,11 +48,11 @@ class CaaConfig:
 
     enabled: bool = True
     """COCO segmentation CAMs run without CAA."""
-    n_sinkhorn: int = 1
+    n_sinkhorn: int = param(1, ge=0)
     """Alternating column/row normalisations of the attention (CLIP-ES: 3)."""
-    n_power: int = 2
+    n_power: int = param(2, ge=0)
     """Matrix power of the symmetrised affinity."""
-    t_box: float = 0.4
+    t_box: float = param(0.4, ge=0, le=1)
     """Box threshold as a fraction of the 8-bit score maximum (VOC cls 0.4, seg 0.5, COCO cls 0.6)."""
     propagate: Literal["score", "cam"] = "score"
     """Propagate the min–max score (VOC cls) or the raw CAM (VOC seg, COCO cls)."""

@@ -37,6 +37,7 @@ from pipeline.segmenter.model import ARCHS, build_segmenter, predict_probs, save
 from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
 )
+from pipeline.config import param
 from pipeline.weights import CheckpointError, sha256sum
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, code_digest, fingerprint, load_params, section,
@@ -62,25 +63,25 @@ class SegmenterConfig:
     """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
     output_stride: Literal[8, 16] = 8
     """Encoder output stride (§9 ``d3p-r1d8``: 8; 16 is cheaper, about 1.7x on the tiny model)."""
-    iterations: int = 60
+    iterations: int = param(60, ge=1)
     """Optimizer steps (§9 VOC: 80 epochs of train_aug at batch 16 = 52,910)."""
-    batch_size: int = 4
+    batch_size: int = param(4, ge=1)
     """Samples per optimizer step (§9: 16)."""
-    sub_batches: int = 1
+    sub_batches: int = param(1, ge=1)
     """Split each batch into this many forward/backward passes before the one step (gradient
     accumulation; same effective batch, about 1/sub_batches of the activation memory). Not the
     reference when > 1: BatchNorm normalises each sub-batch on its own statistics."""
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    crop_size: int = 512
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flip_prob: float = 0.5
-    val_every: int = 20
+    lr: float = param(0.01, gt=0)
+    momentum: float = param(0.9, ge=0, lt=1)
+    weight_decay: float = param(5e-4, ge=0)
+    poly_power: float = param(0.9, ge=0)
+    crop_size: int = param(512, ge=16)
+    scale_range: tuple[float, float] = param((0.5, 2.0), gt=0)
+    flip_prob: float = param(0.5, ge=0, le=1)
+    val_every: int = param(20, ge=0)
     """Evaluate on the eval split every this many iterations (0: only at the end); the
     evaluated iterations are the candidates for the best checkpoint."""
-    checkpoint_every: int = 20
+    checkpoint_every: int = param(20, ge=1)
     """Save a resumable checkpoint every this many iterations."""
     seed: int = 0
 

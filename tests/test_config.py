@@ -102,3 +102,27 @@ def test_stages_stop_on_bad_params_with_the_key_named(tmp_path, edit, message):
                                     "--cams", "c", "--out", "o", "--metrics", "m", "--plots", "p"])
     assert res.exit_code == 1
     assert len(res.output.strip().splitlines()) == 1 and message in res.output, res.output
+
+
+@pytest.mark.parametrize("args, edit, message", [
+    (["train-segmenter", "--seeds", "s", "--out", "o", "--plots", "p.csv"],
+     lambda p: p["segmenter"].update(lr=-0.1), "'segmenter.lr' must be > 0, got -0.1"),
+    (["train-segmenter", "--seeds", "s", "--out", "o", "--plots", "p.csv"],
+     lambda p: p["segmenter"].update(flip_prob=1.5), "'segmenter.flip_prob' must be >= 0 and <= 1"),
+    (["cams", "--which", "cls", "--features", "f", "--out", "o"],
+     lambda p: p["cams"]["cls"]["caa"].update(t_box=2), "'cams.cls.caa.t_box' must be >= 0 and <= 1"),
+])
+def test_segmenter_and_cam_params_are_range_checked(tmp_path, args, edit, message):
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    edit(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, [args[0], "--params", str(tmp_path / "params.yaml"), *args[1:]])
+    assert res.exit_code == 1
+    assert len(res.output.strip().splitlines()) == 1 and message in res.output, res.output
