@@ -200,9 +200,10 @@ def test_bf16_autocasts_encoder_and_decoder_but_not_the_filters():
             dtypes.setdefault(name, output.dtype)
         return hook
 
-    hooks = [module.register_forward_hook(record(name)) for name, module in (("encoder", sam.image_encoder.blocks[0].mlp.lin1),
-                                  ("decoder", sam.mask_decoder.transformer.layers[1].mlp.lin1),
-                                  ("iou_head", sam.mask_decoder.iou_prediction_head.layers[0]))]
+    watched = (("encoder", sam.image_encoder.blocks[0].mlp.lin1),
+               ("decoder", sam.mask_decoder.transformer.layers[1].mlp.lin1),
+               ("iou_head", sam.mask_decoder.iou_prediction_head.layers[0]))
+    hooks = [module.register_forward_hook(record(name)) for name, module in watched]
     try:
         bf16 = QuasiSuperpixelGenerator(predictor, precision="bf16", **ONE_CROP).generate(image)
     finally:

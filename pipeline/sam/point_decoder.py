@@ -112,26 +112,33 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2).contiguous()
 
 
-def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention.forward after the input projections; q, k, v are per-head (B, h, N, c)."""
-    b = max(q.shape[0], k.shape[0], v.shape[0])
-    heads, c_per_head = q.shape[1], q.shape[3]
-    q, k, v = (t.expand(b, *t.shape[1:]) for t in (q, k, v))
-    scores = torch.bmm(q.reshape(b * heads, q.shape[2], c_per_head),
-                       k.transpose(2, 3).contiguous().reshape(b * heads, c_per_head, k.shape[2]))
-    scores = scores.view(b, heads, q.shape[2], k.shape[2]) / math.sqrt(c_per_head)
+def _heads_t(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, C) -> (B, heads, C/heads, N) contiguous: stock's ``k.permute(0, 1, 3, 2)`` operand,
+    in one copy."""
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads).permute(0, 2, 3, 1).contiguous()
+
+
+def _attend(attn: Attention, q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
+    """Attention.forward after the input projections: q and v per head (B, h, N, c), k_t per
+    head transposed (B, h, c, N); a batch of 1 is broadcast (a shared operand)."""
+    b = max(q.shape[0], k_t.shape[0], v.shape[0])
+    heads, n_q, c_per_head = q.shape[1], q.shape[2], q.shape[3]
+    n_k = k_t.shape[3]
+    q, k_t, v = (t.expand(b, *t.shape[1:]) for t in (q, k_t, v))
+    scores = torch.bmm(q.reshape(b * heads, n_q, c_per_head),
+                       k_t.reshape(b * heads, c_per_head, n_k))
+    scores = scores.view(b, heads, n_q, n_k) / math.sqrt(c_per_head)
     scores = torch.softmax(scores, dim=-1)
-    out = torch.bmm(scores.view(b * heads, q.shape[2], k.shape[2]),
-                    v.contiguous().reshape(b * heads, v.shape[2], c_per_head))
-    out = out.view(b, heads, q.shape[2], c_per_head).transpose(1, 2).reshape(
-        b, q.shape[2], heads * c_per_head)
+    out = torch.bmm(scores.view(b * heads, n_q, n_k), v.reshape(b * heads, n_k, c_per_head))
+    out = out.view(b, heads, n_q, c_per_head).transpose(1, 2).reshape(b, n_q, heads * c_per_head)
     return _linear(attn.out_proj, out)
 
 
 def _attention(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention.forward with row-padded projections."""
     h = attn.num_heads
-    return _attend(attn, _heads(_linear(attn.q_proj, q), h), _heads(_linear(attn.k_proj, k), h),
+    return _attend(attn, _heads(_linear(attn.q_proj, q), h), _heads_t(_linear(attn.k_proj, k), h),
                    _heads(_linear(attn.v_proj, v), h))
 
 
@@ -174,8 +181,8 @@ class PointDecoder:
         first = self.transformer.layers[0]
         k0 = self.keys0 + self.key_pe
         heads = self.transformer.num_heads
-        self.first_t2i_k = _heads(_stock_strided_linear(first.cross_attn_token_to_image.k_proj, k0),
-                                  heads)
+        self.first_t2i_k = _heads_t(
+            _stock_strided_linear(first.cross_attn_token_to_image.k_proj, k0), heads)
         self.first_t2i_v = _heads(
             _stock_strided_linear(first.cross_attn_token_to_image.v_proj, self.keys0), heads)
         self.first_i2t_q = _heads(
@@ -227,7 +234,7 @@ class PointDecoder:
             q = queries + point_embedding
             i2t = layer.cross_attn_image_to_token
             if i == 0:
-                attn_out = _attend(i2t, self.first_i2t_q, _heads(_linear(i2t.k_proj, q), heads),
+                attn_out = _attend(i2t, self.first_i2t_q, _heads_t(_linear(i2t.k_proj, q), heads),
                                    _heads(_linear(i2t.v_proj, queries), heads))
                 keys = self.keys0 + attn_out
             else:
