@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import click
 
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.metrics import quasi_superpixel_stats
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
@@ -70,7 +70,7 @@ class SamConfig:
     score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
     stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
     occupation_thresh: float = 0.3
-    max_batch_memory_mb: int = 1024
+    max_batch_memory_mb: int = param(1024, ge=1)
     """Working memory (MiB) of one prompt batch through SAM's mask decoder: the batch is the
     largest that fits, at most points_per_batch. Results do not depend on it (not in the store
     fingerprint, not a DVC param of the stage); peak memory and speed do."""
@@ -80,9 +80,6 @@ class SamConfig:
             raise StageError(
                 f"params.yaml: sam.model must be one of {', '.join(SPECS)}, got {self.model!r}"
             )
-        if self.max_batch_memory_mb <= 0:
-            raise StageError("params.yaml: sam.max_batch_memory_mb must be positive, got "
-                             f"{self.max_batch_memory_mb!r}")
 
     def generator_settings(self) -> dict:
         return {k: v for k, v in to_dict(self).items() if k not in _MODEL_KEYS}

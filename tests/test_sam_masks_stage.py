@@ -257,7 +257,7 @@ def test_memory_budget_changes_batches_not_results(demo, tmp_path, caplog, monke
         ImageStore(out).attrs["fingerprint"]
     assert_same(read_all(tmp_path / "small.zarr"), read_all(out))
     bad = make_params(tmp_path / "bad.yaml", sam={"max_batch_memory_mb": 0})
-    assert "sam.max_batch_memory_mb must be positive" in \
+    assert "'sam.max_batch_memory_mb' must be >= 1, got 0" in \
         sam_masks(bad, index, tmp_path / "o.zarr", expect=1).output
 
 
