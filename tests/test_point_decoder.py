@@ -73,7 +73,9 @@ def test_only_prompts_and_slots_that_can_survive_are_upscaled(tiny):
         threshold = iou.flatten().sort().values[-10]  # about 10 of the 192 slots survive
         chosen = iou >= threshold
         got_iou, index, got_logits = decoder.predict(coords, lambda x: x >= threshold)
-        assert upscaled == [int(chosen.any(1).sum())] and upsampled == [int(chosen.sum())]
+        # The chosen slots only, three to a row like stock's (B, 3) (zero-padded; see _to_image).
+        padded = 3 * -(-int(chosen.sum()) // 3)
+        assert upscaled == [int(chosen.any(1).sum())] and upsampled == [padded]
         assert torch.equal(index, torch.nonzero(chosen.flatten()).flatten())
         assert torch.equal(got_logits, logits.flatten(0, 1)[index])
         assert torch.equal(got_iou, iou)
@@ -85,6 +87,27 @@ def test_only_prompts_and_slots_that_can_survive_are_upscaled(tiny):
     finally:
         hook.remove()
         predictor.model.postprocess_masks = postprocess
+
+
+def test_stock_bits_with_one_torch_thread(tiny):
+    """One intra-op thread (dask's local-cluster workers run so): bilinear upsampling then rounds
+    by channel count, and the chosen slots must still give stock's (B, 3) bits."""
+    predictor, coords, _ = tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        logits, iou = stock_predict(predictor, coords, 64)
+        decoder = PointDecoder(predictor)
+        threshold = iou.flatten().sort().values[-10]
+        for batch in (64, 20):
+            parts = [decoder.predict(coords[i:i + batch], lambda x: x >= threshold)
+                     for i in range(0, len(coords), batch)]
+            index = torch.nonzero((iou >= threshold).flatten()).flatten()
+            assert torch.equal(torch.cat([p[2] for p in parts]), logits.flatten(0, 1)[index])
+            _, _, got_logits = decoder.predict(coords[:batch], everything)
+            assert torch.equal(got_logits, logits[:batch].flatten(0, 1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_first_block_projects_the_image_tokens_once_per_image(tiny):

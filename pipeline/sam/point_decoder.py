@@ -265,9 +265,20 @@ class PointDecoder:
         return (hyper_in @ upscaled.view(b, cu, hu * wu)).view(b, -1, hu, wu)
 
     def _to_image(self, low_res: Tensor) -> Tensor:
-        """Sam.postprocess_masks of (N, 4h, 4w) low-res logits -> (N, H, W)."""
-        return self.sam.postprocess_masks(low_res[:, None], self.input_size,
-                                          self.original_size)[:, 0]
+        """Sam.postprocess_masks of (N, 4h, 4w) low-res logits -> (N, H, W).
+
+        Stock upsamples (B, 3, 4h, 4w) (three multimask slots per prompt). With one torch
+        thread, bilinear interpolation rounds differently for another channel count (measured:
+        1, 2, 5 or 24 channels give other bits than 3), so the slots are upsampled three to a row,
+        zero-padded to a multiple of three, whatever their prompts."""
+        n, hl, wl = low_res.shape
+        slots = self.decoder.num_multimask_outputs
+        pad = -n % slots
+        if pad:
+            low_res = torch.cat([low_res, low_res.new_zeros(pad, hl, wl)])
+        masks = self.sam.postprocess_masks(low_res.view(-1, slots, hl, wl), self.input_size,
+                                           self.original_size)
+        return masks.view(-1, *masks.shape[2:])[:n]
 
     @torch.no_grad()
     def predict(self, coords: Tensor, select: Callable[[Tensor], Tensor],
