@@ -18,7 +18,7 @@ module computes the same numbers with less work, all of it exact:
 
 Numerics are SAM's own, operation by operation, in the same memory layouts, so the results are
 the bits stock produces (tests/test_point_decoder.py checks IoU predictions and logits against
-``predict_torch``). Two details make that hold however the prompts are batched, which lets the
+``predict_torch``). Three details make that hold however the prompts are batched, which lets the
 caller choose the batch from a memory budget (:func:`prompts_per_batch`):
 
 * a GEMM with few rows can take another kernel, hence other rounding, than the same GEMM with
@@ -26,7 +26,13 @@ caller choose the batch from a memory budget (:func:`prompts_per_batch`):
   to :data:`MIN_GEMM_ROWS` rows;
 * MKL's small batched GEMMs (the 7x7 self-attention scores) round differently when an output
   matrix is not 16-byte aligned, so a prompt's place in its batch must keep its alignment:
-  batches are multiples of :data:`PROMPT_ALIGN` prompts (4 float32 = 16 bytes).
+  batches are multiples of :data:`PROMPT_ALIGN` prompts (4 float32 = 16 bytes);
+* with one torch thread, bilinear upsampling rounds by channel count, so the chosen mask slots
+  are upsampled three to a row, as stock's (B, 3) slots are.
+
+Checked on CPU at 1, 2 and 4 torch threads. With 3, stock's own logits differ between prompt
+batch sizes (upsampling rounds by the number of slots upsampled): ours then equal stock's at the
+same batch when every slot is kept, and may differ in the last bit when only some are.
 """
 from __future__ import annotations
 
