@@ -1,12 +1,12 @@
 """Stage ``sam_masks``: images -> ``cache/sam_masks.zarr``, quasi-superpixels per image (§1).
 
 Every usable image of the train and eval splits gets one store group. The store's fingerprint
-covers the ``sam`` params, the checkpoint's checksum and the mask code: a change resets the store,
-a rerun with the same ones resumes and computes only the images not yet stored.
+covers the ``sam`` params (but ``sam.max_batch_memory_mb``, which never changes a result),
+``compute.precision``, the checkpoint's checksum and the mask code: a change resets the store, a
+rerun with the same ones resumes and computes only the images not yet stored.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import click
 
-from pipeline.config import to_dict
+from pipeline.config import param, to_dict
 from pipeline.metrics import quasi_superpixel_stats
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
@@ -33,10 +33,14 @@ STAGE = "sam_masks"
 
 # Params that choose the model rather than configure the generator.
 _MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
+# Params that change how the work is done but never its result (like compute.*): left out of the
+# store fingerprint and of the stage's params in dvc.yaml.
+RESULT_NEUTRAL_KEYS = ("max_batch_memory_mb",)
 
 # Modules whose code decides the masks (the code deps of this stage in dvc.yaml). When they change,
 # DVC reruns the stage, and the store must then recompute instead of resuming with old masks.
-CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.models", "pipeline.data.imageio")
+CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.point_decoder",
+                "pipeline.sam.models", "pipeline.precision", "pipeline.data.imageio")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class SamConfig:
     score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
     stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
     occupation_thresh: float = 0.3
+    max_batch_memory_mb: int = param(1024, ge=1)
+    """Working memory (MiB) of one prompt batch through SAM's mask decoder: the batch is the
+    largest that fits, at most points_per_batch. Results do not depend on it (not in the store
+    fingerprint, not a DVC param of the stage); peak memory and speed do."""
 
     def __post_init__(self):
         if self.model not in SPECS:
@@ -83,14 +91,15 @@ class Item(NamedTuple):
     store: str
 
 
-def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, **settings):
+def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, precision,
+                     **settings):
     """One generator per process (WorkerResource factory: module-level, plain-data kwargs)."""
     from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
     predictor = build_sam_predictor(
         model, checkpoint, checkpoint_sha256, torch_device(device), mask_threshold
     )
-    return QuasiSuperpixelGenerator(predictor, **settings)
+    return QuasiSuperpixelGenerator(predictor, precision=precision, **settings)
 
 
 def masks_for_image(generator, item: Item) -> str:
@@ -105,21 +114,24 @@ def masks_for_image(generator, item: Item) -> str:
     return item.image_id
 
 
-def store_attrs(cfg: SamConfig) -> dict:
+def store_attrs(cfg: SamConfig, precision: str) -> dict:
     """Store provenance; the fingerprint covers everything the masks depend on."""
     provenance = sam_provenance(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
     # The checkpoint's location is not part of the result (teammates sharing the store through a
     # DVC remote keep weights in different places); its checksum is.
-    depends = dataclasses.replace(cfg, checkpoint=None, checkpoint_sha256=None)
+    depends = {k: v for k, v in to_dict(cfg).items()
+               if k not in ("checkpoint", "checkpoint_sha256") + RESULT_NEUTRAL_KEYS}
+    code = code_digest(*CODE_MODULES)
     return {
         "stage": STAGE,
         "sam": to_dict(cfg),
+        "precision": precision,
         "model": cfg.model,
         "checkpoint_sha256": provenance["sha256"],
         "untrained": provenance["untrained"],
         "package_version": package_version(),
-        "code": code_digest(*CODE_MODULES),
-        "fingerprint": fingerprint(depends, provenance["sha256"], code_digest(*CODE_MODULES)),
+        "code": code,
+        "fingerprint": fingerprint(depends, provenance["sha256"], code, precision),
     }
 
 
@@ -154,12 +166,12 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
         raise StageError(str(exc)) from exc
     torch_device(compute.device)  # an unusable device fails here, not in every worker
     items = _items(index_dir, dataset, str(Path(out)))
-    store = ImageStore.open_for_writing(out, store_attrs(cfg))
+    store = ImageStore.open_for_writing(out, store_attrs(cfg, compute.precision))
     todo = [it for it in items if it.image_id not in store]
     resource = WorkerResource.of(
         _build_generator, model=cfg.model, checkpoint=cfg.checkpoint,
         checkpoint_sha256=cfg.checkpoint_sha256, mask_threshold=cfg.mask_threshold,
-        device=compute.device, **cfg.generator_settings(),
+        device=compute.device, precision=compute.precision, **cfg.generator_settings(),
     )
     run_per_image(masks_for_image, todo, compute, resource, desc="sam masks")
     finish(out)

@@ -25,3 +25,18 @@ def stage_logs_in_scratch(tmp_path_factory):
     projects built by tests/dvc_project.py drop the variable: their stages log into the project)."""
     if "WSSS_LOG_DIR" not in os.environ:
         os.environ["WSSS_LOG_DIR"] = str(tmp_path_factory.mktemp("stage-logs"))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """A test that runs a stage in-process may set torch's thread count (``wsss demo-models
+    --threads 1``); the next test gets the count this one started with. Some CPU kernels round
+    by thread count (tests/test_point_decoder.py compares bits with stock). Test modules import
+    torch at collection, so it is normally there before the first test."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

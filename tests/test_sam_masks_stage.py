@@ -102,10 +102,11 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
     assert attrs["untrained"] is True
     assert attrs["package_version"]
     assert attrs["sam"] == {**params["sam"], "crop_overlap_ratio": cfg.crop_overlap_ratio}
-    assert attrs["fingerprint"] == store_attrs(cfg)["fingerprint"]
+    assert attrs["precision"] == "fp32"
+    assert attrs["fingerprint"] == store_attrs(cfg, "fp32")["fingerprint"]
 
     settings = cfg.generator_settings()
-    generator = _build_generator("tiny", None, None, cfg.mask_threshold, "cpu", **settings)
+    generator = _build_generator("tiny", None, None, cfg.mask_threshold, "cpu", "fp32", **settings)
     for r in records:
         arrays = store.read(r.id)
         assert {k: v.dtype.type for k, v in arrays.items()} == DTYPES
@@ -236,3 +237,53 @@ def test_metrics_count_masks_per_image_and_level(demo, tmp_path):
     assert got["n_images"] == len(levels) == 5 and got["untrained"] is True
     assert got["masks_per_image"] == pytest.approx(counts.sum(1).mean(), abs=1e-3)
     assert got["three_level_fraction"] == pytest.approx((counts > 0).all(1).mean(), abs=1e-4)
+
+
+def test_memory_budget_changes_batches_not_results(demo, tmp_path, caplog, monkeypatch):
+    from pipeline.sam.point_decoder import PointDecoder
+
+    _, _, index, out = demo
+    batches = []
+    predict = PointDecoder.predict
+    monkeypatch.setattr(PointDecoder, "predict",
+                        lambda self, coords, select: batches.append(len(coords))
+                        or predict(self, coords, select))
+    small = make_params(tmp_path / "small.yaml", sam={"max_batch_memory_mb": 1})
+    summary = sam_masks(small, index, tmp_path / "small.zarr", caplog)
+    assert summary.startswith("sam_masks: 5 images computed, 0 already")
+    assert set(batches) == {4}  # the default budget's batch is points_per_batch: 64
+    # Same fingerprint: a store filled under one budget resumes under another.
+    assert ImageStore(tmp_path / "small.zarr").attrs["fingerprint"] == \
+        ImageStore(out).attrs["fingerprint"]
+    assert_same(read_all(tmp_path / "small.zarr"), read_all(out))
+    bad = make_params(tmp_path / "bad.yaml", sam={"max_batch_memory_mb": 0})
+    assert "'sam.max_batch_memory_mb' must be >= 1, got 0" in \
+        sam_masks(bad, index, tmp_path / "o.zarr", expect=1).output
+
+
+def test_precision_is_in_the_fingerprint_and_bf16_runs(demo, tmp_path, caplog):
+    _, _, index, out = demo
+    copy = tmp_path / "sam_masks.zarr"
+    shutil.copytree(out, copy)
+    bf16 = make_params(tmp_path / "bf16.yaml", compute={"precision": "bf16"})
+    summary = sam_masks(bf16, index, copy, caplog)
+    assert summary.startswith("sam_masks: 5 images computed, 0 already")  # reset, not resumed
+    store = ImageStore(copy)
+    assert store.attrs["precision"] == "bf16"
+    assert store.attrs["fingerprint"] != ImageStore(out).attrs["fingerprint"]
+    for image_id in store.ids():
+        QuasiSuperpixels.from_arrays(store.read(image_id))
+
+
+def test_dvc_params_are_the_result_changing_keys():
+    """dvc.yaml lists every sam key but the memory budget, and compute.precision."""
+    import dataclasses
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sam_masks"]
+    listed = set(stage["params"])
+    fields = {f.name for f in dataclasses.fields(SamConfig)}
+    assert {p.split(".", 1)[1] for p in listed if p.startswith("sam.")} == \
+        fields - set(sam_masks_stage.RESULT_NEUTRAL_KEYS)
+    assert "compute.precision" in listed and "sam" not in listed
+    for module in sam_masks_stage.CODE_MODULES:
+        assert module.replace(".", "/") + ".py" in stage["deps"], module
