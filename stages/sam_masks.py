@@ -53,23 +53,23 @@ class SamConfig:
     """Path of the official checkpoint (ignored by tiny)."""
     checkpoint_sha256: str | None = None
     """Expected SHA-256; None: the published checksum of the official file."""
-    points_per_side: int = 32
-    points_per_batch: int = 256
-    pred_iou_thresh: float = 0.86
-    stability_score_thresh: float = 0.92
-    stability_score_offset: float = 1.0
+    points_per_side: int = param(32, ge=1)
+    points_per_batch: int = param(256, ge=1)
+    pred_iou_thresh: float = param(0.86, ge=0)
+    stability_score_thresh: float = param(0.92, ge=0, le=1)
+    stability_score_offset: float = param(1.0, ge=0)
     mask_threshold: float = 0.0
     """Logit threshold that binarises SAM's masks."""
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 1
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 2
-    min_mask_region_area: int = 100
+    box_nms_thresh: float = param(0.7, gt=0, le=1)
+    crop_n_layers: int = param(1, ge=0)
+    crop_nms_thresh: float = param(0.7, gt=0, le=1)
+    crop_overlap_ratio: float = param(512 / 1500, ge=0, lt=1)
+    crop_n_points_downscale_factor: int = param(2, ge=1)
+    min_mask_region_area: int = param(100, ge=0)
     score_thresh_offset: tuple[float, float, float] = (0.0, 0.0, 0.1)
     score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
     stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    occupation_thresh: float = 0.3
+    occupation_thresh: float = param(0.3, ge=0, le=1)
     max_batch_memory_mb: int = param(1024, ge=1)
     """Working memory (MiB) of one prompt batch through SAM's mask decoder: the batch is the
     largest that fits, at most points_per_batch. Results do not depend on it (not in the store

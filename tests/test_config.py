@@ -109,10 +109,14 @@ def test_stages_stop_on_bad_params_with_the_key_named(tmp_path, edit, message):
      lambda p: p["segmenter"].update(lr=-0.1), "'segmenter.lr' must be > 0, got -0.1"),
     (["train-segmenter", "--seeds", "s", "--out", "o", "--plots", "p.csv"],
      lambda p: p["segmenter"].update(flip_prob=1.5), "'segmenter.flip_prob' must be >= 0 and <= 1"),
+    (["sam-masks", "--out", "o"],
+     lambda p: p["sam"].update(stability_score_thresh=1.5), "'sam.stability_score_thresh' must be >= 0 and <= 1"),
+    (["sam-masks", "--out", "o"],
+     lambda p: p["sam"].update(points_per_side=0), "'sam.points_per_side' must be >= 1"),
     (["cams", "--which", "cls", "--features", "f", "--out", "o"],
      lambda p: p["cams"]["cls"]["caa"].update(t_box=2), "'cams.cls.caa.t_box' must be >= 0 and <= 1"),
 ])
-def test_segmenter_and_cam_params_are_range_checked(tmp_path, args, edit, message):
+def test_sam_segmenter_and_cam_params_are_range_checked(tmp_path, args, edit, message):
     from pathlib import Path
 
     import yaml
