@@ -57,7 +57,9 @@ def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarr
         cam_title = "CAM + CAA" if key == "cam_caa" else "CAM"
     panels.append((cam_title, cam_panel(image, score)))
     labels = [m for m in (seed, gt, prediction) if m is not None]
-    panels.append((f"{which} seed", label_overlay(image, seed) if seed is not None else blank))
+    # eval-split images have no seed (seeds are made for the train split): say so, not a black "seed"
+    panels.append((f"{which} seed", label_overlay(image, seed)) if seed is not None
+                  else (f"{which} seed: none", blank))
     if gt is not None:
         panels.append(("ground truth", label_overlay(image, gt)))
     if prediction is not None:

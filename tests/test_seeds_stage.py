@@ -344,3 +344,17 @@ def test_seeds_image_without_present_class_is_background(tmp_path):
     result = _run_seeds(tmp_path)
     assert result.exit_code == 0, result.output
     assert not read_label(tmp_path / "seeds" / "fine" / "b.png").any()
+
+
+def test_visualize_names_a_missing_seed_instead_of_showing_a_black_seed():
+    """Eval-split images have no seed: the panel's title says "none" (a black panel titled
+    "fine seed" would read as an all-background seed)."""
+    from pipeline.visualization import TITLE_HEIGHT, titled
+    from stages.visualize import render
+
+    image = np.full((20, 160, 3), 120, np.uint8)  # wide enough for the whole title
+    row = render(image, None, None, None, None, None, ["cat"], "fine")
+    x0 = 5 * (160 + 4)  # image, three mask levels, CAM, then the seed panel
+    strip = row[:TITLE_HEIGHT, x0:x0 + 160]
+    np.testing.assert_array_equal(strip, titled(np.zeros_like(image), "fine seed: none")[:TITLE_HEIGHT])
+    assert not np.array_equal(strip, titled(np.zeros_like(image), "fine seed")[:TITLE_HEIGHT])
