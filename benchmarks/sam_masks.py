@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from timing import time_interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+from pipeline.sam.point_decoder import StockNetworkPredictor  # noqa: E402
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator  # noqa: E402
 
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -266,26 +267,6 @@ def real_predictor(model: str, checkpoint: str | None = None, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SamPredictor(build_sam(SPECS[model])), True
-
-
-class StockNetworkPredictor:
-    """A real predictor behind SamPredictor's interface only: our generator then takes the
-    stock network path (``predict_torch``) instead of the fast decoder."""
-
-    def __init__(self, predictor):
-        self.inner = predictor
-        self.transform = predictor.transform
-        self.device = predictor.device
-        self.model = type("Model", (), {"mask_threshold": predictor.model.mask_threshold})()
-
-    def set_image(self, image):
-        self.inner.set_image(image)
-
-    def reset_image(self):
-        self.inner.reset_image()
-
-    def predict_torch(self, *args, **kwargs):
-        return self.inner.predict_torch(*args, **kwargs)
 
 
 def read_images(image_dir: str | None, n: int, height: int, width: int):

@@ -17,7 +17,7 @@ module calls per unit, on stores and files laid out as the stage reads them:
 - ``train_prompts@cls|seg``, per optimizer step at ``prompts.<which>.batch_size`` (16): the body
   of ``stages.train_prompts.train``'s loop on the cached-view path (``BatchSource.batch`` reads
   one view chunk per sample from a ``train_views.zarr`` of 16 images x K views (small enough to
-  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs; ``batch_step``;
+  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs; ``optimizer_iteration``;
   SGD + scheduler step). Tokens are random, not encoder outputs; for seg the number of (view,
   class) Grad-CAM pairs depends on the seeds (here each view holds its image's 1 or 2 classes),
   so its mean is printed;
@@ -305,7 +305,7 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
     from pipeline.prompts.training import segmentation_labels, warmup_cosine_factor
     from pipeline.store import write_group
     from stages.clip_features import VIEWS_STORE, sample_views, view_rng
-    from stages.train_prompts import BatchSource, batch_step, build_learner
+    from stages.train_prompts import BatchSource, build_learner, optimizer_iteration
 
     pcfg, fcfg = cfg[f"prompts.{which}"], cfg["clip_features"]
     clip = _clip(cfg, device)
@@ -335,16 +335,11 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
     state = {"it": 0, "pairs": []}
 
     def one_step():  # the body of train()'s loop
-        x, labels, crops = source.batch(state["it"])
+        batch = source.batch(state["it"])
+        _, labels, crops = batch
         if crops is not None:
             state["pairs"].append(int(segmentation_labels(labels, crops, pcfg.loss_classes).sum()))
-        optimizer.zero_grad(set_to_none=True)
-        _, stepped = batch_step(which, pcfg, clip, learner, x.to(device), labels.to(device),
-                                None if crops is None else crops.to(device), scaler, use_amp)
-        if stepped:
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
+        optimizer_iteration(which, pcfg, clip, learner, batch, device, optimizer, scheduler, scaler, use_amp)
         state["it"] += 1
 
     r = measure(one_step, args.repeats, args.warmup, device, PeakMemory(device))

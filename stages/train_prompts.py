@@ -267,15 +267,9 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
             log.info("train_prompts@%s: ignoring %s (other params)", which, resume_path)
     for it in tqdm(range(start, cfg.iterations), desc=f"prompts {which}", initial=start,
                    total=cfg.iterations, dynamic_ncols=True):
-        x, labels, crops = source.batch(it)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        loss, stepped = batch_step(which, cfg, clip, learner, x.to(device), labels.to(device),
-                                   None if crops is None else crops.to(device), scaler, use_amp)
-        if stepped:
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
+        loss = optimizer_iteration(which, cfg, clip, learner, source.batch(it), device, optimizer,
+                                   scheduler, scaler, use_amp)
         rows.append((it + 1, loss, lr))
         if cfg.cam_iteration == it + 1:
             contexts[it + 1] = learner.ctx.detach().cpu().clone()
@@ -293,6 +287,22 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
     _atomic_save(final, out)
     resume_path.unlink(missing_ok=True)
     return final
+
+
+def optimizer_iteration(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, batch, device,
+                        optimizer, scheduler, scaler, use_amp: bool) -> float:
+    """One training iteration on ``batch`` = (x, labels, crops or None): gradients by
+    :func:`batch_step`, the optimizer step (skipped for a segmentation batch without any class),
+    the scheduler step. Returns the batch loss."""
+    x, labels, crops = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss, stepped = batch_step(which, cfg, clip, learner, x.to(device), labels.to(device),
+                               None if crops is None else crops.to(device), scaler, use_amp)
+    if stepped:
+        scaler.step(optimizer)
+        scaler.update()
+    scheduler.step()
+    return loss
 
 
 def batch_step(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, x: torch.Tensor,

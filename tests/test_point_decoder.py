@@ -7,7 +7,7 @@ from segment_anything.utils.amg import build_point_grid
 
 from pipeline.sam import point_decoder
 from pipeline.sam.models import SPECS, build_sam, build_sam_predictor
-from pipeline.sam.point_decoder import PointDecoder, prompt_bytes, prompts_per_batch
+from pipeline.sam.point_decoder import PointDecoder, StockNetworkPredictor, prompt_bytes, prompts_per_batch
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
 
@@ -144,24 +144,6 @@ def test_prompt_batch_follows_the_memory_budget():
     assert prompts_per_batch(40 * per_prompt, sam, (2000, 3000), 256) < 40
 
 
-class StockNetwork:
-    """A real predictor seen through SamPredictor's interface only (no ``Sam`` model), so the
-    generator takes ``predict_torch``, the stock network path."""
-
-    def __init__(self, predictor):
-        self.inner, self.transform, self.device = predictor, predictor.transform, predictor.device
-        self.model = type("Model", (), {"mask_threshold": predictor.model.mask_threshold})()
-
-    def set_image(self, image):
-        self.inner.set_image(image)
-
-    def reset_image(self):
-        self.inner.reset_image()
-
-    def predict_torch(self, *args, **kwargs):
-        return self.inner.predict_torch(*args, **kwargs)
-
-
 def assert_same_output(a, b):
     a, b = a.to_arrays(), b.to_arrays()
     for key in a:
@@ -182,7 +164,7 @@ ONE_CROP = dict(SURVIVING, crop_n_layers=0)
 def test_generator_fast_path_gives_the_stock_network_output(monkeypatch):
     predictor = build_sam_predictor("tiny", None, None)
     image = random_image(70, 110, seed=1)
-    reference = QuasiSuperpixelGenerator(StockNetwork(predictor), **SURVIVING).generate(image)
+    reference = QuasiSuperpixelGenerator(StockNetworkPredictor(predictor), **SURVIVING).generate(image)
     assert len(reference) > 5
     # The fast path must not fall back to predict_torch for a real Sam.
     monkeypatch.setattr(SamPredictor, "predict_torch", lambda *a, **k: pytest.fail("stock path"))
@@ -285,7 +267,7 @@ def test_vit_b_random_weights_match_stock_bit_for_bit():
     settings = dict(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.15,
                     stability_score_thresh=0.0, crop_n_layers=0, min_mask_region_area=20)
     fast = QuasiSuperpixelGenerator(predictor, max_batch_memory_mb=256, **settings)
-    reference = QuasiSuperpixelGenerator(StockNetwork(predictor), **settings)
+    reference = QuasiSuperpixelGenerator(StockNetworkPredictor(predictor), **settings)
     out = fast.generate(image)
     assert len(out) > 0
     assert_same_output(out, reference.generate(image))

@@ -63,6 +63,25 @@ def has_sam(predictor) -> bool:
     return isinstance(getattr(predictor, "model", None), Sam)
 
 
+class StockNetworkPredictor:
+    """A predictor seen through ``SamPredictor``'s interface only (no :class:`Sam` to reach):
+    a generator given it takes the stock network path (``predict_torch``) instead of the fast
+    decoder. For verifying the fast path against stock (tests, ``benchmarks/sam_masks.py``)."""
+
+    def __init__(self, predictor):
+        self.inner, self.transform, self.device = predictor, predictor.transform, predictor.device
+        self.model = type("Model", (), {"mask_threshold": predictor.model.mask_threshold})()
+
+    def set_image(self, image):
+        self.inner.set_image(image)
+
+    def reset_image(self):
+        self.inner.reset_image()
+
+    def predict_torch(self, *args, **kwargs):
+        return self.inner.predict_torch(*args, **kwargs)
+
+
 def prompt_bytes(sam: Sam, original_size: tuple[int, int]) -> int:
     """Estimated peak working memory of one prompt through :class:`PointDecoder`, in bytes.
 
