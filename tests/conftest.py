@@ -40,3 +40,19 @@ def restore_torch_threads():
     yield
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def kill_prompt_training_at(monkeypatch, iteration: int):
+    """Make ``train-prompts`` raise ``RuntimeError("killed")`` when it asks for the batch of
+    ``iteration`` (a run killed there); returns a function that undoes the patch."""
+    from stages import train_prompts
+
+    original = train_prompts.BatchSource.batch
+
+    def dies(self, it):
+        if it == iteration:
+            raise RuntimeError("killed")
+        return original(self, it)
+
+    monkeypatch.setattr(train_prompts.BatchSource, "batch", dies)
+    return lambda: monkeypatch.setattr(train_prompts.BatchSource, "batch", original)

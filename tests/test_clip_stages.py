@@ -100,25 +100,18 @@ def test_train_prompts_cls_writes_checkpoint_and_curve(work):
 
 
 def test_train_prompts_resume_equals_uninterrupted(work, monkeypatch):
-    from stages import train_prompts as tp
+    from tests.conftest import kill_prompt_training_at
 
     args = ["train-prompts", "--which", "cls", *_args(work, "--features", str(work / "features"))]
     full = work / "resume" / "full.pt"
     assert _invoke(*args, "--out", str(full), "--metrics", str(work / "resume" / "full.csv")).exit_code == 0
     killed = work / "resume" / "killed.pt"
-    original = tp.BatchSource.batch
-
-    def dies_at_three(self, iteration):
-        if iteration == 3:
-            raise RuntimeError("killed")
-        return original(self, iteration)
-
-    monkeypatch.setattr(tp.BatchSource, "batch", dies_at_three)
+    revive = kill_prompt_training_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="killed"):
         _invoke(*args, "--out", str(killed), "--metrics", str(work / "resume" / "killed.csv"))
     resume = killed.with_name("killed.pt.resume")
     assert torch.load(resume, weights_only=False)["iteration"] == 2 and not killed.exists()
-    monkeypatch.setattr(tp.BatchSource, "batch", original)
+    revive()
     assert _invoke(*args, "--out", str(killed), "--metrics", str(work / "resume" / "killed.csv")).exit_code == 0
     torch.testing.assert_close(torch.load(killed, weights_only=False)["ctx"],
                                torch.load(full, weights_only=False)["ctx"], rtol=0, atol=0)

@@ -18,6 +18,7 @@ from pipeline.prompts.training import (
 )
 from pipeline.store import ImageStore
 from stages import train_prompts as tp
+from tests.conftest import kill_prompt_training_at
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,17 +212,10 @@ def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
     assert state["cam_iteration"] == 2 and sorted(state["contexts"]) == [2]
     torch.testing.assert_close(state["ctx"], plain["ctx"], rtol=0, atol=0)
     # the kept context is the one the run had after iteration 2 (its resume checkpoint there)
-    original = tp.BatchSource.batch
-
-    def dies_at_three(self, iteration):
-        if iteration == 3:
-            raise RuntimeError("killed")
-        return original(self, iteration)
-
-    monkeypatch.setattr(tp.BatchSource, "batch", dies_at_three)
+    revive = kill_prompt_training_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="killed"):
         _train(work, params, "cls", tmp_path / "killed.pt")
-    monkeypatch.setattr(tp.BatchSource, "batch", original)
+    revive()
     at_two = torch.load(tmp_path / "killed.pt.resume", weights_only=False)
     assert at_two["iteration"] == 2
     torch.testing.assert_close(state["contexts"][2], at_two["ctx"], rtol=0, atol=0)
