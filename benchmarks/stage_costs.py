@@ -17,7 +17,7 @@ module calls per unit, on stores and files laid out as the stage reads them:
 - ``train_prompts@cls|seg``, per optimizer step at ``prompts.<which>.batch_size`` (16): the body
   of ``stages.train_prompts.train``'s loop on the cached-view path (``BatchSource.batch`` reads
   one view chunk per sample from a ``train_views.zarr`` of 16 images x K views (small enough to
-  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs; ``optimizer_iteration``;
+  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs; ``pipeline.prompts.training.optimizer_iteration``;
   SGD + scheduler step). Tokens are random, not encoder outputs; for seg the number of (view,
   class) Grad-CAM pairs depends on the seeds (here each view holds its image's 1 or 2 classes),
   so its mean is printed;
@@ -305,7 +305,8 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
     from pipeline.prompts.training import segmentation_labels, warmup_cosine_factor
     from pipeline.store import write_group
     from stages.clip_features import VIEWS_STORE, sample_views, view_rng
-    from stages.train_prompts import BatchSource, build_learner, optimizer_iteration
+    from pipeline.prompts.training import optimizer_iteration
+    from stages.train_prompts import BatchSource, build_learner
 
     pcfg, fcfg = cfg[f"prompts.{which}"], cfg["clip_features"]
     clip = _clip(cfg, device)

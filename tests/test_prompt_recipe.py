@@ -14,12 +14,12 @@ from pipeline.clip.model import create_clip
 from pipeline.data.datasets import load_split
 from pipeline.prompts.learner import PromptLearner
 from pipeline.prompts.training import (
-    present_classes, segmentation_labels, segmentation_loss, segmentation_weight, sub_batches,
+    batch_step, present_classes, segmentation_labels, segmentation_loss, segmentation_weight, sub_batches,
 )
 from pipeline.store import ImageStore
 from stages import train_prompts as tp
-from tests.conftest import kill_prompt_training_at
 from stages.cli import main
+from tests.conftest import kill_prompt_training_at
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 5
@@ -58,7 +58,7 @@ def _seg_batch(n=6, crop=224):
 def _grad(clip, learner, cfg, which, x, labels, crops):
     learner.ctx.grad = None
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    loss, stepped = tp.batch_step(which, cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    loss, stepped = batch_step(which, cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
     return loss, stepped, learner.ctx.grad.clone()
 
 
@@ -105,7 +105,7 @@ def test_seg_batch_without_any_class_skips_its_step(clip):
     crops[:] = 0
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     cfg = tp.PromptsConfig(batch_size=6, sub_batches=3)
-    loss, stepped = tp.batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    loss, stepped = batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
     assert (loss, stepped) == (0.0, False)
 
 

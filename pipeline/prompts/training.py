@@ -136,3 +136,55 @@ def sub_batches(n: int, k: int) -> list[slice]:
         raise ValueError(f"cannot split a batch of {n} into {k} sub-batches")
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def optimizer_iteration(which: str, cfg, clip, learner, batch, device,
+                        optimizer, scheduler, scaler, use_amp: bool) -> float:
+    """One training iteration on ``batch`` = (x, labels, crops or None): gradients by
+    :func:`batch_step`, the optimizer step (skipped for a segmentation batch without any class),
+    the scheduler step. Returns the batch loss."""
+    x, labels, crops = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss, stepped = batch_step(which, cfg, clip, learner, x.to(device), labels.to(device),
+                               None if crops is None else crops.to(device), scaler, use_amp)
+    if stepped:
+        scaler.step(optimizer)
+        scaler.update()
+    scheduler.step()
+    return loss
+
+
+def batch_step(which: str, cfg, clip, learner, x: torch.Tensor,
+               labels: torch.Tensor, crops: torch.Tensor | None, scaler, use_amp: bool) -> tuple[float, bool]:
+    """Gradient of one batch into ``learner.ctx.grad`` (sub-batch by sub-batch); returns
+    (full-batch loss, whether the optimizer should step). ``cfg`` carries ``sub_batches`` and
+    ``loss_classes`` (the stage's ``prompts.<which>`` config).
+
+    Sub-batch j's loss (a mean over its own terms) is weighted by ``w_j / Σ w`` with w its term
+    count, so the accumulated gradient is the full-batch gradient (pipeline.prompts.training).
+    A classification batch always steps (a batch without a valid image has a zero loss, as in
+    the reference); a segmentation batch without any class skips its step (the reference crashes).
+    """
+    parts = sub_batches(x.shape[0], cfg.sub_batches)
+    if which == "cls":
+        part_labels = [labels[p] for p in parts]
+        weights = [classification_weight(l) for l in part_labels]
+    else:
+        part_labels = [segmentation_labels(labels[p], crops[p], cfg.loss_classes) for p in parts]
+        weights = [segmentation_weight(l, crops[p]) for l, p in zip(part_labels, parts)]
+    total = sum(weights)
+    if which == "seg" and total == 0:
+        return 0.0, False
+    loss_value = 0.0
+    for p, l, w in zip(parts, part_labels, weights):
+        if which == "seg" and w == 0:
+            continue
+        share = w / total if total else 0.0
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=use_amp):
+            if which == "cls":
+                loss = classification_loss(clip, learner, x[p], l)
+            else:
+                loss, _ = segmentation_loss(clip, learner, x[p], crops[p], l)
+        scaler.scale(loss * share).backward()
+        loss_value += float(loss.detach()) * share
+    return loss_value, True
