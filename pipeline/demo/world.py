@@ -7,15 +7,20 @@ levels (0 sub-part, 1 part, 2 whole) mean something:
     boat    hull (+ portholes), mast, sail (+ stripe)
     person  head (+ hair), torso (+ belt), two arms, two legs (+ shoes)
     flower  bloom (petals + centre), stem, two leaves
-    fish    body (+ eye, gill), tail, fin
-    plane   fuselage (+ windows, cockpit), two wings (+ engines), tail fin
+    fish    body (+ eye), tail, fin
+    plane   fuselage (+ cockpit), two wings (+ engines), tail fin
 
-Shape decides the class, helped by local surface patterns (checks on a car body, planks on a
-hull, stripes on a shirt, dots on a bloom, scales on a fish, chevrons on wings); colours vary within a class and overlap between classes (each class's main
-part takes a typical hue with a wide, overlapping spread for half of the instances, any colour
-otherwise; the other parts are random). Scenes are made of background regions named like
+What decides a class, locally (inside any 16-px patch of an object, as a tiny CLIP can learn it):
+the main part's hue (each class has its own, +- 0.06 with saturation 0.5-0.95 and value
+0.45-0.98) and the class's surface pattern, which every part without its own pattern repeats
+(checks on a car, stripes on a hull and a boat's mast and sail, vertical stripes on a person's
+clothes, dots on a flower, scales on a fish, stripes on a plane's fuselage and tail, chevrons on its
+wings); sub-parts are plain and take contrasting colours. Shape then decides it globally.
+Every sub-part is at least about 16 px across at SAM's 256-px input (``MIN_SUBPART_SQUARE``): the
+builders draw them large enough on large objects, and a sub-part too small to hold that square
+(on a small or occluded object) is not drawn and belongs to its part. Scenes are made of background regions named like
 the VOC background prompts (sky, mountain, grass, water, road, wall), textured, with clutter and
-distractor blobs that belong to no class; objects are 10-60 % of the image's short side, may
+distractor blobs that belong to no class; objects are 15-60 % of the image's short side, may
 occlude each other, and images are 193-319 px per side, never a multiple of 16.
 
 Everything derives from ``(seed, stream, index)`` through numpy's PCG64 and is computed with
@@ -45,10 +50,15 @@ TRAINING_STREAM = 1
 IGNORE = 255
 SIZE_RANGE = (193, 319)
 """Inclusive range of image sides (multiples of 16 are skipped)."""
-OBJECT_SIZE_RANGE = (0.10, 0.60)
+OBJECT_SIZE_RANGE = (0.15, 0.60)
 """Object extent as a fraction of the image's short side."""
 MIN_VISIBLE = 0.55
 """An object placement is rejected when less than this fraction of it stays visible."""
+SAM_INPUT_SIDE = 256
+"""Long side of the demo SAM's input (``ResizeLongestSide``); sub-part sizes are measured there."""
+MIN_SUBPART_SQUARE = 12
+"""A sub-part must hold a square of this side (px at SAM's 256-px input; a 17-px disc holds one),
+or it is not drawn: smaller ones are below what a 64 x 64 low-res mask resolves."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +107,14 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return _hsv_to_rgb(rng.random(), rng.uniform(0.15, 0.95), rng.uniform(0.2, 0.98))
 
 
-# Typical hue of each class's main part (car, boat, person, flower, fish, plane), used for half of
-# the instances with a spread that overlaps the neighbouring classes; the rest are any colour.
+# Typical hue of each class's main part (car, boat, person, flower, fish, plane): every instance
+# takes it, +- 0.06 (neighbouring classes are at least 0.12 apart).
 _CLASS_HUE = (0.0, 0.62, 0.33, 0.83, 0.12, 0.5)
 
 
 def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
-    if rng.random() < 0.5:
-        return _random_colour(rng)
-    hue = (_CLASS_HUE[cls] + rng.uniform(-0.12, 0.12)) % 1.0
-    return _hsv_to_rgb(hue, rng.uniform(0.35, 0.95), rng.uniform(0.35, 0.98))
+    hue = (_CLASS_HUE[cls] + rng.uniform(-0.06, 0.06)) % 1.0
+    return _hsv_to_rgb(hue, rng.uniform(0.5, 0.95), rng.uniform(0.45, 0.98))
 
 
 def _contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_dist: float = 70.0) -> np.ndarray:
@@ -285,7 +293,7 @@ def _car(rng):
                   (cab_x - cab_w * 0.3, win_top)]), glass),
         (polygon([(cab_x + 0.02, win_bot), (cab_x + cab_w * 0.42, win_bot), (cab_x + cab_w * 0.3, win_top),
                   (cab_x + 0.02, win_top)]), glass),
-        (ellipse(length / 2 - 0.04, base_y - 0.03, 0.035, 0.025), _contrasting_colour(rng, body_c)),
+        (ellipse(length / 2 - 0.06, base_y - 0.02, 0.05, 0.04), _contrasting_colour(rng, body_c)),
     ]
     wr = rng.uniform(0.1, 0.14)
     wheel_x = length / 2 - wr - rng.uniform(0.04, 0.1)
@@ -300,17 +308,17 @@ def _boat(rng):
     sail_c = _contrasting_colour(rng, hull_c)
     mast_c = _contrasting_colour(rng, sail_c)
     top_w, bot_w = rng.uniform(0.8, 1.0), rng.uniform(0.45, 0.65)
-    hull_h = rng.uniform(0.16, 0.24)
+    hull_h = rng.uniform(0.22, 0.28)
     hull_top = 0.5 - hull_h
     hull = polygon([(-top_w / 2, hull_top), (top_w / 2, hull_top), (bot_w / 2, 0.5), (-bot_w / 2, 0.5)])
-    holes = [(ellipse(x, hull_top + hull_h * 0.45, 0.03, 0.03), _contrasting_colour(rng, hull_c))
-             for x in np.linspace(-top_w * 0.25, top_w * 0.25, int(rng.integers(2, 4)))]
+    holes = [(ellipse(x, hull_top + hull_h * 0.45, 0.08, 0.08), _contrasting_colour(rng, hull_c))
+             for x in np.linspace(-top_w * 0.22, top_w * 0.22, 2)]
     mast_x = rng.uniform(-0.08, 0.08)
     mast = rrect(mast_x, (hull_top - 0.5) / 2, 0.05, hull_top + 0.5)
     sail_w = rng.uniform(0.3, 0.42)
     sail = polygon([(mast_x + 0.03, -0.45), (mast_x + 0.03, hull_top - 0.05), (mast_x + 0.03 + sail_w, hull_top - 0.05)])
-    stripe = polygon([(mast_x + 0.03, hull_top - 0.2), (mast_x + 0.03, hull_top - 0.11),
-                      (mast_x + 0.03 + sail_w * 0.85, hull_top - 0.11), (mast_x + 0.03 + sail_w * 0.62, hull_top - 0.2)])
+    stripe = polygon([(mast_x + 0.03, hull_top - 0.3), (mast_x + 0.03, hull_top - 0.1),
+                      (mast_x + 0.03 + sail_w * 0.87, hull_top - 0.1), (mast_x + 0.03 + sail_w * 0.45, hull_top - 0.3)])
     parts = [Part(hull, hull_c, holes, _stripes(0.08, depth=0.5)), Part(mast, mast_c, []),
              Part(minus(sail, mast), sail_c, [(stripe, _contrasting_colour(rng, sail_c))])]
     if rng.random() < 0.5:  # a jib in front of the mast
@@ -323,7 +331,7 @@ def _person(rng):
     skin = _random_colour(rng)
     shirt = _class_colour(rng, 2)
     trousers = _contrasting_colour(rng, shirt)
-    head_r = rng.uniform(0.1, 0.13)
+    head_r = rng.uniform(0.12, 0.15)
     head_y = -0.5 + head_r
     torso_top = head_y + head_r + 0.01
     torso_h = rng.uniform(0.3, 0.36)
@@ -331,7 +339,7 @@ def _person(rng):
     hip_y = torso_top + torso_h
     hair = minus(ellipse(0, head_y - head_r * 0.35, head_r * 1.05, head_r * 0.75), rrect(0, head_y + head_r * 0.4, 1, head_r * 1.1))
     head = Part(ellipse(0, head_y, head_r * 0.9, head_r), skin, [(hair, _contrasting_colour(rng, skin))])
-    belt = rrect(0, hip_y - 0.03, torso_w, 0.04)
+    belt = rrect(0, hip_y - 0.06, torso_w, 0.12)
     torso = Part(rrect(0, torso_top + torso_h / 2, torso_w, torso_h, r=0.05), shirt, [(belt, _contrasting_colour(rng, shirt))],
                  _stripes(0.08, vertical=True, depth=0.5))
     arm_r = rng.uniform(0.05, 0.065)
@@ -340,11 +348,11 @@ def _person(rng):
         a = rng.uniform(0.1, 0.9)
         ex, ey = side * (torso_w / 2 + 0.05 + 0.12 * a), torso_top + 0.3 - 0.12 * a
         parts.append(Part(capsule(side * (torso_w / 2 + arm_r * 0.3), torso_top + 0.04, ex, ey, arm_r), shirt * 0.8 + skin * 0.2, []))
-    leg_r = rng.uniform(0.06, 0.075)
+    leg_r = rng.uniform(0.07, 0.085)
     shoe_c = _contrasting_colour(rng, trousers)
     for side in (-1, 1):
         fx = side * rng.uniform(0.05, 0.16)
-        shoe = ellipse(fx + side * 0.03, 0.5 - leg_r * 0.8, leg_r * 1.5, leg_r * 0.8)
+        shoe = ellipse(fx + side * 0.03, 0.5 - leg_r * 1.1, leg_r * 1.6, leg_r * 1.1)
         parts.append(Part(union(capsule(side * torso_w * 0.25, hip_y, fx, 0.5 - leg_r, leg_r), shoe), trousers, [(shoe, shoe_c)]))
     return parts
 
@@ -381,7 +389,7 @@ def _flower(rng):
 def _fish(rng):
     body_c = _class_colour(rng, 4)
     fin_c = _contrasting_colour(rng, body_c)
-    bl, bh = rng.uniform(0.32, 0.38), rng.uniform(0.14, 0.2)
+    bl, bh = rng.uniform(0.32, 0.38), rng.uniform(0.18, 0.22)
     bx = rng.uniform(0.06, 0.1)
     body = ellipse(bx, 0, bl, bh)
     tail_x = bx - bl + 0.04
@@ -389,17 +397,15 @@ def _fish(rng):
     tail = minus(polygon([(tail_x, 0), (tail_x - tail_w, -bh * 1.1), (tail_x - tail_w * 0.8, 0), ]), body)
     tail2 = minus(polygon([(tail_x, 0), (tail_x - tail_w * 0.8, 0), (tail_x - tail_w, bh * 1.1)]), body)
     fin = minus(polygon([(bx - 0.12, -bh * 0.8), (bx + 0.1, -bh * 0.85), (bx - 0.12, -bh * 1.6)]), body)
-    eye = ellipse(bx + bl * 0.62, -bh * 0.2, 0.035, 0.035)
-    gill = minus(ellipse(bx + bl * 0.35, 0, 0.03, bh * 0.7), ellipse(bx + bl * 0.35 + 0.025, 0, 0.03, bh * 0.7))
-    body_part = Part(body, body_c, [(eye, _contrasting_colour(rng, body_c, 100)), (gill, _contrasting_colour(rng, body_c))],
-                     _scales(0.09, depth=0.5))
+    eye = ellipse(bx + bl * 0.55, -bh * 0.15, 0.09, 0.09)
+    body_part = Part(body, body_c, [(eye, _contrasting_colour(rng, body_c, 100))], _scales(0.09, depth=0.5))
     return [Part(union(tail, tail2), fin_c, []), Part(fin, fin_c * 0.8 + body_c * 0.2, []), body_part]
 
 
 def _plane(rng):
     body_c = _class_colour(rng, 5)
     wing_c = _contrasting_colour(rng, body_c, 50)
-    fl, fr = rng.uniform(0.44, 0.5), rng.uniform(0.08, 0.1)
+    fl, fr = rng.uniform(0.44, 0.5), rng.uniform(0.1, 0.12)
     fuselage = union(rrect(0, 0, fl * 2, fr * 2, r=fr), ellipse(fl - fr * 0.2, 0, fr * 1.6, fr))
     sweep = rng.uniform(0.05, 0.15)
     span = rng.uniform(0.38, 0.46)
@@ -410,20 +416,28 @@ def _plane(rng):
     for side in (-1, 1):
         wing = polygon([(wx + chord / 2, side * fr * 0.5), (wx - chord / 2, side * fr * 0.5),
                         (wx - chord / 2 - sweep, side * span), (wx - chord / 2 - sweep + chord * 0.5, side * span)])
-        engine = ellipse(wx - sweep * 0.45, side * span * 0.5, 0.06, 0.025)
+        engine = ellipse(wx - sweep * 0.45, side * span * 0.6, 0.1, 0.07)
         parts.append(Part(minus(wing, fuselage), wing_c, [(minus(engine, fuselage), eng_c)], _chevrons(0.12, depth=0.5)))
     tail = polygon([(-fl + 0.02, 0), (-fl + 0.12, -fr), (-fl - 0.02, -0.2), (-fl - 0.08, -0.2)])
     tail2 = polygon([(-fl + 0.02, 0), (-fl + 0.12, fr), (-fl - 0.02, 0.2), (-fl - 0.08, 0.2)])
     parts.append(Part(minus(union(tail, tail2), fuselage), wing_c * 0.7 + body_c * 0.3, []))
-    win_c = _contrasting_colour(rng, body_c)
-    windows = union(*[ellipse(x, 0, 0.018, 0.018) for x in np.linspace(-fl * 0.6, fl * 0.5, int(rng.integers(4, 7)))])
-    cockpit = ellipse(fl - fr * 0.3, 0, fr * 0.9, fr * 0.55)
-    parts.append(Part(fuselage, body_c, [(windows, win_c), (cockpit, win_c * 0.6)],
+    cockpit = ellipse(fl - fr * 0.5, 0, fr * 1.4, fr * 0.85)
+    parts.append(Part(fuselage, body_c, [(cockpit, _contrasting_colour(rng, body_c))],
                       _stripes(0.08, vertical=True, depth=0.5)))
     return parts
 
 
 _BUILDERS = (_car, _boat, _person, _flower, _fish, _plane)
+
+
+def _with_class_pattern(parts: list[Part]) -> list[Part]:
+    """Every part without a pattern takes the class's: that of the last patterned part (the main
+    part; a plane's fuselage). The class is then recognisable on any of its parts."""
+    main = [p.pattern for p in parts if p.pattern is not None][-1]
+    for p in parts:
+        if p.pattern is None:
+            p.pattern = main
+    return parts
 
 # Plane is seen from above (any heading); the others stand upright and may tilt a little.
 _MAX_TILT = (0.25, 0.2, 0.25, 0.35, 0.5, math.pi)
@@ -553,6 +567,24 @@ class _Placed:
     part_idx: np.ndarray      # (h, w) int32, 1-based part index, 0 outside
     sub_idx: np.ndarray       # (h, w) int32, 1-based sub-part index (global within object), 0 none
     colour: np.ndarray        # (h, w, 3) float
+    plain: np.ndarray         # (h, w, 3) float: the colour with no sub-part drawn (their parts' colour)
+
+
+def _holds_square(mask: np.ndarray, side: int) -> bool:
+    """Whether ``mask`` contains a ``side`` x ``side`` square of True pixels (integral image)."""
+    if side <= 1:
+        return bool(mask.any())
+    if mask.shape[0] < side or mask.shape[1] < side:
+        return False
+    c = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    c[1:, 1:] = mask.cumsum(0).cumsum(1)
+    win = c[side:, side:] - c[:-side, side:] - c[side:, :-side] + c[:-side, :-side]
+    return bool((win == side * side).any())
+
+
+def _min_subpart_side(canvas_hw: tuple[int, int]) -> int:
+    """``MIN_SUBPART_SQUARE`` in pixels of an image of this size (SAM resizes its long side)."""
+    return math.ceil(MIN_SUBPART_SQUARE * max(canvas_hw) / SAM_INPUT_SIDE)
 
 
 def _render_object(rng, parts: list[Part], size: float, tilt: float, flip: bool, aspect: float,
@@ -576,6 +608,8 @@ def _render_object(rng, parts: list[Part], size: float, tilt: float, flip: bool,
     part_idx = np.zeros(shape, np.int32)
     sub_idx = np.zeros(shape, np.int32)
     colour = np.zeros((*shape, 3))
+    plain = np.zeros((*shape, 3))
+    min_side = _min_subpart_side(canvas_hw)
     n_sub = 0
     # shading across the object: a linear ramp in a random direction
     g = rng.uniform(-0.25, 0.25, size=2)
@@ -591,15 +625,20 @@ def _render_object(rng, parts: list[Part], size: float, tilt: float, flip: bool,
         else:
             factor = np.broadcast_to(part.pattern(u, v), shape)
             colour[m] = part.colour * factor[m][:, None]
+        plain[m] = colour[m]
         for sub_shape, sub_colour in part.subparts:
-            n_sub += 1
             sm = np.broadcast_to(sub_shape(u, v), shape) & m
+            if not _holds_square(sm, min_side):
+                continue  # too small to draw: the part's surface continues
+            n_sub += 1
             sub_idx[sm] = n_sub
             colour[sm] = sub_colour
     if mask.sum() < 16:
         return None
-    colour = colour * shade[..., None] + rng.normal(0, rng.uniform(2, 8), (*shape, 1))
-    return _Placed(y0, x0, mask, part_idx, sub_idx, colour)
+    noise = rng.normal(0, rng.uniform(2, 8), (*shape, 1))
+    colour = colour * shade[..., None] + noise
+    plain = plain * shade[..., None] + noise
+    return _Placed(y0, x0, mask, part_idx, sub_idx, colour, plain)
 
 
 def _image_size(rng) -> tuple[int, int]:
@@ -680,8 +719,7 @@ def render(seed: int, index: int, stream: int = DEMO_STREAM) -> WorldImage:
                 # power 0.35 leans towards large objects, which a 16-px patch grid can resolve
                 lo, hi = OBJECT_SIZE_RANGE[0], OBJECT_SIZE_RANGE[1] / (1 + 0.1 * (n_objects - 1))
                 size = short * (lo + (hi - lo) * rng.random() ** 0.35)
-                builder = _BUILDERS[cls]
-                parts = builder(rng)
+                parts = _with_class_pattern(_BUILDERS[cls](rng))
                 tilt = rng.uniform(-_MAX_TILT[cls], _MAX_TILT[cls])
                 aspect = math.sqrt(rng.uniform(0.8, 1.25))
                 flip = bool(rng.random() < 0.5)
@@ -719,6 +757,13 @@ def render(seed: int, index: int, stream: int = DEMO_STREAM) -> WorldImage:
         vis = obj.mask & (occupancy[sl] == j)
         if not vis.any():
             continue
+        if kind == "object":
+            # a sub-part that occlusion leaves too small is painted over with its part's surface
+            for k in np.unique(obj.sub_idx[vis & (obj.sub_idx > 0)]):
+                if not _holds_square(vis & (obj.sub_idx == k), _min_subpart_side((h, w))):
+                    gone = obj.sub_idx == k
+                    obj.colour[gone] = obj.plain[gone]
+                    obj.sub_idx[gone] = 0
         image[sl][vis] = obj.colour[vis]
         stuff[sl][vis] = IGNORE
         instance_class.append(cls)
