@@ -31,7 +31,7 @@ def _bar(total: int, desc: str):
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
     def progress(step: int, stats: dict) -> None:
-        bar.update(1)
+        bar.update(step + 1 - bar.n)  # a resumed run starts past 0
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if isinstance(v, float)})
         if step + 1 == total:
             bar.close()
@@ -90,14 +90,23 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
     held_out = evaluation_images(seed, eval_images) if eval_images else []
     if only in (None, "clip"):
         cfg = ClipTrainingConfig(seed=seed, world_seed=seed)
-        cfg = replace(cfg, **{k: v for k, v in (("steps", clip_steps), ("n_images", n_images)) if v})
+        cfg = replace(cfg, **{k: v for k, v in (("n_images", n_images),) if v})
+        if clip_steps:
+            cfg = cfg.with_phase_steps(clip_steps)
+        curve = []
+
+        def evaluate_phase(name, model):
+            if held_out:
+                curve.append({"phase": name, **evaluate_clip(model, held_out)})
+                log.info("demo CLIP after %s: %s", name, json.dumps(curve[-1]))
+
         start = time.perf_counter()
-        model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"))
+        model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"), state_dir=out_dir, on_phase_end=evaluate_phase)
         seconds = time.perf_counter() - start
         sha = _save({k: v.half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
         model.load_state_dict(torch.load(out_dir / CLIP_FILE, map_location="cpu", weights_only=True))
         report["clip"] = {"file": CLIP_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
-                          "held_out": evaluate_clip(model, held_out) if held_out else None}
+                          "curve": curve, "held_out": evaluate_clip(model, held_out) if held_out else None}
         log.info("demo CLIP: %s (SHA-256 %s) in %.0f s", out_dir / CLIP_FILE, sha, seconds)
     if only in (None, "sam"):
         cfg = SamTrainingConfig(seed=seed, world_seed=seed)

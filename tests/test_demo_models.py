@@ -8,8 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.demo.clip_training import (
-    DEMO_CLIP_MODEL, N_CLASSES, OTHER, ClipTrainingConfig, caption, group_unique, patch_histograms,
-    sample_regions,
+    DEMO_CLIP_MODEL, N_CLASSES, OTHER, ClipTrainingConfig, concept_prompts, patch_histograms,
 )
 from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance
 from pipeline.weights import sha256sum
@@ -19,31 +18,35 @@ from stages.clip_features import ClipConfig, build_clip, clip_provenance, verify
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_captions_name_exactly_the_given_classes_and_kinds():
-    rng = np.random.default_rng(0)
-    text = caption((0, 4), (2,), rng)
-    assert "car" in text and "fish" in text and "grass" in text
-    assert not any(n in text for n in ("boat", "person", "flower", "plane", "sky", "water"))
+def test_patch_histograms_and_soft_patch_targets():
+    from pipeline.demo.clip_training import _soft_patch_loss
 
-
-def test_regions_and_groups():
-    cfg = ClipTrainingConfig()
     con = np.full((64, 64), N_CLASSES, np.uint8)  # sky everywhere ...
     con[16:48, 16:48] = 0                          # ... a car in the middle 2x2 patches
     con[:, 48:] = OTHER                            # a distractor strip
     hist = patch_histograms(con)
     assert hist.shape == (4, 4, OTHER + 1) and hist[1, 1, 0] == 256 and hist[0, 3, OTHER] == 256
-    regions = sample_regions(hist, 40, cfg, np.random.default_rng(0))
-    (box, key), rest = regions[0], regions[1:]
-    assert box == (0, 0, 4, 4) and key == ((0,), (0,))  # the whole view names both
-    for (y0, x0, y1, x1), (cls, kinds) in rest:
-        if (y0, x0, y1, x1) == (1, 1, 2, 2):
-            assert (cls, kinds) == ((0,), ())
-    keys = [k for _, k in regions]
-    groups = group_unique(keys, np.random.default_rng(0), max_groups=3)
-    assert len(groups) <= 3
-    for g in groups:
-        assert len({keys[i] for i in g}) == len(g)  # no duplicate caption content in a group
+    flat = hist.reshape(16, -1)
+    # a head that names each patch's concept exactly has a lower loss than one that swaps car and sky
+    right = torch.full((16, OTHER), -20.0)
+    dominant = flat.argmax(1)
+    right[np.arange(16), np.where(dominant == OTHER, N_CLASSES, dominant)] = 0.0  # distractors: any kind
+    swapped = right[:, [N_CLASSES] + list(range(1, N_CLASSES)) + [0] + list(range(N_CLASSES + 1, OTHER))]
+    good = _soft_patch_loss(torch.log_softmax(right, 1), flat, 0.5)
+    bad = _soft_patch_loss(torch.log_softmax(swapped, 1), flat, 0.5)
+    assert float(good) < 0.5 < float(bad)
+
+
+def test_clip_recipe_phases_and_prompts():
+    cfg = ClipTrainingConfig()
+    assert [p.name for p in cfg.phases] == ["features", "cam", "cam-fine"]
+    assert cfg.phases[0].prototypes and not cfg.phases[0].cam_weight
+    assert all(p.cam_weight > 0 and not p.prototypes for p in cfg.phases[1:])
+    assert cfg.steps == sum(p.steps for p in cfg.phases)
+    short = cfg.with_phase_steps(3)
+    assert short.steps == 9 and all(p.warmup <= 3 for p in short.phases)
+    prompts = concept_prompts(np.random.default_rng(0), canonical=1.0)
+    assert prompts[:2] == ["a photo of a car.", "a photo of a boat."] and prompts[N_CLASSES] == "a photo of the sky."
 
 
 def test_demo_models_regenerates_deterministically_and_loads_like_real_checkpoints(tmp_path, monkeypatch):
@@ -56,7 +59,8 @@ def test_demo_models_regenerates_deterministically_and_loads_like_real_checkpoin
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / run)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         report = json.loads((tmp_path / run / "demo_models.json").read_text())
-        assert report["clip"]["config"]["steps"] == 2 and report["sam"]["config"]["n_images"] == 8
+        assert [p["steps"] for p in report["clip"]["config"]["phases"]] == [2, 2, 2]
+        assert report["sam"]["config"]["n_images"] == 8
         assert sha256sum(tmp_path / run / "clip_demo.pt") == report["clip"]["sha256"]
         assert sha256sum(tmp_path / run / "sam_demo.pth") == report["sam"]["sha256"]
         shas.append((report["clip"]["sha256"], report["sam"]["sha256"]))
