@@ -58,9 +58,36 @@ def _save(obj, path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None) -> dict:
+    """Held-out quality of the demo models on ``n`` images of world ``world_seed``'s held-out
+    stream, loaded through the pipeline's real-checkpoint path (the committed file's checksum
+    is verified; a given file's is recorded)."""
+    from pipeline.demo.clip_training import (
+        DEMO_CLIP_FILE, DEMO_CLIP_MODEL, DEMO_CLIP_SHA256, evaluate_clip, evaluation_images,
+    )
+    from stages.clip_features import ClipConfig, build_clip, verify_clip
+
+    if n < 1:
+        raise StageError(f"--n must be >= 1, got {n}")
+    cfg = ClipConfig(model=DEMO_CLIP_MODEL, checkpoint=str(clip_file or DEMO_CLIP_FILE),
+                     checkpoint_sha256=None if clip_file else DEMO_CLIP_SHA256)
+    if not Path(cfg.checkpoint).is_file():
+        raise StageError(f"demo CLIP weights not found: {cfg.checkpoint} (make them with "
+                         "`wsss demo-models --only clip --out DIR`)")
+    sha = verify_clip(cfg)
+    clip = build_clip(cfg.model, cfg.checkpoint, None, 0, "cpu")
+    samples = evaluation_images(world_seed, n)
+    result = evaluate_clip(clip.model, samples)
+    log.info("demo CLIP %s (SHA-256 %s) on %d held-out images of world %d", cfg.checkpoint, sha, n, world_seed)
+    return {"world_seed": world_seed, "n_images": n,
+            "clip": {"map": result["classification_map"], "cam_miou": result["cam_miou"],
+                     "cam_best_power": result["cam_best_power"],
+                     "all_background_miou": result["all_background_miou"], "sha256": sha}}
+
+
 @click.command("demo-models")
 @PARAMS_OPTION
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Folder for the weights (the committed ones live in pipeline/demo/weights).")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--threads", default=2, show_default=True,
@@ -70,8 +97,23 @@ def _save(obj, path: Path) -> str:
 @click.option("--sam-steps", type=int, default=None, help="Override the SAM step count (quick runs).")
 @click.option("--n-images", type=int, default=None, help="Override the training image count (quick runs).")
 @click.option("--eval-images", default=48, show_default=True, help="Held-out images for the report.")
-def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_images, eval_images) -> None:
-    """Train the demo CLIP and SAM on the procedural world (minutes on two CPU cores)."""
+@click.option("--evaluate", is_flag=True,
+              help="Train nothing: print the held-out quality of the committed (or given) weights as JSON.")
+@click.option("--world-seed", default=0, show_default=True, help="--evaluate: the world whose held-out images to use.")
+@click.option("--n", "n_eval", default=48, show_default=True, help="--evaluate: how many held-out images.")
+@click.option("--clip", "clip_file", default=None, type=click.Path(dir_okay=False),
+              help="--evaluate: demo CLIP weights (default: the committed file, checksum verified).")
+def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_images, eval_images,
+            evaluate, world_seed, n_eval, clip_file) -> None:
+    """Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."""
+    if threads < 1:
+        raise StageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    if evaluate:
+        click.echo(json.dumps(evaluate_demo_models(world_seed, n_eval, clip_file)))
+        return
+    if out is None:
+        raise StageError("demo-models: --out is required to train (or pass --evaluate)")
     from pipeline.demo.clip_training import ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip
     from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, train_sam
 
@@ -79,9 +121,6 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
 
     # the held-out SAM report runs the quasi-superpixel generator with the pipeline's settings
     generator_settings = section(load_params(params_path), "sam", SamConfig).generator_settings()
-    if threads < 1:
-        raise StageError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / REPORT_FILE

@@ -105,3 +105,46 @@ def test_every_class_and_background_kind_occurs():
         kinds.update(int(k) for k in np.unique(s.stuff) if k != IGNORE)
     assert classes == set(range(len(DEMO_CLASSES)))
     assert kinds == set(range(len(BACKGROUND_KINDS)))
+
+
+def test_every_sub_part_is_large_enough_for_the_demo_sam_and_most_images_have_three_levels():
+    """Each sub-part holds a MIN_SUBPART_SQUARE-px square at SAM's 256-px input (occluded ones
+    included), and sub-parts, parts and wholes all occur in most images."""
+    from pipeline.demo.world import MIN_SUBPART_SQUARE, SAM_INPUT_SIDE, _holds_square
+
+    three_levels = 0
+    for i in range(30):
+        s = render(0, i, TRAINING_STREAM)
+        side = int(np.ceil(MIN_SUBPART_SQUARE * max(s.label.shape) / SAM_INPUT_SIDE))
+        for sid in np.unique(s.subpart[s.subpart > 0]):
+            assert _holds_square(s.subpart == sid, side), (i, sid)
+        three_levels += bool((s.subpart > 0).any() and (s.part > 0).any())
+    assert three_levels >= 0.7 * 30
+
+
+def test_holds_square():
+    from pipeline.demo.world import _holds_square
+
+    m = np.zeros((20, 20), bool)
+    m[2:9, 3:10] = True  # a 7 x 7 block
+    assert _holds_square(m, 7) and not _holds_square(m, 8)
+    assert not _holds_square(np.zeros((5, 5), bool), 1) and _holds_square(m, 1)
+
+
+def test_classes_take_their_hue_and_their_pattern_on_every_part():
+    """Class-local world: the main part's hue is the class's (+- 0.06), and no part is plain."""
+    from pipeline.demo import world as W
+
+    rng = np.random.default_rng(0)
+    for cls, builder in enumerate(W._BUILDERS):
+        for _ in range(5):
+            parts = W._with_class_pattern(builder(rng))
+            assert all(p.pattern is not None for p in parts)
+    for cls in range(len(DEMO_CLASSES)):
+        for _ in range(20):
+            r, g, b = W._class_colour(rng, cls) / 255.0
+            mx, mn = max(r, g, b), min(r, g, b)
+            h = 0.0 if mx == mn else (
+                ((g - b) / (mx - mn)) % 6 if mx == r else (b - r) / (mx - mn) + 2 if mx == g else (r - g) / (mx - mn) + 4) / 6
+            d = abs(h - W._CLASS_HUE[cls])
+            assert min(d, 1 - d) <= 0.06 + 1e-6

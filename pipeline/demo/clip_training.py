@@ -42,6 +42,10 @@ from pipeline.prompts.learner import encode_prompt_embeddings
 
 DEMO_CLIP_MODEL = "wsss-demo-ViT-16"
 """open_clip config of the demo CLIP (pipeline/clip/model_configs)."""
+DEMO_CLIP_FILE = Path(__file__).resolve().parent / "weights" / "clip_demo.pt"
+"""The committed demo CLIP (open_clip state dict, fp16), made by ``wsss demo-models --only clip``."""
+DEMO_CLIP_SHA256 = None
+"""SHA-256 of ``DEMO_CLIP_FILE``."""
 
 N_CLASSES = len(DEMO_CLASSES)
 N_KINDS = len(BACKGROUND_KINDS)
