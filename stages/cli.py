@@ -35,7 +35,7 @@ COMMANDS = {
     "import-cams": ("import_cams", "Import external CAMs (``<id>.npz`` with ``cam`` and ``fg_cls``) into a CAM store."),
     "configure": ("configure", "Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."),
     "report": ("report", "The method's numbers stage by stage (percent), from the stored metrics."),
-    "demo-models": ("demo_models", "Train the demo CLIP and SAM on the procedural world (minutes on two CPU cores)."),
+    "demo-models": ("demo_models", "Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."),
 }
 
 # OS errors that mean "the output location cannot take the write": reported in one line.
