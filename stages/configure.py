@@ -127,6 +127,13 @@ PROFILES: dict[str, dict[str, Any]] = {p: {**METHOD[p], **SCALE[p]} for p in MET
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b")
 
+#: ``--models demo`` keeps the embedded models, but ``sam.model: world-oracle`` is no model: it
+#: answers with the demo world's own masks and knows no other images. The random tiny SAM (with
+#: the thresholds its meaningless predicted IoUs need) takes its place on real data.
+OFF_WORLD_SAM: dict[str, Any] = {
+    "sam.model": "tiny", "sam.pred_iou_thresh": 0.0, "sam.stability_score_thresh": 0.0,
+}
+
 
 def _get(tree, dotted: str):
     node = tree
@@ -159,12 +166,14 @@ def plan(profile: str, root: str | None, models: str = "real", sam_model: str = 
          sam_checkpoint: str | None = None, clip_checkpoint: str | None = None,
          backbone_weights: str | None = None, class_names: str | None = None,
          labels_file: str | None = None, sam_sha256: str | None = None,
-         clip_sha256: str | None = None, backbone_sha256: str | None = None) -> dict[str, Any]:
+         clip_sha256: str | None = None, backbone_sha256: str | None = None,
+         current_sam_model: str | None = None) -> dict[str, Any]:
     """The dotted keys to set for ``profile``, after validating every given path.
 
     ``models``: ``real`` (the paper's models, local checkpoints required) or ``demo`` (keep the
     embedded trained tiny models and the demo's run lengths; only the dataset and the dataset's
-    method settings change: try one's own data offline first).
+    method settings change: try one's own data offline first). ``current_sam_model``: the
+    params' ``sam.model`` now (``--models demo`` replaces the demo world's oracle).
     """
     if root is None or not Path(root).is_dir():
         raise StageError(f"--root: dataset folder not found: {root}")
@@ -180,6 +189,10 @@ def plan(profile: str, root: str | None, models: str = "real", sam_model: str = 
                                 ("--backbone-weights", backbone_weights)) if v is not None]
         if given:
             raise StageError(f"{given[0]} is for --models real; --models demo keeps the embedded models")
+        from pipeline.demo.sam_oracle import WORLD_ORACLE
+
+        if current_sam_model == WORLD_ORACLE:
+            changes.update(OFF_WORLD_SAM)
         return changes
     changes["sam.model"] = sam_model
     for value, key, option in (
@@ -240,11 +253,16 @@ def command(profile, params_path, root, models, sam_model, sam_checkpoint, sam_s
     path = Path(params_path)
     if not path.is_file():
         raise StageError(f"parameter file not found: {path}")
-    changes = plan(profile, root, models, sam_model, sam_checkpoint, clip_checkpoint, backbone_weights,
-                   class_names, labels_file, sam_sha256, clip_sha256, backbone_sha256)
     yaml = YAML()
     yaml.preserve_quotes = True
     tree = yaml.load(path.read_text())
+    try:
+        current_sam_model = _get(tree, "sam.model")
+    except (KeyError, TypeError):
+        current_sam_model = None
+    changes = plan(profile, root, models, sam_model, sam_checkpoint, clip_checkpoint, backbone_weights,
+                   class_names, labels_file, sam_sha256, clip_sha256, backbone_sha256,
+                   current_sam_model)
     for key, value in changes.items():
         try:
             old = _get(tree, key)
@@ -262,6 +280,10 @@ def command(profile, params_path, root, models, sam_model, sam_checkpoint, sam_s
     with open(tmp, "w") as f:
         yaml.dump(tree, f)
     tmp.replace(path)
+    if models == "demo" and "sam.model" in changes and changes["sam.model"] != current_sam_model:
+        click.echo(f"note: sam.model {current_sam_model} answers with the demo world's own masks and "
+                   f"knows no other images; the random {changes['sam.model']} SAM takes its place "
+                   "(its masks check plumbing only)")
     if profile == "custom" and models == "real":
         click.echo(f"note: segmenter.iterations is VOC's 80 epochs of 10,582 images at batch 16 "
                    f"({VOC_SEGMENTER_ITERATIONS}); for 80 epochs of N training images set it to ceil(80 * N / 16)")

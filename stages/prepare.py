@@ -159,6 +159,20 @@ def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
     return SplitIndex("custom", split, class_names, records)
 
 
+def demo_image_id(index: int) -> str:
+    """The id of demo image ``index`` (``render(dataset.demo.seed, index)``)."""
+    return f"demo_{index:04d}"
+
+
+def demo_index(image_id: str) -> int:
+    """Inverse of :func:`demo_image_id`; ValueError for any other id."""
+    head, _, digits = image_id.partition("_")
+    if not (head == "demo" and digits.isascii() and digits.isdigit()
+            and demo_image_id(int(digits)) == image_id):
+        raise ValueError(f"{image_id!r} is not a demo image id (demo_NNNN)")
+    return int(digits)
+
+
 def generate_demo(root: Path, cfg: DemoConfig) -> None:
     """Write the demo dataset in the VOC layout (deterministic; rewritten each time)."""
     shutil.rmtree(root, ignore_errors=True)
@@ -171,7 +185,7 @@ def generate_demo(root: Path, cfg: DemoConfig) -> None:
         ids = []
         for i in tqdm(indices, desc=f"demo {split}", unit="img", dynamic_ncols=True):
             sample = render_demo(cfg.seed, i)
-            image_id = f"demo_{i:04d}"
+            image_id = demo_image_id(i)
             # PNG content under a .jpg name would confuse viewers; JPEG at quality 95 is the VOC norm.
             Image.fromarray(sample.image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
             write_palette_png(root / "SegmentationClassAug" / f"{image_id}.png", sample.label)

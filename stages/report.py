@@ -3,7 +3,9 @@
 The ablation of the method in one table: quasi-superpixels per image, classification CAMs (raw and
 with CAA, at their best background power), coarse and fine seeds, and the segmenter's val mIoU raw
 and with SAMS post-processing, all in percent. ``--json`` prints the same as one JSON object.
-A metrics file that does not exist yet (a stage not run) leaves its rows empty.
+A metrics file that does not exist yet (a stage not run) leaves its rows empty. Quasi-superpixels
+from ``sam.model: world-oracle`` (the demo world's own masks, not a SAM) are flagged
+(``sam_oracle``) and named under the table.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import click
 from stages.common import StageError
 
 METRICS_DIR = "cache/metrics"
+ORACLE_NOTE = ("SAM: world-oracle stand-in (the demo world's own whole/part/sub-part masks through "
+               "the same filtering, NMS and store), not a trained SAM.")
 
 # (JSON key, stage, label, metrics file, path inside it)
 ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
@@ -42,7 +46,8 @@ def _dig(data: Any, path: tuple[str, ...]) -> Any:
 
 
 def collect(metrics_dir: Path) -> dict[str, Any]:
-    """The report's values (None where a file or entry is missing) and ``untrained`` per file."""
+    """The report's values (None where a file or entry is missing), ``untrained`` (any file) and
+    ``sam_oracle`` (the quasi-superpixels came from the demo world's oracle, not a SAM)."""
     files: dict[str, Any] = {}
     for name in sorted({row[3] for row in ROWS}):
         path = metrics_dir / name
@@ -53,6 +58,7 @@ def collect(metrics_dir: Path) -> dict[str, Any]:
                 raise StageError(f"{path}: not valid JSON ({exc})") from exc
     values: dict[str, Any] = {key: _dig(files.get(name), path) for key, _, _, name, path in ROWS}
     values["untrained"] = any(bool(data.get("untrained")) for data in files.values())
+    values["sam_oracle"] = bool((files.get("sam_masks.json") or {}).get("sam_oracle"))
     values["missing"] = sorted({row[3] for row in ROWS} - set(files))
     return values
 
@@ -67,6 +73,8 @@ def table(values: dict[str, Any]) -> str:
     lines.append("-" * 54)
     lines.append("mIoU in percent." + (" Untrained (random) models: numbers check plumbing only."
                                         if values["untrained"] else ""))
+    if values["sam_oracle"]:
+        lines.append(ORACLE_NOTE)
     if values["missing"]:
         lines.append("Not run yet: " + ", ".join(values["missing"]))
     return "\n".join(lines)

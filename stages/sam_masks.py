@@ -4,11 +4,16 @@ Every usable image of the train and eval splits gets one store group. The store'
 covers the ``sam`` params (but ``sam.max_batch_memory_mb``, which never changes a result),
 ``compute.precision``, the checkpoint's checksum and the mask code: a change resets the store, a
 rerun with the same ones resumes and computes only the images not yet stored.
+
+``sam.model: world-oracle`` (demo world only) answers SAM's prompts with the world's own masks
+(:mod:`pipeline.demo.sam_oracle`): each image is re-rendered from ``dataset.demo.seed`` and its id.
+Its store and metrics say ``sam_oracle: true``.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +23,7 @@ from pipeline.config import param, to_dict
 from pipeline.metrics import quasi_superpixel_stats
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
+from pipeline.demo.sam_oracle import WORLD_ORACLE
 from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
 from pipeline.store import ImageStore, finish, write_group
 from pipeline.weights import CheckpointError
@@ -26,7 +32,7 @@ from stages.common import (
     fingerprint, load_params, package_version, run_per_image, section, torch_device,
     write_json_atomic,
 )
-from stages.prepare import DatasetConfig
+from stages.prepare import DatasetConfig, demo_index
 
 log = logging.getLogger("wsss.sam_masks")
 STAGE = "sam_masks"
@@ -41,6 +47,9 @@ RESULT_NEUTRAL_KEYS = ("max_batch_memory_mb",)
 # DVC reruns the stage, and the store must then recompute instead of resuming with old masks.
 CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.point_decoder",
                 "pipeline.sam.models", "pipeline.precision", "pipeline.data.imageio")
+# ... and of the world oracle's masks, which only its stores depend on (dvc.yaml lists them for
+# every model: a VOC store resumes with nothing to compute when they change).
+ORACLE_CODE_MODULES = ("pipeline.demo.sam_oracle", "pipeline.demo.world")
 
 
 @dataclass(frozen=True)
@@ -48,9 +57,10 @@ class SamConfig:
     """Section ``sam`` of params.yaml (algorithms.md §1); generator settings map 1:1."""
 
     model: str = "vit_h"
-    """vit_h | vit_l | vit_b | tiny (random weights, offline demo)."""
+    """vit_h | vit_l | vit_b | demo (trained on the demo world) | tiny (random weights, offline
+    demo) | world-oracle (the demo world's own masks, a stand-in for a trained demo SAM)."""
     checkpoint: str | None = None
-    """Path of the official checkpoint (ignored by tiny)."""
+    """Path of the official checkpoint (ignored by tiny and world-oracle)."""
     checkpoint_sha256: str | None = None
     """Expected SHA-256; None: the published checksum of the official file."""
     points_per_side: int = param(32, ge=1)
@@ -76,10 +86,9 @@ class SamConfig:
     fingerprint, not a DVC param of the stage); peak memory and speed do."""
 
     def __post_init__(self):
-        if self.model not in SPECS:
-            raise StageError(
-                f"params.yaml: sam.model must be one of {', '.join(SPECS)}, got {self.model!r}"
-            )
+        if self.model not in (*SPECS, WORLD_ORACLE):
+            raise StageError(f"params.yaml: sam.model must be one of "
+                             f"{', '.join((*SPECS, WORLD_ORACLE))}, got {self.model!r}")
 
     def generator_settings(self) -> dict:
         return {k: v for k, v in to_dict(self).items() if k not in _MODEL_KEYS}
@@ -93,7 +102,11 @@ class Item(NamedTuple):
 
 def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, precision,
                      **settings):
-    """One generator per process (WorkerResource factory: module-level, plain-data kwargs)."""
+    """The quasi-superpixel generator of ``model`` (the world oracle needs no weights)."""
+    if model == WORLD_ORACLE:
+        from pipeline.demo.sam_oracle import WorldOracleGenerator
+
+        return WorldOracleGenerator(precision=precision, **settings)
     from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
     predictor = build_sam_predictor(
@@ -102,26 +115,67 @@ def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, devic
     return QuasiSuperpixelGenerator(predictor, precision=precision, **settings)
 
 
-def masks_for_image(generator, item: Item) -> str:
+def _build_masker(world_seed: int | None, **kwargs):
+    """``(image_id, image) -> QuasiSuperpixels``, built once per process (WorkerResource
+    factory: module-level, plain-data kwargs)."""
+    generator = _build_generator(**kwargs)
+    if kwargs["model"] == WORLD_ORACLE:
+        return partial(_world_oracle_masks, generator, world_seed)
+    return partial(_image_masks, generator)
+
+
+def _image_masks(generator, image_id: str, image):
+    return generator.generate(image)
+
+
+def _world_oracle_masks(generator, world_seed: int, image_id: str, image):
+    """The oracle needs the image's world: re-rendered from the seed and the id's index."""
+    from pipeline.demo.world import render
+
+    try:
+        sample = render(world_seed, demo_index(image_id))
+    except ValueError as exc:
+        raise StageError(f"image {image_id}: {exc}; sam.model {WORLD_ORACLE} "
+                         "knows only the demo world") from exc
+    if sample.image.shape != image.shape:
+        raise StageError(
+            f"image {image_id} is {image.shape[0]}x{image.shape[1]} but demo world "
+            f"{world_seed} renders it {sample.image.shape[0]}x{sample.image.shape[1]}: "
+            "is the index from another dataset.demo.seed? (rerun prepare)")
+    return generator.generate_world(image, sample)
+
+
+def masks_for_image(masker, item: Item) -> str:
     """Quasi-superpixels of one image, written as its store group. Returns the image id."""
     try:
         image = read_rgb(item.image)
     except ImageReadError as exc:
         raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
-    qs = generator.generate(image)
+    qs = masker(item.image_id, image)
     write_group(item.store, item.image_id, qs.to_arrays(), attrs={"height": h, "width": w})
     return item.image_id
 
 
-def store_attrs(cfg: SamConfig, precision: str) -> dict:
-    """Store provenance; the fingerprint covers everything the masks depend on."""
-    provenance = sam_provenance(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
+def store_attrs(cfg: SamConfig, precision: str, world_seed: int | None = None) -> dict:
+    """Store provenance; the fingerprint covers everything the masks depend on.
+
+    ``world_seed``: ``dataset.demo.seed``, which the world oracle's masks depend on (ignored for
+    real models)."""
+    oracle = cfg.model == WORLD_ORACLE
+    if oracle:
+        provenance = {"sha256": "none (the demo world's own masks)", "untrained": False}
+    else:
+        provenance = sam_provenance(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
     # The checkpoint's location is not part of the result (teammates sharing the store through a
     # DVC remote keep weights in different places); its checksum is.
     depends = {k: v for k, v in to_dict(cfg).items()
                if k not in ("checkpoint", "checkpoint_sha256") + RESULT_NEUTRAL_KEYS}
-    code = code_digest(*CODE_MODULES)
+    modules = CODE_MODULES
+    if oracle:
+        depends["world_seed"] = world_seed
+        modules += ORACLE_CODE_MODULES
+    code = code_digest(*modules)
     return {
         "stage": STAGE,
         "sam": to_dict(cfg),
@@ -129,6 +183,7 @@ def store_attrs(cfg: SamConfig, precision: str) -> dict:
         "model": cfg.model,
         "checkpoint_sha256": provenance["sha256"],
         "untrained": provenance["untrained"],
+        "sam_oracle": oracle,
         "package_version": package_version(),
         "code": code,
         "fingerprint": fingerprint(depends, provenance["sha256"], code, precision),
@@ -160,16 +215,22 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
     cfg = section(params, "sam", SamConfig)
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
+    oracle = cfg.model == WORLD_ORACLE
+    if oracle and dataset.name != "demo":
+        raise StageError(f"sam.model {WORLD_ORACLE} is the demo world's stand-in; "
+                         "it needs dataset.name: demo")
     try:
-        verify_checkpoint(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
+        if not oracle:
+            verify_checkpoint(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
     torch_device(compute.device)  # an unusable device fails here, not in every worker
+    world_seed = dataset.demo.seed if oracle else None
     items = _items(index_dir, dataset, str(Path(out)))
-    store = ImageStore.open_for_writing(out, store_attrs(cfg, compute.precision))
+    store = ImageStore.open_for_writing(out, store_attrs(cfg, compute.precision, world_seed))
     todo = [it for it in items if it.image_id not in store]
     resource = WorkerResource.of(
-        _build_generator, model=cfg.model, checkpoint=cfg.checkpoint,
+        _build_masker, world_seed=world_seed, model=cfg.model, checkpoint=cfg.checkpoint,
         checkpoint_sha256=cfg.checkpoint_sha256, mask_threshold=cfg.mask_threshold,
         device=compute.device, precision=compute.precision, **cfg.generator_settings(),
     )
@@ -178,7 +239,8 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
     if metrics_path:
         stats = quasi_superpixel_stats([store.read(it.image_id, ("levels",))["levels"] for it in items])
         write_json_atomic(Path(metrics_path), {**stats, "model": cfg.model,
-                                               "untrained": store.attrs["untrained"]})
+                                               "untrained": store.attrs["untrained"],
+                                               "sam_oracle": store.attrs["sam_oracle"]})
         log.info("sam_masks: %.1f quasi-superpixels per image, all three levels in %.0f%% of images",
                  stats.get("masks_per_image", 0), 100 * stats.get("three_level_fraction", 0))
     log.info("sam_masks: %d images computed, %d already in the store (resumed), %d in %s",

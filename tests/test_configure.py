@@ -176,3 +176,30 @@ def test_configure_custom_with_the_demo_models(tmp_path):
         assert tree[section][key] == before[section][key], (section, key)
     res = _run(params, "voc", "--models", "demo", "--root", str(root), "--sam-checkpoint", p["sam_vit_h_4b8939.pth"])
     assert res.exit_code == 1 and "--sam-checkpoint is for --models real" in res.output
+
+
+@pytest.mark.parametrize("profile", ["voc", "custom"])
+def test_configure_never_leaves_the_demo_worlds_oracle_on_other_data(tmp_path, profile):
+    """The oracle answers with the demo world's own masks: --models demo puts the random tiny
+    SAM (and the thresholds it needs) in its place; --models real writes a real variant."""
+    from stages.configure import OFF_WORLD_SAM
+
+    root, p = _files(tmp_path)
+    extra = ["--class-names", p["classes.txt"], "--labels-file", p["labels.csv"]] if profile == "custom" else []
+    for models, checkpoints in (("demo", []), ("real", ["--sam-checkpoint", p["sam_vit_h_4b8939.pth"],
+                                                        "--clip-checkpoint", p["clip.bin"],
+                                                        "--backbone-weights", p["resnet101.pth"]])):
+        params = tmp_path / f"{models}.yaml"
+        params.write_text((REPO / "params.yaml").read_text().replace("  model: tiny ", "  model: world-oracle ", 1))
+        assert yaml.safe_load(params.read_text())["sam"]["model"] == "world-oracle"
+        res = _run(params, profile, "--models", models, "--root", str(root), *checkpoints, *extra)
+        assert res.exit_code == 0, res.output
+        tree = yaml.safe_load(params.read_text())
+        if models == "demo":
+            for key, value in OFF_WORLD_SAM.items():
+                assert _get(tree, key) == value, key
+            assert "note: sam.model world-oracle answers with the demo world's own masks" in res.output
+        else:
+            assert tree["sam"]["model"] == "vit_h"
+            # The sam.model choices (world-oracle among them) stay listed.
+            assert "| world-oracle (stand-in" in params.read_text()

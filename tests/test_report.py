@@ -39,3 +39,26 @@ def test_report_names_a_broken_file(tmp_path):
     (tmp_path / "seeds_fine.json").write_text("{oops")
     res = CliRunner().invoke(main, ["report", "--metrics-dir", str(tmp_path)])
     assert res.exit_code == 1 and "seeds_fine.json: not valid JSON" in res.output
+
+
+def test_report_names_the_world_oracle_when_it_made_the_masks(tmp_path):
+    from stages.report import ORACLE_NOTE
+
+    for oracle in (True, False):
+        _write(tmp_path, "sam_masks.json", {"masks_per_image": 6.5, "three_level_fraction": 0.0,
+                                            "untrained": False, "sam_oracle": oracle})
+        res = CliRunner().invoke(main, ["report", "--metrics-dir", str(tmp_path), "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["sam_oracle"] is oracle
+        res = CliRunner().invoke(main, ["report", "--metrics-dir", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        assert (ORACLE_NOTE in lines) is oracle
+        if oracle:
+            assert ORACLE_NOTE.startswith("SAM: world-oracle stand-in") and "not a trained SAM" in ORACLE_NOTE
+            # Under the table: after its closing rule.
+            assert lines.index(ORACLE_NOTE) > max(i for i, l in enumerate(lines) if set(l) == {"-"})
+    # Metrics written before the flag existed: not an oracle.
+    _write(tmp_path, "sam_masks.json", {"masks_per_image": 6.5, "untrained": True})
+    res = CliRunner().invoke(main, ["report", "--metrics-dir", str(tmp_path), "--json"])
+    assert json.loads(res.output)["sam_oracle"] is False

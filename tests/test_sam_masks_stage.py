@@ -99,7 +99,7 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
     assert attrs["stage"] == "sam_masks"
     assert attrs["model"] == "tiny"
     assert attrs["checkpoint_sha256"] == "random-init"
-    assert attrs["untrained"] is True
+    assert attrs["untrained"] is True and attrs["sam_oracle"] is False
     assert attrs["package_version"]
     assert attrs["sam"] == {**params["sam"], "crop_overlap_ratio": cfg.crop_overlap_ratio}
     assert attrs["precision"] == "fp32"
@@ -235,6 +235,7 @@ def test_metrics_count_masks_per_image_and_level(demo, tmp_path):
     levels = [store.read(i)["levels"] for i in store.ids()]
     counts = np.array([[np.sum(l == k) for k in range(3)] for l in levels])
     assert got["n_images"] == len(levels) == 5 and got["untrained"] is True
+    assert got["sam_oracle"] is False
     assert got["masks_per_image"] == pytest.approx(counts.sum(1).mean(), abs=1e-3)
     assert got["three_level_fraction"] == pytest.approx((counts > 0).all(1).mean(), abs=1e-4)
 
@@ -285,5 +286,7 @@ def test_dvc_params_are_the_result_changing_keys():
     assert {p.split(".", 1)[1] for p in listed if p.startswith("sam.")} == \
         fields - set(sam_masks_stage.RESULT_NEUTRAL_KEYS)
     assert "compute.precision" in listed and "sam" not in listed
-    for module in sam_masks_stage.CODE_MODULES:
+    for module in sam_masks_stage.CODE_MODULES + sam_masks_stage.ORACLE_CODE_MODULES:
         assert module.replace(".", "/") + ".py" in stage["deps"], module
+    # The world sam.model world-oracle re-renders.
+    assert "dataset.demo.seed" in listed
