@@ -242,7 +242,8 @@ def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
         cams[name] = image_cams(clip, text, learner.n_fg, inference.read(record.id)["tokens"],
                                 record.labels, grid)[0]
     np.testing.assert_allclose(store.read(record.id)["cam"], cams["kept"], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(cams["kept"], cams["final"], rtol=1e-3, atol=1e-5)
+    # (the tiny random model's CAMs are about 1e-5: compare relative to their size)
+    assert not np.allclose(cams["kept"], cams["final"], rtol=1e-3, atol=1e-3 * float(np.abs(cams["final"]).max()))
     # a checkpoint without that context: one clear line, nothing written
     bad = _params(work, tmp_path, cls__cam_iteration=3)
     res = _invoke("cams", "--which", "cls", "--params", bad, "--index", work / "index",
