@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -96,3 +97,35 @@ def test_evaluate_sam_counts_an_image_without_any_mask_as_zero():
     assert report["masks_per_image"] == 0.0
     assert report["three_level_percent"] == 0.0
     assert report["object_recall_at_0.5_percent"] == 0.0
+
+
+def test_committed_demo_clip_loads_through_the_checkpoint_path_with_its_pinned_checksum():
+    from pipeline.demo.clip_training import DEMO_CLIP_FILE, DEMO_CLIP_SHA256
+
+    assert DEMO_CLIP_FILE.is_file() and DEMO_CLIP_FILE.stat().st_size <= 15 * 2**20
+    assert sha256sum(DEMO_CLIP_FILE) == DEMO_CLIP_SHA256
+    cfg = ClipConfig(model=DEMO_CLIP_MODEL, checkpoint=str(DEMO_CLIP_FILE), checkpoint_sha256=DEMO_CLIP_SHA256)
+    assert verify_clip(cfg) == DEMO_CLIP_SHA256
+    clip = build_clip(cfg.model, cfg.checkpoint, None, 0, "cpu")
+    state = torch.load(DEMO_CLIP_FILE, map_location="cpu", weights_only=True)
+    assert clip.untrained is False and torch.equal(clip.model.visual.proj, state["visual.proj"].float())
+
+
+def test_evaluate_refuses_missing_weights_in_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["demo-models", "--evaluate", "--n", "1", "--clip", str(tmp_path / "none.pt")])
+    assert result.exit_code != 0
+    assert "not found" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_committed_clip_localises_on_held_out_images_of_another_world():
+    """`--evaluate` prints one JSON object; on a world it was not trained on, the committed CLIP's
+    CAMs beat the all-background score by a wide margin and it classifies well above chance."""
+    result = CliRunner().invoke(
+        main, ["demo-models", "--evaluate", "--world-seed", "3", "--n", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    clip = report["clip"]
+    assert report["world_seed"] == 3 and report["n_images"] == 8
+    assert clip["cam_miou"] >= clip["all_background_miou"] + 15
+    assert clip["map"] >= 60

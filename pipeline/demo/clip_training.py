@@ -44,7 +44,7 @@ DEMO_CLIP_MODEL = "wsss-demo-ViT-16"
 """open_clip config of the demo CLIP (pipeline/clip/model_configs)."""
 DEMO_CLIP_FILE = Path(__file__).resolve().parent / "weights" / "clip_demo.pt"
 """The committed demo CLIP (open_clip state dict, fp16), made by ``wsss demo-models --only clip``."""
-DEMO_CLIP_SHA256 = None
+DEMO_CLIP_SHA256 = "063cee41827efb56085681764e3a06f11f78df01f1caffd66899971a9870de49"
 """SHA-256 of ``DEMO_CLIP_FILE``."""
 
 N_CLASSES = len(DEMO_CLASSES)
