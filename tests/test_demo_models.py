@@ -129,3 +129,33 @@ def test_evaluate_committed_clip_localises_on_held_out_images_of_another_world()
     assert report["world_seed"] == 3 and report["n_images"] == 8
     assert clip["cam_miou"] >= clip["all_background_miou"] + 15
     assert clip["map"] >= 60
+
+
+def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path):
+    """A run killed after 3 of 6 steps (mid-way through the second phase) and restarted with the
+    same config ends with exactly the weights of an uninterrupted run; another config's state is
+    refused."""
+    from pipeline.demo.clip_training import STATE_FILE, train_clip, training_images
+
+    torch.set_num_threads(1)
+    cfg = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), cam_views=2).with_phase_steps(2)
+    data = training_images(cfg)
+    whole = train_clip(cfg, data=data).state_dict()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_three(step, stats):
+        if step == 2:
+            raise Killed
+
+    try:
+        train_clip(cfg, data=data, progress=kill_after_three, state_dir=tmp_path, checkpoint_every=1)
+    except Killed:
+        pass
+    assert torch.load(tmp_path / STATE_FILE, weights_only=False)["phase_index"] == 1
+    resumed = train_clip(cfg, data=data, state_dir=tmp_path, checkpoint_every=1).state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    other = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), seed=1).with_phase_steps(2)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_clip(other, data=data, state_dir=tmp_path)
