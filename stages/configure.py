@@ -29,6 +29,15 @@ VOC_SEGMENTER_ITERATIONS = epochs_to_iterations(80, 10_582, 16)
 #: DeepLabV3+ R101-d8 512x512 COCO-Stuff164k schedules.
 COCO_SEGMENTER_ITERATIONS = 100_000
 
+# VOC's segmentation prompts (§2): class-specific context, the class name first, context-only
+# background prompts (the embedded demo uses COCO's form, which its tiny CLIP reads better).
+_VOC_SEG_PROMPTS = {
+    "prompts.seg.shared_context": False,
+    "prompts.seg.class_position": "front",
+    "prompts.seg.background": "empty",
+    "prompts.seg.init_std": 0.0125,
+}
+
 # What the method does differently per dataset (algorithms.md §2, §4, §5, §7): written whatever
 # models run, so `--models demo` tries the dataset's recipe with the embedded tiny models.
 METHOD: dict[str, dict[str, Any]] = {
@@ -44,6 +53,7 @@ METHOD: dict[str, dict[str, Any]] = {
         "cams.seg.caa.enabled": True,
         "cams.seg.caa.t_box": 0.5,
         "cams.seg.caa.propagate": "cam",
+        **_VOC_SEG_PROMPTS,
     },
     "coco": {
         "dataset.name": "coco",
@@ -64,8 +74,12 @@ METHOD: dict[str, dict[str, Any]] = {
         "seeds.coarse.alpha": 0.4,
         "seeds.fine.alpha": 1.0,
     },
+    # Own data: the VOC recipe (CAA on, VOC's segmentation prompts).
     "custom": {
         "dataset.name": "custom",
+        "cams.cls.caa.enabled": True,
+        "cams.seg.caa.enabled": True,
+        **_VOC_SEG_PROMPTS,
     },
 }
 
@@ -73,11 +87,15 @@ METHOD: dict[str, dict[str, Any]] = {
 _REAL = {
     "compute.device": "auto",
     "sam.model": "vit_h",
+    "sam.points_per_side": 32,
     "sam.pred_iou_thresh": 0.86,
     "sam.stability_score_thresh": 0.92,
     "clip.model": "ViT-B-16",
+    "clip.attention_blocks": 8,
     # the reference ran CLIP inference at native size (VOC: long side <= 500)
     "clip.max_side": None,
+    "prompts.cls.lr": 1e-3,
+    "prompts.seg.lr": 1e-3,
     "prompts.cls.iterations": 1800,
     "prompts.seg.iterations": 17000,
     "prompts.cls.warmup_iterations": 500,

@@ -43,7 +43,7 @@ def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
         "--sam-checkpoint", p["sam_vit_h_4b8939.pth"], "--clip-checkpoint", p["clip.bin"],
         "--backbone-weights", p["resnet101.pth"]])
     assert result.exit_code == 0, result.output
-    assert "sam.model: tiny -> vit_h" in result.output
+    assert "sam.model: world-oracle -> vit_h" in result.output
     assert "dataset.name: demo -> voc" in result.output
     text = params.read_text()
     assert "# Every hyper-parameter of the pipeline." in text  # comments kept
@@ -62,9 +62,10 @@ def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
     assert tree["predict"]["checkpoint"] == "best" and tree["predict"]["alpha"] == 3
     assert tree["predict"]["alpha_sweep"] == [1, 2, 3, 4, 5]
     assert "segmenter.iterations: 60 -> 52910" in result.output and "predict.alpha: 1.0 -> 3.0" in result.output
-    # untouched keys stay as they were
+    # the demo's point grid gets the paper's; untouched keys stay as they were
     original = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert tree["sam"]["points_per_side"] == original["sam"]["points_per_side"]
+    assert tree["sam"]["points_per_side"] == 32
+    assert tree["sam"]["points_per_batch"] == original["sam"]["points_per_batch"]
 
 
 def test_configure_coco_and_custom(tmp_path):
@@ -171,9 +172,11 @@ def test_configure_custom_with_the_demo_models(tmp_path):
     assert res.exit_code == 0, res.output
     tree = yaml.safe_load(params.read_text())
     assert tree["dataset"]["name"] == "custom" and tree["dataset"]["labels_file"] == p["labels.csv"]
-    for section, key in (("sam", "model"), ("sam", "checkpoint"), ("clip", "model"), ("clip", "checkpoint"),
-                         ("segmenter", "model"), ("prompts", "cls"), ("sam", "pred_iou_thresh")):
+    # (the demo world's SAM oracle gives way to the tiny SAM: the next test)
+    for section, key in (("sam", "checkpoint"), ("clip", "model"), ("clip", "checkpoint"),
+                         ("segmenter", "model"), ("prompts", "cls")):
         assert tree[section][key] == before[section][key], (section, key)
+    assert before["sam"]["model"] == "world-oracle" and tree["sam"]["model"] == "tiny"
     res = _run(params, "voc", "--models", "demo", "--root", str(root), "--sam-checkpoint", p["sam_vit_h_4b8939.pth"])
     assert res.exit_code == 1 and "--sam-checkpoint is for --models real" in res.output
 
@@ -190,7 +193,7 @@ def test_configure_never_leaves_the_demo_worlds_oracle_on_other_data(tmp_path, p
                                                         "--clip-checkpoint", p["clip.bin"],
                                                         "--backbone-weights", p["resnet101.pth"]])):
         params = tmp_path / f"{models}.yaml"
-        params.write_text((REPO / "params.yaml").read_text().replace("  model: tiny ", "  model: world-oracle ", 1))
+        params.write_text((REPO / "params.yaml").read_text())  # the embedded default runs the oracle
         assert yaml.safe_load(params.read_text())["sam"]["model"] == "world-oracle"
         res = _run(params, profile, "--models", models, "--root", str(root), *checkpoints, *extra)
         assert res.exit_code == 0, res.output
@@ -202,4 +205,4 @@ def test_configure_never_leaves_the_demo_worlds_oracle_on_other_data(tmp_path, p
         else:
             assert tree["sam"]["model"] == "vit_h"
             # The sam.model choices (world-oracle among them) stay listed.
-            assert "| world-oracle (stand-in" in params.read_text()
+            assert "| world-oracle" in params.read_text()

@@ -42,7 +42,7 @@ def test_clip_recipe_phases_and_prompts():
     cfg = ClipTrainingConfig()
     assert [p.name for p in cfg.phases] == ["features", "cam", "cam-fine"]
     assert cfg.phases[0].prototypes and not cfg.phases[0].cam_weight
-    assert all(p.cam_weight > 0 and not p.prototypes for p in cfg.phases[1:])
+    assert all(p.cam_weight > 0 and not p.prototypes and not p.affinity_weight for p in cfg.phases[1:])
     assert cfg.steps == sum(p.steps for p in cfg.phases)
     short = cfg.with_phase_steps(3)
     assert short.steps == 9 and all(p.warmup <= 3 for p in short.phases)
@@ -131,31 +131,50 @@ def test_evaluate_committed_clip_localises_on_held_out_images_of_another_world()
     assert clip["map"] >= 60
 
 
-def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path):
-    """A run killed after 3 of 6 steps (mid-way through the second phase) and restarted with the
-    same config ends with exactly the weights of an uninterrupted run; another config's state is
-    refused."""
+@pytest.mark.parametrize("killed_after", [3, 4])
+def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path, killed_after):
+    """A run killed after 3 of 8 steps (mid-way through the second phase) or after 4 (at the start
+    of the third) and restarted with the same config ends with exactly the weights of an
+    uninterrupted run; another config's state is refused."""
     from pipeline.demo.clip_training import STATE_FILE, train_clip, training_images
 
     torch.set_num_threads(1)
-    cfg = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), cam_views=2).with_phase_steps(2)
+    from pipeline.demo.clip_training import AFFINITY_PHASE, DEFAULT_PHASES
+
+    cfg = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), cam_views=2,
+                             phases=DEFAULT_PHASES + (AFFINITY_PHASE,)).with_phase_steps(2)
     data = training_images(cfg)
     whole = train_clip(cfg, data=data).state_dict()
 
     class Killed(Exception):
         pass
 
-    def kill_after_three(step, stats):
-        if step == 2:
+    def kill(step, stats):
+        if step + 1 == killed_after:
             raise Killed
 
     try:
-        train_clip(cfg, data=data, progress=kill_after_three, state_dir=tmp_path, checkpoint_every=1)
+        train_clip(cfg, data=data, progress=kill, state_dir=tmp_path, checkpoint_every=1)
     except Killed:
         pass
-    assert torch.load(tmp_path / STATE_FILE, weights_only=False)["phase_index"] == 1
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert (state["phase_index"], state["step"]) == divmod(killed_after, 2)
     resumed = train_clip(cfg, data=data, state_dir=tmp_path, checkpoint_every=1).state_dict()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     other = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), seed=1).with_phase_steps(2)
     with pytest.raises(ValueError, match="another configuration"):
         train_clip(other, data=data, state_dir=tmp_path)
+
+
+def test_affinity_term_prefers_attention_within_a_concept():
+    from pipeline.demo.clip_training import _affinity_loss
+
+    con = np.full((32, 64), N_CLASSES, np.uint8)  # sky ...
+    con[:, 32:] = 0                               # ... beside a car: 2 x 4 patches, 2 of each
+    hist = patch_histograms(con).reshape(1, 8, -1)
+    concept = hist[0].argmax(1)
+    same = torch.from_numpy(concept[:, None] == concept[None, :]).float()[None]
+    uniform = torch.full((1, 8, 8), 1 / 8)
+    assert float(_affinity_loss(same / same.sum(2, keepdim=True), hist, 0.5)) < 1e-3
+    assert float(_affinity_loss(uniform, hist, 0.5)) > 0.6
+    assert float(_affinity_loss((1 - same) / (1 - same).sum(2, keepdim=True), hist, 0.5)) > 5

@@ -36,7 +36,7 @@ def test_dvc_round_trip_changes_nothing(tmp_path):
 @pytest.mark.parametrize("dotted, value", [
     ("seeds.fine.alpha", 0.8),
     ("sam.checkpoint", "weights/sam_vit_b_01ec64.pth"),
-    ("prompts.cls.iterations", 100),
+    ("prompts.cls.iterations", 250),
     ("dataset.demo.seed", 3),
 ])
 def test_setting_one_param_changes_one_line(tmp_path, dotted, value):

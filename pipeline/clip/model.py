@@ -46,6 +46,8 @@ OPENAI_FILES = {
     # OpenAI's own download of ViT-B/16 (a TorchScript archive): its URL carries the file's SHA-256
     # (openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-16.pt), which OpenAI's loader checks.
     "ViT-B-16": ("ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    # The project's own demo CLIP, committed as pipeline/demo/weights/clip_demo.pt.
+    "wsss-demo-ViT-16": ("clip_demo.pt", "063cee41827efb56085681764e3a06f11f78df01f1caffd66899971a9870de49"),
 }
 """Architecture -> (official file name, its SHA-256) where the checksum can be established."""
 
