@@ -265,6 +265,10 @@ def _write_root(path: Path, attrs: Mapping[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path / "zarr.json")
+    try:
+        tmp.parent.rmdir()  # nothing of the store's temporary folder stays when it is empty
+    except OSError:
+        pass
 
 
 def migrate_legacy(path: str | os.PathLike) -> int:
