@@ -368,8 +368,8 @@ def main() -> None:
         print(f"{args.images} images x 3 stores, {args.views} views of 197x{args.width} fp16; "
               f"DVC cache.type from {REPO / '.dvc' / 'config'}", flush=True)
         results = run(args.images, args.views, args.width, args.reads, workdir)
-    for line in report(results, args.images):
-        print(line)
+        for line in report(results, args.images):  # before the (long) removal of the projects
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
