@@ -124,7 +124,7 @@ def bench_reads(args) -> None:
                                                   "labels": np.zeros(20, np.uint8)}, chunks=chunks)
             stores[layout] = ImageStore(path)
         ids = stores["one"].ids()
-        size_mb = sum(f.stat().st_size for f in (Path(tmp) / "whole.zarr" / ids[0]).rglob("*")) / 2**20
+        size_mb = stores["whole"].image_path(ids[0]).stat().st_size / 2**20
         view_cache: dict[str, np.ndarray] = {}
         state = {"it": 0}
 

@@ -1,10 +1,16 @@
-"""Per-image artifact stores: one zarr v3 group per image, written atomically.
+"""Per-image artifact stores: one zip file per image holding its zarr v3 group, written atomically.
 
-A store is a directory ``<name>.zarr`` holding one group per image id. A group is first written
-complete under ``<name>.zarr.partial/<random>`` (same filesystem) and then renamed into place, so
-a killed run leaves only complete images and readers never see half an image. Store-level
-attributes record provenance; ``fingerprint`` identifies the parameters an image depends on, and a
-store whose fingerprint differs from the current one is reset rather than silently mixed.
+A store is a directory ``<name>.zarr`` holding ``zarr.json`` (the store attributes) and one file
+``<image_id>.zip`` per image: a zarr v3 group (its arrays, chunks and attributes) packed in an
+uncompressed zip, readable with ``zarr.open_group(zarr.storage.ZipStore(path))``. One file per
+image and store, whatever the number of arrays or chunks, because DVC hashes, links and pushes
+every file on its own (README, "Store layout", has the measured cost). An image is first written
+complete as ``<name>.zarr.partial/<random>.zip`` (same filesystem) and then renamed into place, so
+a killed run leaves only complete images and readers never see half an image; a rewrite replaces
+the file (never writes into it), so DVC's hardlinked or symlinked cache is never modified.
+Store-level attributes record provenance; ``fingerprint`` identifies the parameters an image
+depends on, and a store whose fingerprint differs from the current one is reset rather than
+silently mixed. A store in the previous layout (one folder per image) is refused with one line.
 """
 from __future__ import annotations
 
@@ -12,12 +18,15 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import MemoryStore, ZipStore
 
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 # Below this size an array is stored raw: a compressor's header and its metadata cost more than
@@ -26,6 +35,14 @@ _MIN_COMPRESSED_BYTES = 1024
 # Compact metadata: per-image groups hold several small arrays, and zarr's default indented
 # zarr.json made metadata the larger part of a typical image's bytes.
 _ZARR_CONFIG = {"json_indent": None}
+#: Layout of the stores this code writes, recorded in the store's root attributes (under
+#: ``_LAYOUT_KEY``, hidden from ``ImageStore.attrs``). Stores without it have the previous layout.
+LAYOUT = "zip-per-image/1"
+_LAYOUT_KEY = "wsss_store_layout"
+IMAGE_SUFFIX = ".zip"
+# Fixed member timestamps: the same arrays give the same bytes, so DVC hashes of a rerun (or of
+# a dask run) equal those of the first run.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 class StoreError(RuntimeError):
@@ -36,19 +53,21 @@ class StoreBusyError(StoreError):
     """Another process is writing the store."""
 
 
+class LegacyLayoutError(StoreError):
+    """The store has the previous layout (one folder of zarr files per image)."""
+
+
 # Writer locks held by this process: store path -> open file descriptor (flock is released by the
 # kernel when the process ends, however it ends).
 _WRITER_LOCKS: dict[str, int] = {}
 
 
 class ImageStore:
-    """A zarr v3 directory store with one group of arrays per image id."""
+    """A directory of per-image zip files, each holding one zarr v3 group of arrays."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
-            raise StoreError(f"no store at {self.path} (run the stage that produces it first)")
-        self._root = zarr.open_group(str(self.path), mode="r")
+        self._attrs = _read_root(self.path)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -57,72 +76,95 @@ class ImageStore:
 
         ``attrs['fingerprint']`` must identify everything the stored images depend on. If the
         store exists with the same fingerprint, its complete images are kept (resume); otherwise
-        it is recreated empty.
+        it is recreated empty. A store of the previous layout raises :class:`LegacyLayoutError`
+        (it may hold days of SAM masks: converting it is the user's call, see its message).
         """
         path = Path(path)
         attrs = _jsonable(dict(attrs))
         _lock_for_writing(path)
+        old = None
         if (path / "zarr.json").exists():
-            old = dict(zarr.open_group(str(path), mode="r").attrs)
-            if old.get("fingerprint") == attrs.get("fingerprint"):
-                if old != attrs:
-                    zarr.open_group(str(path), mode="r+").attrs.put(attrs)
-                shutil.rmtree(_partial_dir(path), ignore_errors=True)
-                return cls(path)
+            try:
+                old = _read_root(path)
+            except LegacyLayoutError:
+                raise
+            except StoreError:
+                old = None  # unreadable root: not a store this code can resume, reset it
+        if old is not None and old.get("fingerprint") == attrs.get("fingerprint"):
+            if old != attrs:
+                _write_root(path, attrs)
+            shutil.rmtree(_partial_dir(path), ignore_errors=True)
+            return cls(path)
+        if path.exists():
             shutil.rmtree(path)
         shutil.rmtree(_partial_dir(path), ignore_errors=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with zarr.config.set(_ZARR_CONFIG):
-            root = zarr.open_group(str(path), mode="w", zarr_format=3)
-            root.attrs.put(attrs)
+        path.mkdir(parents=True)
+        _write_root(path, attrs)
         return cls(path)
 
     # -- reading ----------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
-        return dict(self._root.attrs)
+        return dict(self._attrs)
+
+    def image_path(self, image_id: str) -> Path:
+        """The file holding image ``image_id`` (whether or not it exists yet)."""
+        return self.path / f"{_check_id(image_id)}{IMAGE_SUFFIX}"
 
     def ids(self) -> list[str]:
         """Ids of the complete images, sorted."""
-        return sorted(
-            p.name for p in self.path.iterdir() if p.is_dir() and (p / "zarr.json").exists()
-        )
+        n = len(IMAGE_SUFFIX)
+        with os.scandir(self.path) as entries:
+            return sorted(e.name[:-n] for e in entries
+                          if e.name.endswith(IMAGE_SUFFIX) and e.is_file())
 
     def __contains__(self, image_id: str) -> bool:
-        return (self.path / _check_id(image_id) / "zarr.json").exists()
+        return self.image_path(image_id).is_file()
 
     def __len__(self) -> int:
         return len(self.ids())
 
     def read(self, image_id: str, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """The image's arrays (only ``names`` when given: large arrays stay unread)."""
-        group = self._group(image_id)
-        if names is None:
-            return {name: arr[...] for name, arr in group.arrays()}
-        return {name: group[name][...] for name in names}
+        with self._open(image_id) as store:
+            group = zarr.open_group(store=store, mode="r")
+            if names is None:
+                return {name: arr[...] for name, arr in group.arrays()}
+            return {name: group[name][...] for name in names}
 
     def read_array(self, image_id: str, name: str, index: Any = None) -> np.ndarray:
         """Array ``name`` of one image, or only ``array[index]``: a store written with one chunk
         per leading index (``write_group(..., chunks=...)``) then reads and decompresses just
-        that chunk. Opens the array directly (no group listing), the cheapest read per call."""
-        if image_id not in self:
-            raise KeyError(f"image {image_id!r} is not in {self.path}")
-        arr = zarr.open_array(str(self.path / image_id / name), mode="r")
-        return arr[...] if index is None else arr[index]
+        that chunk (one zip member). Opens the array directly (no group listing)."""
+        with self._open(image_id) as store:
+            arr = zarr.open_array(store=store, path=name, mode="r")
+            return arr[...] if index is None else arr[index]
 
     def read_attrs(self, image_id: str) -> dict:
-        return dict(self._group(image_id).attrs)
+        with self._open(image_id) as store:
+            return dict(zarr.open_group(store=store, mode="r").attrs)
 
-    def _group(self, image_id: str) -> zarr.Group:
-        if image_id not in self:
+    @contextmanager
+    def _open(self, image_id: str) -> Iterator[ZipStore]:
+        path = self.image_path(image_id)
+        if not path.is_file():
             raise KeyError(f"image {image_id!r} is not in {self.path}")
-        return zarr.open_group(str(self.path / image_id), mode="r")
+        store = ZipStore(path, mode="r")
+        try:
+            store._sync_open()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"cannot read {path}: {exc} (delete the file and rerun the stage "
+                             "to recompute this image)") from exc
+        try:
+            yield store
+        finally:
+            store.close()
 
     # -- writing ----------------------------------------------------------------------------
     def write(
         self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None
     ) -> None:
-        """Write one image's arrays atomically (replacing an existing group of that id)."""
+        """Write one image's arrays atomically (replacing an existing image of that id)."""
         write_group(self.path, image_id, arrays, attrs)
 
 
@@ -133,31 +175,33 @@ def write_group(
     attrs: Mapping[str, Any] | None = None,
     chunks: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
-    """Write ``arrays`` as group ``image_id`` of the store at ``store_path``, atomically.
+    """Write ``arrays`` as image ``image_id`` of the store at ``store_path``, atomically.
 
     Each array is one chunk unless ``chunks`` gives its chunk shape (e.g. one chunk per cached
-    view, so a reader of one view decompresses only that one). A function of paths only, so
-    dask workers in other processes can call it.
+    view, so a reader of one view decompresses only that one). The group is encoded in memory,
+    written as one zip file under the store's ``.partial`` folder and renamed into place. A
+    function of paths only, so dask workers in other processes can call it.
     """
     store_path = Path(store_path)
-    final = store_path / _check_id(image_id)
-    tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}"
+    final = store_path / f"{_check_id(image_id)}{IMAGE_SUFFIX}"
+    members = _encode_group(arrays, attrs, chunks or {})
+    tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}{IMAGE_SUFFIX}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_tmp_group(tmp, arrays, attrs, chunks or {})
+        _write_zip(tmp, members)
     except BaseException:
         # Disk full, read-only, killed: nothing half-written stays behind.
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
     os.replace(tmp, final)
 
 
-def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None,
-                     chunks: Mapping[str, tuple[int, ...]]) -> None:
+def _encode_group(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None,
+                  chunks: Mapping[str, tuple[int, ...]]) -> dict[str, bytes]:
+    """The zarr v3 group of one image as {key: bytes}: exactly what zarr writes to a directory."""
+    buffers: dict = {}
     with zarr.config.set(_ZARR_CONFIG):
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group = zarr.open_group(store=MemoryStore(buffers), mode="w", zarr_format=3)
         if attrs:
             group.attrs.put(_jsonable(dict(attrs)))
         for name, value in arrays.items():
@@ -165,8 +209,7 @@ def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping
             if not value.flags.c_contiguous:
                 value = value.copy(order="C")
             compress = value.ndim > 0 and value.nbytes >= _MIN_COMPRESSED_BYTES
-            # One chunk per array by default: images are read whole, and one file per array keeps
-            # stores small.
+            # One chunk per array by default: images are read whole.
             arr = group.create_array(
                 name,
                 shape=value.shape,
@@ -175,6 +218,86 @@ def _write_tmp_group(tmp: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping
                 compressors=[_COMPRESSOR] if compress else None,
             )
             arr[...] = value
+    return {key: buf.to_bytes() for key, buf in buffers.items()}
+
+
+def _write_zip(path: Path, members: Mapping[str, bytes]) -> None:
+    # Stored, not deflated: chunks are compressed already, and the zip then holds exactly the
+    # bytes zarr would have written to a directory (``unzip`` gives a plain zarr group).
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key in sorted(members):
+            info = zipfile.ZipInfo(key, date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, members[key])
+
+
+def _read_root(path: Path) -> dict:
+    """The store attributes of ``path`` (layout marker removed), or StoreError in one line."""
+    root = path / "zarr.json"
+    if not root.is_file():
+        raise StoreError(f"no store at {path} (run the stage that produces it first)")
+    try:
+        attributes = json.loads(root.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StoreError(f"cannot read {root}: {exc}") from exc
+    layout = attributes.pop(_LAYOUT_KEY, None)
+    if layout is None:
+        raise LegacyLayoutError(
+            f"{path} has the old store layout (one folder per image): convert it in place with "
+            f"`wsss migrate-store {path}` (keeps every image), or delete it (rm -r {path}) and "
+            "rerun `dvc repro`")
+    if layout != LAYOUT:
+        raise StoreError(f"{path} has store layout {layout!r}, this code reads {LAYOUT!r}: "
+                         "update the code, or delete the store and rerun `dvc repro`")
+    return attributes
+
+
+def _write_root(path: Path, attrs: Mapping[str, Any]) -> None:
+    """The store's ``zarr.json`` (a zarr v3 group holding the attributes), replaced atomically:
+    under DVC's hardlink/symlink cache the old file is the cache's copy and must not be edited."""
+    doc = {"zarr_format": 3, "node_type": "group",
+           "attributes": {**attrs, _LAYOUT_KEY: LAYOUT}}
+    tmp = _partial_dir(path) / f"zarr.json.{uuid.uuid4().hex}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.write_text(json.dumps(doc))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path / "zarr.json")
+    try:
+        tmp.parent.rmdir()  # nothing of the store's temporary folder stays when it is empty
+    except OSError:
+        pass
+
+
+def migrate_legacy(path: str | os.PathLike) -> int:
+    """Convert a store of the previous layout (one folder per image) to this one, in place.
+
+    Each image's arrays, chunk shapes and attributes are rewritten as its zip (same codecs, so
+    the same bytes per chunk), then its folder is removed; the layout marker is written last, so
+    a killed migration is resumed by running it again. Returns the number of images converted.
+    """
+    path = Path(path)
+    _lock_for_writing(path)
+    try:
+        _read_root(path)
+        return 0  # already in this layout
+    except LegacyLayoutError:
+        pass
+    attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    converted = 0
+    for entry in sorted(p for p in path.iterdir() if p.is_dir()):
+        if (entry / "zarr.json").is_file():
+            group = zarr.open_group(str(entry), mode="r")
+            arrays = {name: arr[...] for name, arr in group.arrays()}
+            chunks = {name: arr.chunks for name, arr in group.arrays()
+                      if arr.ndim and arr.chunks != arr.shape}
+            write_group(path, entry.name, arrays, dict(group.attrs), chunks)
+            converted += 1
+        shutil.rmtree(entry)
+    _write_root(path, attrs)
+    return converted
 
 
 def finish(store_path: str | os.PathLike) -> None:

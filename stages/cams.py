@@ -124,9 +124,13 @@ def cams_for_image(resource: Resource, item: Item) -> str:
             cam, data["attention"].astype(np.float32), sinkhorn_iters=item.caa.n_sinkhorn,
             box_thresh=item.caa.t_box, power=item.caa.n_power, propagate=item.caa.propagate,
         ).astype(np.float32)
-    write_group(item.out, item.image_id, arrays,
-                attrs={"height": int(attrs["height"]), "width": int(attrs["width"])})
+    write_cams(item.out, item.image_id, arrays, int(attrs["height"]), int(attrs["width"]))
     return item.image_id
+
+
+def write_cams(store: str, image_id: str, arrays: dict, height: int, width: int) -> None:
+    """One image's group of a CAM store: ``cam``, ``fg_cls`` (and ``cam_caa``), image size."""
+    write_group(store, image_id, arrays, attrs={"height": height, "width": width})
 
 
 def _check_context(prompts: str, cam_iteration: int | None) -> None:

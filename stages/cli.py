@@ -33,6 +33,7 @@ COMMANDS = {
     "predict": ("predict", "Multi-scale + flip inference with SAMS post-processing; mIoU on the eval split."),
     "visualize": ("visualize", "PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."),
     "import-cams": ("import_cams", "Import external CAMs (``<id>.npz`` with ``cam`` and ``fg_cls``) into a CAM store."),
+    "migrate-store": ("migrate_store", "Convert stores of the old one-folder-per-image layout to one zip per image, in place."),
     "configure": ("configure", "Switch params.yaml to the paper's setup for VOC, COCO or a custom dataset."),
     "report": ("report", "The method's numbers stage by stage (percent), from the stored metrics."),
     "demo-models": ("demo_models", "Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."),

@@ -254,19 +254,32 @@ def features_for_image(clip, item: Item) -> str:
         tokens = encode_views(clip, image, views, precision=item.precision)
         labels = np.zeros(item.n_classes, np.uint8)
         labels[list(item.labels)] = 1
-        write_group(item.views_store, item.image_id, {
-            "tokens": tokens.cpu().numpy().astype(np.float16),
-            "views": np.stack([v.to_array() for v in views]).astype(np.float32),
-            "labels": labels,
-        }, attrs={"height": h, "width": w}, chunks={"tokens": (1, *tokens.shape[1:])})
+        write_views(item.views_store, item.image_id, tokens.cpu().numpy(),
+                    np.stack([v.to_array() for v in views]), labels, h, w)
     if item.inference_store is not None:
         x, att, (gh, gw), (ih, iw) = inference_features(
             clip, image, item.attention_blocks, item.max_side, item.precision)
-        write_group(item.inference_store, item.image_id, {
-            "tokens": x.cpu().numpy(), "attention": att.cpu().numpy().astype(np.float16),
-        }, attrs={"height": h, "width": w, "input_height": ih, "input_width": iw,
-                  "grid_h": gh, "grid_w": gw})
+        write_inference(item.inference_store, item.image_id, x.cpu().numpy(), att.cpu().numpy(),
+                        attrs={"height": h, "width": w, "input_height": ih, "input_width": iw,
+                               "grid_h": gh, "grid_w": gw})
     return item.image_id
+
+
+def write_views(store: str, image_id: str, tokens: np.ndarray, views: np.ndarray,
+                labels: np.ndarray, height: int, width: int) -> None:
+    """One image's group of ``train_views.zarr``: tokens (K, 1+g², D) as fp16, one chunk per view."""
+    write_group(store, image_id, {
+        "tokens": tokens.astype(np.float16),
+        "views": views.astype(np.float32),
+        "labels": labels,
+    }, attrs={"height": height, "width": width}, chunks={"tokens": (1, *tokens.shape[1:])})
+
+
+def write_inference(store: str, image_id: str, tokens: np.ndarray, attention: np.ndarray,
+                    attrs: dict) -> None:
+    """One image's group of ``inference.zarr``: tokens as given (f32), attention as fp16."""
+    write_group(store, image_id, {"tokens": tokens, "attention": attention.astype(np.float16)},
+                attrs=attrs)
 
 
 def train_records(index_dir: str, dataset: DatasetConfig):

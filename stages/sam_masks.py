@@ -152,9 +152,13 @@ def masks_for_image(masker, item: Item) -> str:
     except ImageReadError as exc:
         raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
-    qs = masker(item.image_id, image)
-    write_group(item.store, item.image_id, qs.to_arrays(), attrs={"height": h, "width": w})
+    write_masks(item.store, item.image_id, masker(item.image_id, image), h, w)
     return item.image_id
+
+
+def write_masks(store: str, image_id: str, qs, height: int, width: int) -> None:
+    """One image's group of the ``sam_masks`` store (its layout: CONTRACT.md)."""
+    write_group(store, image_id, qs.to_arrays(), attrs={"height": height, "width": width})
 
 
 def store_attrs(cfg: SamConfig, precision: str, world_seed: int | None = None) -> dict:

@@ -79,7 +79,8 @@ def test_clip_features_writes_both_stores(work):
 
 
 def test_clip_features_resumes_without_recomputing(work):
-    group = work / "features" / "inference.zarr" / load_split(work / "index", "train").good()[0].id
+    image_id = load_split(work / "index", "train").good()[0].id
+    group = ImageStore(work / "features" / "inference.zarr").image_path(image_id)
     before = group.stat().st_mtime_ns
     res = _invoke("clip-features", *_args(work, "--out", str(work / "features")))
     assert res.exit_code == 0 and group.stat().st_mtime_ns == before

@@ -1,6 +1,7 @@
 """Sharing SAM masks through a DVC remote: one clone computes and pushes, another pulls and is
 up to date without recomputing, with byte-identical masks."""
 import filecmp
+import zipfile
 
 import pytest
 from dvc_project import dvc_env, make_project, sh, tree_files
@@ -42,6 +43,22 @@ def test_pull_shares_masks_without_recomputing(tmp_path, env):
     masks_a, masks_b = a / "cache" / "sam_masks.zarr", b / "cache" / "sam_masks.zarr"
     files = tree_files(masks_a)
     assert files == tree_files(masks_b)
-    assert sum(f.endswith("masks/c/0/0/0") for f in files) == 4  # every image's masks chunk
+    # one file per image (plus the store's zarr.json), each holding that image's masks chunk
+    images = [f for f in files if f.endswith(".zip")]
+    assert len(images) == 4 and len(files) == 5
+    for f in images:
+        with zipfile.ZipFile(masks_b / f) as zf:
+            assert "masks/c/0/0/0" in zf.namelist()
     match, mismatch, errors = filecmp.cmpfiles(masks_a, masks_b, files, shallow=False)
     assert mismatch == [] and errors == [] and len(match) == len(files)
+
+    # a teammate who pulls only the masks (`dvc pull cache/sam_masks.zarr`): prepare reruns
+    # (its index was not pulled) and gives the same index, so sam_masks stays up to date
+    c = tmp_path / "c"
+    sh("git", "clone", "-q", str(a), str(c), cwd=tmp_path, env=env)
+    sh("dvc", "pull", "cache/sam_masks.zarr", cwd=c, env=env)
+    assert not (c / "cache" / "index").exists()
+    out = sh("dvc", "repro", "sam_masks", cwd=c, env=env)
+    assert "Running stage 'sam_masks'" not in out
+    assert "Stage 'sam_masks' didn't change, skipping" in out
+    assert tree_files(c / "cache" / "sam_masks.zarr") == files

@@ -156,11 +156,12 @@ def test_killed_stage_resumes_to_identical_artifacts(project, tmp_path):
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out.exists() and any(p.is_dir() for p in out.iterdir())):
+    # a complete image is one `<id>.zip` in the store (pipeline/store.py)
+    while time.time() < deadline and not (out.exists() and any(p.suffix == ".zip" for p in out.iterdir())):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_before = sum(p.is_dir() for p in out.iterdir())
+    n_before = sum(p.suffix == ".zip" for p in out.iterdir())
     assert 1 <= n_before < 9, "the kill should land between the first and the last image"
     log = sh(*cmd, cwd=repo, env=env)
     assert "already in the store (resumed)" in log

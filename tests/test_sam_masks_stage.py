@@ -129,16 +129,18 @@ def test_rerun_resumes_computing_only_missing_images(demo, tmp_path, caplog):
     _, params, index, out = demo
     copy = tmp_path / "sam_masks.zarr"
     shutil.copytree(out, copy)
-    ids = ImageStore(copy).ids()
+    store = ImageStore(copy)
+    ids = store.ids()
     victim = ids[1]
-    shutil.rmtree(copy / victim)
-    # What a killed run leaves behind: a half-written group in the temporary directory.
-    (tmp_path / "sam_masks.zarr.partial" / f"{victim}.dead").mkdir(parents=True)
-    kept = {i: os.stat(copy / i / "masks" / "zarr.json").st_mtime_ns for i in ids if i != victim}
+    store.image_path(victim).unlink()
+    # What a killed run leaves behind: a half-written image in the temporary directory.
+    (tmp_path / "sam_masks.zarr.partial").mkdir()
+    (tmp_path / "sam_masks.zarr.partial" / f"{victim}.dead.zip").write_bytes(b"PK\x03\x04")
+    kept = {i: os.stat(store.image_path(i)).st_mtime_ns for i in ids if i != victim}
 
     summary = sam_masks(params, index, copy, caplog)
     assert summary.startswith("sam_masks: 1 images computed, 4 already in the store (resumed)")
-    assert {i: os.stat(copy / i / "masks" / "zarr.json").st_mtime_ns for i in kept} == kept
+    assert {i: os.stat(store.image_path(i)).st_mtime_ns for i in kept} == kept
     assert not (tmp_path / "sam_masks.zarr.partial").exists()
     assert_same(read_all(copy), read_all(out))
 

@@ -176,7 +176,7 @@ def test_seeds_prefers_caa_cams_and_scores_both(tmp_path):
 def test_seeds_missing_cam_image_fails_with_one_line(tmp_path):
     _params(tmp_path / "params.yaml")
     _inputs(tmp_path)
-    shutil.rmtree(tmp_path / "cams.zarr" / "b")
+    ImageStore(tmp_path / "cams.zarr").image_path("b").unlink()
     result = _run_seeds(tmp_path)
     assert result.exit_code == 1
     assert "1 of 3 images of split 'train' have no CAMs" in result.output and "(e.g. b)" in result.output
