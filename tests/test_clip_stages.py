@@ -19,6 +19,7 @@ from pipeline.prompts.training import (
 from pipeline.prompts.learner import PromptLearner, clip_logits
 from pipeline.store import ImageStore
 from stages.cli import main
+from tests.tiny_params import use_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 5
@@ -33,7 +34,7 @@ def _invoke(*args):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("clipstages")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = use_tiny_clip(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["dataset"]["demo"] = {"n_train": N_TRAIN, "n_val": 1, "seed": 0}
     params["compute"] = {"scheduler": "local", "workers": 1, "device": "cpu"}
     params["clip_features"]["n_views"] = 2

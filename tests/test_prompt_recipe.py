@@ -20,6 +20,7 @@ from pipeline.store import ImageStore
 from stages import train_prompts as tp
 from stages.cli import main
 from tests.conftest import kill_prompt_training_at
+from tests.tiny_params import use_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 5
@@ -137,7 +138,7 @@ def test_seg_loss_classes_crop_or_image_labels(clip):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = use_tiny_clip(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["dataset"]["demo"] = {"n_train": N_TRAIN, "n_val": 1, "seed": 0}
     params["compute"] = {"scheduler": "local", "workers": 1, "device": "cpu", "precision": "fp32"}
     params["clip_features"]["n_views"] = 2
