@@ -94,19 +94,22 @@ class _Item:
         self.objects = s.instance_class[s.whole] >= 0
 
 
-def level_ids(whole: np.ndarray, part: np.ndarray, subpart: np.ndarray) -> np.ndarray:
-    """(3, H, W) int64 region ids per level (sub-part, part, whole), unique across levels; a
-    missing level repeats the coarser region's id (``point_masks``' fallback)."""
-    w = whole.astype(np.int64)
-    p = np.where(part > 0, part.astype(np.int64) + (1 << 20), w)
-    s = np.where(subpart > 0, subpart.astype(np.int64) + (2 << 20), p)
-    return np.stack([s, p, w])
+def level_maps(whole: np.ndarray, part: np.ndarray, subpart: np.ndarray) -> np.ndarray:
+    """(3, H, W) int64 raw id maps in SAM's level order (sub-part, part, whole; 0: none)."""
+    return np.stack([subpart, part, whole]).astype(np.int64)
 
 
-def sample_points(ids: np.ndarray, objects: np.ndarray, n: int, region_frac: float, object_frac: float,
-                  rng: np.random.Generator) -> np.ndarray:
-    """(n, 2) integer (y, x) points of a view: region-balanced, on objects, uniform."""
-    finest = ids[0]
+def finest_regions(maps: np.ndarray) -> np.ndarray:
+    """(H, W) int64 id of each pixel's finest region (its sub-part, else its part, else its
+    whole), unique across levels: the regions that region-balanced points are drawn from."""
+    sub, part, whole = maps
+    return np.where(sub > 0, sub + (2 << 20), np.where(part > 0, part + (1 << 20), whole))
+
+
+def sample_points(finest: np.ndarray, objects: np.ndarray | None, n: int, region_frac: float,
+                  object_frac: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) integer (y, x) points of a view: region-balanced (``finest``: the region map of
+    :func:`finest_regions`), on objects, uniform."""
     h, w = finest.shape
     n_reg = int(round(n * region_frac))
     n_obj = int(round(n * object_frac))
@@ -133,21 +136,25 @@ def sample_points(ids: np.ndarray, objects: np.ndarray, n: int, region_frac: flo
     return np.concatenate(pts)
 
 
-def lowres_targets(ids: np.ndarray, pts: np.ndarray, resized_hw: tuple[int, int], size: int, low: int):
+def lowres_targets(maps: np.ndarray, pts: np.ndarray, resized_hw: tuple[int, int], size: int, low: int):
     """(P, 3, low, low) float targets and (low, low) validity of a view's points, aligned with the
     decoder's low-res logits: low-res pixel i covers input pixels [i s, (i + 1) s) with
     s = size / low; its centre maps to view pixel floor((i + 0.5) s * h / rh) (nearest), and
-    pixels in the padding (beyond the resized view) are invalid."""
-    h, w = ids.shape[1:]
+    pixels in the padding (beyond the resized view) are invalid. ``maps``: :func:`level_maps`;
+    the targets are ``point_masks``' (a missing level repeats the coarser mask)."""
+    h, w = maps.shape[1:]
     rh, rw = resized_hw
     c = (np.arange(low) + 0.5) * (size / low)
     iy = np.minimum((c * h / rh).astype(np.int64), h - 1)
     ix = np.minimum((c * w / rw).astype(np.int64), w - 1)
     valid = (c < rh)[:, None] & (c < rw)[None, :]
-    grid = np.where(valid[None], ids[:, iy][:, :, ix], -1)  # (3, low, low)
-    under = ids[:, pts[:, 0], pts[:, 1]].T  # (P, 3)
-    target = grid[None] == under[:, :, None, None]
-    return torch.from_numpy(target).float(), torch.from_numpy(valid).float()
+    grid = np.where(valid[None], maps[:, iy][:, :, ix], -1)  # (3, low, low)
+    under = maps[:, pts[:, 0], pts[:, 1]].T  # (P, 3)
+    same = grid[None] == under[:, :, None, None]  # (P, 3, low, low)
+    whole = same[:, 2]
+    part = np.where((under[:, 1] > 0)[:, None, None], same[:, 1], whole)
+    sub = np.where((under[:, 0] > 0)[:, None, None], same[:, 0], part)
+    return torch.from_numpy(np.stack([sub, part, whole], 1)).float(), torch.from_numpy(valid).float()
 
 
 def training_items(cfg: SamTrainingConfig) -> list[_Item]:
@@ -247,19 +254,19 @@ class _Trainer:
         crop = np.ascontiguousarray(item.image[sl])
         if rng.random() < 0.5:  # brightness / contrast jitter
             crop = np.clip(crop.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
-        return crop, level_ids(item.whole[sl], item.part[sl], item.subpart[sl]), item.objects[sl]
+        return crop, level_maps(item.whole[sl], item.part[sl], item.subpart[sl]), item.objects[sl]
 
     def train_step(self) -> dict:
         cfg, sam = self.cfg, self.sam
         picks = self.rng.choice(len(self.items), size=min(cfg.batch_size, len(self.items)), replace=False)
         inputs, prompts = [], []
         for i in picks:
-            crop, ids, objects = self._view(self.items[int(i)])
+            crop, maps, objects = self._view(self.items[int(i)])
             resized = self.transform.apply_image(crop)
             inputs.append(sam.preprocess(torch.as_tensor(resized).permute(2, 0, 1).float()))
-            pts = sample_points(ids, objects, cfg.points_per_image, cfg.region_point_frac,
+            pts = sample_points(finest_regions(maps), objects, cfg.points_per_image, cfg.region_point_frac,
                                 cfg.object_point_frac, self.rng)
-            target, valid = lowres_targets(ids, pts, resized.shape[:2], self.size, self.low)
+            target, valid = lowres_targets(maps, pts, resized.shape[:2], self.size, self.low)
             coords = self.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, crop.shape[:2])
             prompts.append((torch.as_tensor(coords, dtype=torch.float32), target, valid))
         emb = sam.image_encoder(torch.stack(inputs))
@@ -353,8 +360,8 @@ def point_iou(sam, samples: list[WorldImage], points_per_image: int = 24, seed: 
         for s in samples:
             image = jpeg_roundtrip(s.image)
             predictor.set_image(image)
-            ids = level_ids(s.whole, s.part, s.subpart)
-            pts = sample_points(ids, None, points_per_image, 1.0, 0.0, rng)
+            pts = sample_points(finest_regions(level_maps(s.whole, s.part, s.subpart)), None,
+                                points_per_image, 1.0, 0.0, rng)
             coords = predictor.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, image.shape[:2])
             masks, _, _ = predictor.predict_torch(torch.as_tensor(coords, dtype=torch.float32)[:, None],
                                                   torch.ones(len(pts), 1, dtype=torch.int), multimask_output=True)
