@@ -4,8 +4,9 @@ Not a DVC stage of the pipeline: it creates the weights that ``clip.checkpoint``
 ``wsss-demo-ViT-16``) and ``sam.checkpoint`` (model ``demo``) load like real checkpoints. The
 training images come from the world's training stream, which no demo split uses.
 Writes ``clip_demo.pt`` (open_clip state dict, fp16), ``sam_demo.pth`` (segment-anything state
-dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality, seconds).
-Deterministic for a given seed and thread count (``--threads``).
+dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality and curves,
+seconds). Deterministic for a given seed and thread count (``--threads``); both trainers resume
+from their state files in the output folder after an interruption.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ log = logging.getLogger("wsss.demo_models")
 CLIP_FILE = "clip_demo.pt"
 SAM_FILE = "sam_demo.pth"
 REPORT_FILE = "demo_models.json"
+SAM_CURVE_FILE = "sam_curve.jsonl"
 
 
 def _bar(total: int, desc: str):
@@ -180,6 +182,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
     from pipeline.demo.clip_training import (
         DEMO_CLIP_FILE, ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip,
     )
+    from pipeline.demo.sam_training import STATE_FILE as SAM_STATE_FILE
     from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, point_iou, train_sam
 
     out_dir = Path(out)
@@ -220,15 +223,25 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
                 raise StageError(f"the demo SAM starts from the demo CLIP, not found: {init_from} (train it with "
                                  "`wsss demo-models --only clip --out DIR`, then pass --clip DIR/clip_demo.pt)")
             clip_state = torch.load(init_from, map_location="cpu", weights_only=True)
-        curve = []
+        # the held-out curve survives interruptions (a resumed run appends to it)
+        curve_path = out_dir / SAM_CURVE_FILE
+        curve = {}
+        if curve_path.is_file() and not (out_dir / SAM_STATE_FILE).is_file():
+            curve_path.unlink()  # a fresh run
+        if curve_path.is_file():
+            for line in curve_path.read_text().splitlines():
+                entry = json.loads(line)
+                curve[entry["step"]] = entry
 
         def evaluate_step(step, train_seconds, stats, sam):
             if held_out:
                 points = point_iou(sam, held_out)
-                curve.append({"step": step, "train_minutes": round(train_seconds / 60, 2),
-                              "train_iou": {k[4:]: round(v, 4) for k, v in stats.items() if k.startswith("iou_")},
-                              "point_iou": {k: points[k] for k in ("subpart", "part", "whole")}})
-                log.info("demo SAM at step %d: %s", step, json.dumps(curve[-1]))
+                curve[step] = {"step": step, "train_minutes": round(train_seconds / 60, 2),
+                               "train_iou": {k[4:]: round(v, 4) for k, v in stats.items() if k.startswith("iou_")},
+                               "point_iou": {k: points[k] for k in ("subpart", "part", "whole")}}
+                with curve_path.open("a") as f:
+                    f.write(json.dumps(curve[step]) + "\n")
+                log.info("demo SAM at step %d: %s", step, json.dumps(curve[step]))
 
         start = time.perf_counter()
         sam = train_sam(cfg, clip_state=clip_state, progress=_bar(cfg.steps, "demo SAM"), state_dir=out_dir,
@@ -238,7 +251,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
         report["sam"] = {"file": SAM_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
                          "clip_init": None if init_from is None else {"file": str(init_from),
                                                                       "sha256": sha256sum(init_from)},
-                         "curve": curve,
+                         "curve": [curve[k] for k in sorted(curve) if k <= cfg.steps],
                          "held_out": ({**evaluate_sam(sam, held_out[:12], **generator_settings), "n_images": len(held_out[:12])}
                                       if held_out else None)}
         log.info("demo SAM: %s (SHA-256 %s) in %.0f s", out_dir / SAM_FILE, sha, seconds)

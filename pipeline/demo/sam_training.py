@@ -9,11 +9,13 @@ k (0 sub-part, 1 part, 2 whole) supervised by the level-k mask under the point
 (``pipeline.demo.world.point_masks``: a part without sub-parts, or a background region, repeats
 the coarser mask).
 
-The recipe is the feasibility probe's best (``../shared/demo_probe/sam``): per mask, a
+The recipe starts from the feasibility probe's best (``../shared/demo_probe/sam``): per mask, a
 class-balanced binary cross-entropy (alpha = the mask's background share, clamped to
-[0.5, 0.98]; SAM's unbalanced focal loss collapses a model trained from scratch to empty masks)
-plus dice, and the mean squared error between the predicted IoU and the IoU of the thresholded
-output, so the generator's IoU filter reads a calibrated score. Points are region-balanced (a
+[0.5, ``alpha_max``]; SAM's unbalanced focal loss collapses a model trained from scratch to empty
+masks) plus dice, and the mean squared error between the predicted IoU and the IoU of the
+thresholded output, so the generator's IoU filter reads a calibrated score. The clamp is a
+curriculum: 0.98 first (no collapse, point-dependent masks, but every uncertain pixel is worth
+covering: masks of half the image), 0.75 from ``late_from_step`` (a pixel must be 25 % likely). Points are region-balanced (a
 random finest region of the view, then a random pixel of it), on objects, or uniform. Targets
 are the id maps sampled at the centres of the 64 x 64 low-resolution logit pixels (the geometry
 ``Sam.postprocess_masks`` inverts); padding is left out of the loss. Images go through the
@@ -53,7 +55,7 @@ class SamTrainingConfig:
     world_seed: int = 0
     n_images: int = 500
     """Training images rendered from the world's training stream (reused with augmentation)."""
-    steps: int = 3000
+    steps: int = 2800
     batch_size: int = 8
     """Images per step (the encoder runs once per image)."""
     points_per_image: int = 16
@@ -72,6 +74,16 @@ class SamTrainingConfig:
     warmup_steps: int = 50
     final_lr_frac: float = 0.02
     """Cosine decay from ``lr`` to this fraction of it."""
+    alpha_max: float = 0.98
+    """Upper clamp of the balanced cross-entropy's positive weight alpha (the mask's background
+    share) early on: near-equal total weight for a small mask's pixels and the rest keeps the
+    model off the all-empty collapse, but makes it cover every pixel it is unsure of (measured:
+    masks of about half the image for every point after 1,000 steps)."""
+    late_alpha_max: float = 0.75
+    """The clamp from ``late_from_step`` on: a pixel is then worth predicting only when it is at
+    least 25 % likely to belong to the mask (the balanced cross-entropy's optimum), which suits
+    IoU (curriculum: point-dependent masks first, tight ones after)."""
+    late_from_step: int = 1100
     init: str = "clip"
     """``clip``: the image encoder's trunk starts from a trained demo CLIP; ``random``."""
     seed: int = 0
@@ -163,13 +175,14 @@ def training_items(cfg: SamTrainingConfig) -> list[_Item]:
 
 # -- losses ----------------------------------------------------------------------------------------
 
-def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                 alpha_max: float = 0.98) -> torch.Tensor:
     """(P, K) per-mask binary cross-entropy over the valid pixels, positives weighted by the
-    mask's background share alpha (clamped to [0.5, 0.98]) and negatives by 1 - alpha (x2, so a
-    half-covered mask weighs as plain BCE)."""
+    mask's background share alpha (clamped to [0.5, ``alpha_max``]) and negatives by 1 - alpha
+    (x2, so a half-covered mask weighs as plain BCE)."""
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     area = valid.sum()
-    alpha = (1 - (target * valid).flatten(2).sum(-1) / area).clamp(0.5, 0.98)[..., None, None]
+    alpha = (1 - (target * valid).flatten(2).sum(-1) / area).clamp(0.5, alpha_max)[..., None, None]
     ce = 2 * (alpha * target + (1 - alpha) * (1 - target)) * ce
     return (ce * valid).flatten(2).sum(-1) / area
 
@@ -284,7 +297,8 @@ class _Trainer:
                 inter = (pred * target).flatten(2).sum(-1)
                 union = ((pred + target) > 0).float().flatten(2).sum(-1)
                 iou = inter / union.clamp_min(1)
-            mask_loss = balanced_bce(logits, target, v) + dice_loss(logits, target, v)  # (P, 3)
+            alpha_max = cfg.alpha_max if self.step < cfg.late_from_step else cfg.late_alpha_max
+            mask_loss = balanced_bce(logits, target, v, alpha_max) + dice_loss(logits, target, v)  # (P, 3)
             losses.append(mask_loss.sum(-1).mean() + F.mse_loss(iou_pred, iou, reduction="none").sum(-1).mean())
             ious.append(iou)
         loss = torch.stack(losses).mean()
