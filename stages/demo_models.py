@@ -252,7 +252,8 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
                          "clip_init": None if init_from is None else {"file": str(init_from),
                                                                       "sha256": sha256sum(init_from)},
                          "curve": [curve[k] for k in sorted(curve) if k <= cfg.steps],
-                         "held_out": ({**evaluate_sam(sam, held_out[:12], **generator_settings), "n_images": len(held_out[:12])}
+                         "held_out": ({**evaluate_sam(sam, held_out[:12], **generator_settings),
+                                       "n_images": len(held_out[:12])}
                                       if held_out else None)}
         log.info("demo SAM: %s (SHA-256 %s) in %.0f s", out_dir / SAM_FILE, sha, seconds)
     write_json_atomic(report_path, report)

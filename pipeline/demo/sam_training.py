@@ -15,8 +15,9 @@ class-balanced binary cross-entropy (alpha = the mask's background share, clampe
 masks) plus dice, and the mean squared error between the predicted IoU and the IoU of the
 thresholded output, so the generator's IoU filter reads a calibrated score. The clamp is a
 curriculum: 0.98 first (no collapse, point-dependent masks, but every uncertain pixel is worth
-covering: masks of half the image), 0.75 from ``late_from_step`` (a pixel must be 25 % likely). Points are region-balanced (a
-random finest region of the view, then a random pixel of it), on objects, or uniform. Targets
+covering: masks of half the image), 0.75 from ``late_from_step`` (a pixel must be 25 % likely).
+Points are region-balanced (a random finest region of the view, then a random pixel of it), on
+objects, or uniform. Targets
 are the id maps sampled at the centres of the 64 x 64 low-resolution logit pixels (the geometry
 ``Sam.postprocess_masks`` inverts); padding is left out of the loss. Images go through the
 predictor's own transform (``ResizeLongestSide``, ``Sam.preprocess``), whole or as random crops
