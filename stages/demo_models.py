@@ -4,8 +4,9 @@ Not a DVC stage of the pipeline: it creates the weights that ``clip.checkpoint``
 ``wsss-demo-ViT-16``) and ``sam.checkpoint`` (model ``demo``) load like real checkpoints. The
 training images come from the world's training stream, which no demo split uses.
 Writes ``clip_demo.pt`` (open_clip state dict, fp16), ``sam_demo.pth`` (segment-anything state
-dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality, seconds).
-Deterministic for a given seed and thread count (``--threads``).
+dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality and curves,
+seconds). Deterministic for a given seed and thread count (``--threads``); both trainers resume
+from their state files in the output folder after an interruption.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.weights import sha256sum
 from stages.common import PARAMS_OPTION, StageError, load_params, section, write_json_atomic
 
 log = logging.getLogger("wsss.demo_models")
 CLIP_FILE = "clip_demo.pt"
 SAM_FILE = "sam_demo.pth"
 REPORT_FILE = "demo_models.json"
+SAM_CURVE_FILE = "sam_curve.jsonl"
 
 
 def _bar(total: int, desc: str):
@@ -58,17 +61,36 @@ def _save(obj, path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None) -> dict:
+def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_file: str | None = None,
+                         only: str | None = None, sam_settings: dict | None = None) -> dict:
     """Held-out quality of the demo models on ``n`` images of world ``world_seed``'s held-out
     stream, loaded through the pipeline's real-checkpoint path (the committed file's checksum
-    is verified; a given file's is recorded)."""
-    from pipeline.demo.clip_training import (
-        DEMO_CLIP_FILE, DEMO_CLIP_MODEL, DEMO_CLIP_SHA256, evaluate_clip, evaluation_images,
-    )
-    from stages.clip_features import ClipConfig, build_clip, verify_clip
+    is verified; a given file's is recorded).
+
+    CLIP: classification mAP and Grad-CAM mIoU. SAM (``sam_file``, else the committed file when
+    there is one): single positive point IoU per level (best of the three outputs), and the
+    project's quasi-superpixel generator with ``sam_settings`` (params.yaml's ``sam:`` generator
+    settings; the thresholds used are in the output): masks per image, the fraction of images
+    with all three levels, object recall at IoU 0.5."""
+    from pipeline.demo.clip_training import evaluation_images
 
     if n < 1:
         raise StageError(f"--n must be >= 1, got {n}")
+    samples = evaluation_images(world_seed, n)
+    out = {"world_seed": world_seed, "n_images": n}
+    if only in (None, "clip"):
+        out["clip"] = _evaluate_clip(samples, clip_file)
+    if only in (None, "sam"):
+        sam = _evaluate_sam(samples, sam_file, sam_settings or {}, required=only == "sam")
+        if sam is not None:
+            out["sam"] = sam
+    return out
+
+
+def _evaluate_clip(samples, clip_file: str | None) -> dict:
+    from pipeline.demo.clip_training import DEMO_CLIP_FILE, DEMO_CLIP_MODEL, DEMO_CLIP_SHA256, evaluate_clip
+    from stages.clip_features import ClipConfig, build_clip, verify_clip
+
     cfg = ClipConfig(model=DEMO_CLIP_MODEL, checkpoint=str(clip_file or DEMO_CLIP_FILE),
                      checkpoint_sha256=None if clip_file else DEMO_CLIP_SHA256)
     if not Path(cfg.checkpoint).is_file():
@@ -76,13 +98,39 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None) -> dict
                          "`wsss demo-models --only clip --out DIR`)")
     sha = verify_clip(cfg)
     clip = build_clip(cfg.model, cfg.checkpoint, None, 0, "cpu")
-    samples = evaluation_images(world_seed, n)
     result = evaluate_clip(clip.model, samples)
-    log.info("demo CLIP %s (SHA-256 %s) on %d held-out images of world %d", cfg.checkpoint, sha, n, world_seed)
-    return {"world_seed": world_seed, "n_images": n,
-            "clip": {"map": result["classification_map"], "cam_miou": result["cam_miou"],
-                     "cam_best_power": result["cam_best_power"],
-                     "all_background_miou": result["all_background_miou"], "sha256": sha}}
+    log.info("demo CLIP %s (SHA-256 %s) on %d held-out images", cfg.checkpoint, sha, len(samples))
+    return {"map": result["classification_map"], "cam_miou": result["cam_miou"],
+            "cam_best_power": result["cam_best_power"],
+            "all_background_miou": result["all_background_miou"], "sha256": sha}
+
+
+def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool) -> dict | None:
+    from pipeline.demo.sam_training import DEMO_SAM_FILE, evaluate_sam, point_iou
+    from pipeline.sam.models import SPECS, build_sam_predictor
+    from pipeline.weights import sha256sum
+
+    path = Path(sam_file) if sam_file else DEMO_SAM_FILE
+    if not path.is_file():
+        if required or sam_file:
+            raise StageError(f"demo SAM weights not found: {path} (make them with "
+                             "`wsss demo-models --only sam --out DIR`)")
+        return None
+    # the committed file is verified against the pinned checksum; a given one is recorded
+    predictor = build_sam_predictor("demo", path, sha256sum(path) if sam_file else None)
+    sam = predictor.model
+    start = time.perf_counter()
+    points = point_iou(sam, samples)
+    gen = evaluate_sam(sam, samples, **settings)
+    log.info("demo SAM %s on %d held-out images in %.0f s", path, len(samples), time.perf_counter() - start)
+    return {"point_iou": {k: points[k] for k in ("subpart", "part", "whole")},
+            "point_iou_object_points": points["object_points"], "points": points["n_points"],
+            "masks_per_image": round(gen["masks_per_image"], 3),
+            "three_level_fraction": round(gen["three_level_percent"] / 100, 4),
+            "object_recall": round(gen["object_recall_at_0.5_percent"] / 100, 4),
+            "thresholds": {"pred_iou_thresh": settings.get("pred_iou_thresh"),
+                           "stability_score_thresh": settings.get("stability_score_thresh")},
+            "sha256": SPECS["demo"].checkpoint_sha256 if not sam_file else sha256sum(path)}
 
 
 @click.command("demo-models")
@@ -102,31 +150,48 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None) -> dict
 @click.option("--world-seed", default=0, show_default=True, help="--evaluate: the world whose held-out images to use.")
 @click.option("--n", "n_eval", default=48, show_default=True, help="--evaluate: how many held-out images.")
 @click.option("--clip", "clip_file", default=None, type=click.Path(dir_okay=False),
-              help="--evaluate: demo CLIP weights (default: the committed file, checksum verified).")
+              help="Demo CLIP weights: the file --evaluate evaluates, and the one the SAM's image encoder "
+                   "starts from with --only sam (default: the committed file).")
+@click.option("--sam", "sam_file", default=None, type=click.Path(dir_okay=False),
+              help="--evaluate: demo SAM weights (default: the committed file, checksum verified, if any).")
+@click.option("--sam-iou-thresh", type=float, default=None,
+              help="--evaluate: the generator's pred_iou_thresh (default: params.yaml's sam.pred_iou_thresh).")
+@click.option("--sam-stability-thresh", type=float, default=None,
+              help="--evaluate: the generator's stability_score_thresh (default: params.yaml's).")
+@click.option("--sam-evaluate-every", default=500, show_default=True,
+              help="Held-out point IoU of the SAM every N training steps (the report's curve; 0: at the end only).")
 def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_images, eval_images,
-            evaluate, world_seed, n_eval, clip_file) -> None:
+            evaluate, world_seed, n_eval, clip_file, sam_file, sam_iou_thresh, sam_stability_thresh,
+            sam_evaluate_every) -> None:
     """Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."""
+    from stages.sam_masks import SamConfig
+
     if threads < 1:
         raise StageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    # the held-out SAM reports run the quasi-superpixel generator with the pipeline's settings
+    generator_settings = section(load_params(params_path), "sam", SamConfig).generator_settings()
     if evaluate:
-        click.echo(json.dumps(evaluate_demo_models(world_seed, n_eval, clip_file)))
+        settings = {**generator_settings, **{k: v for k, v in (("pred_iou_thresh", sam_iou_thresh),
+                                                               ("stability_score_thresh", sam_stability_thresh))
+                                             if v is not None}}
+        click.echo(json.dumps(evaluate_demo_models(world_seed, n_eval, clip_file, sam_file, only, settings)))
         return
     if out is None:
         raise StageError("demo-models: --out is required to train (or pass --evaluate)")
-    from pipeline.demo.clip_training import ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip
-    from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, train_sam
+    from pipeline.demo.clip_training import (
+        DEMO_CLIP_FILE, ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip,
+    )
+    from pipeline.demo.sam_training import STATE_FILE as SAM_STATE_FILE
+    from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, point_iou, train_sam
 
-    from stages.sam_masks import SamConfig
-
-    # the held-out SAM report runs the quasi-superpixel generator with the pipeline's settings
-    generator_settings = section(load_params(params_path), "sam", SamConfig).generator_settings()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["command"] = {"seed": seed, "threads": threads}
     held_out = evaluation_images(seed, eval_images) if eval_images else []
+    clip_state = None
     if only in (None, "clip"):
         cfg = ClipTrainingConfig(seed=seed, world_seed=seed)
         cfg = replace(cfg, **{k: v for k, v in (("n_images", n_images),) if v})
@@ -144,17 +209,51 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
         seconds = time.perf_counter() - start
         sha = _save({k: v.half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
         model.load_state_dict(torch.load(out_dir / CLIP_FILE, map_location="cpu", weights_only=True))
+        clip_state = model.state_dict()
         report["clip"] = {"file": CLIP_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
                           "curve": curve, "held_out": evaluate_clip(model, held_out) if held_out else None}
         log.info("demo CLIP: %s (SHA-256 %s) in %.0f s", out_dir / CLIP_FILE, sha, seconds)
     if only in (None, "sam"):
         cfg = SamTrainingConfig(seed=seed, world_seed=seed)
         cfg = replace(cfg, **{k: v for k, v in (("steps", sam_steps), ("n_images", n_images)) if v})
+        init_from = None
+        if cfg.init == "clip" and clip_state is None:
+            init_from = Path(clip_file) if clip_file else DEMO_CLIP_FILE
+            if not init_from.is_file():
+                raise StageError(f"the demo SAM starts from the demo CLIP, not found: {init_from} (train it with "
+                                 "`wsss demo-models --only clip --out DIR`, then pass --clip DIR/clip_demo.pt)")
+            clip_state = torch.load(init_from, map_location="cpu", weights_only=True)
+        # the held-out curve survives interruptions (a resumed run appends to it)
+        curve_path = out_dir / SAM_CURVE_FILE
+        curve = {}
+        if curve_path.is_file() and not (out_dir / SAM_STATE_FILE).is_file():
+            curve_path.unlink()  # a fresh run
+        if curve_path.is_file():
+            for line in curve_path.read_text().splitlines():
+                entry = json.loads(line)
+                curve[entry["step"]] = entry
+
+        def evaluate_step(step, train_seconds, stats, sam):
+            if held_out:
+                points = point_iou(sam, held_out)
+                curve[step] = {"step": step, "train_minutes": round(train_seconds / 60, 2),
+                               "train_iou": {k[4:]: round(v, 4) for k, v in stats.items() if k.startswith("iou_")},
+                               "point_iou": {k: points[k] for k in ("subpart", "part", "whole")}}
+                with curve_path.open("a") as f:
+                    f.write(json.dumps(curve[step]) + "\n")
+                log.info("demo SAM at step %d: %s", step, json.dumps(curve[step]))
+
         start = time.perf_counter()
-        sam = train_sam(cfg, progress=_bar(cfg.steps, "demo SAM"))
+        sam = train_sam(cfg, clip_state=clip_state, progress=_bar(cfg.steps, "demo SAM"), state_dir=out_dir,
+                        evaluate_every=sam_evaluate_every, on_evaluate=evaluate_step)
         seconds = time.perf_counter() - start
         sha = _save(sam.state_dict(), out_dir / SAM_FILE)
         report["sam"] = {"file": SAM_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
-                         "held_out": evaluate_sam(sam, held_out[:12], **generator_settings) if held_out else None}
+                         "clip_init": None if init_from is None else {"file": str(init_from),
+                                                                      "sha256": sha256sum(init_from)},
+                         "curve": [curve[k] for k in sorted(curve) if k <= cfg.steps],
+                         "held_out": ({**evaluate_sam(sam, held_out[:12], **generator_settings),
+                                       "n_images": len(held_out[:12])}
+                                      if held_out else None)}
         log.info("demo SAM: %s (SHA-256 %s) in %.0f s", out_dir / SAM_FILE, sha, seconds)
     write_json_atomic(report_path, report)

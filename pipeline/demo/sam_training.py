@@ -1,212 +1,402 @@
 """Training the demo's tiny SAM on the procedural world's sub-part / part / whole masks.
 
-The model is segment-anything's own :class:`Sam` built from the ``demo`` spec of
-``pipeline.sam.models`` (the same assembly as the official variants). It is trained as SAM's
-automatic mask generator uses it: one positive point prompt, ``multimask_output=True``, and
-multimask slot k (0 sub-part, 1 part, 2 whole) supervised by the level-k mask under the point
+The model is segment-anything's own :class:`Sam` (its ``PromptEncoder`` and ``MaskDecoder``) built
+from the ``demo`` spec of ``pipeline.sam.models``; its image encoder is a CLIP-shaped ViT
+(``pipeline.sam.clip_encoder``) that starts from the trained demo CLIP's vision tower
+(``init="clip"``), as real SAM starts from a pretrained encoder. It is trained as SAM's automatic
+mask generator uses it: one positive point prompt, ``multimask_output=True``, and multimask slot
+k (0 sub-part, 1 part, 2 whole) supervised by the level-k mask under the point
 (``pipeline.demo.world.point_masks``: a part without sub-parts, or a background region, repeats
-the coarser mask). Losses are SAM's: focal (weight 20) + dice (weight 1) on the mask logits, and
-the mean squared error between the predicted IoU and the IoU of the predicted mask, so the
-generator's IoU filter (paper 0.86) reads a calibrated score.
+the coarser mask).
 
-Images go through the predictor's own transform (``ResizeLongestSide`` to the encoder's size,
-``Sam.preprocess``), at random scales and with random crops as the generator's crop layer sees
-them. Losses are computed on the 4x-upsampled low-resolution masks.
+The recipe starts from the feasibility probe's best (``../shared/demo_probe/sam``): per mask, a
+class-balanced binary cross-entropy (alpha = the mask's background share, clamped to
+[0.5, ``alpha_max``]; SAM's unbalanced focal loss collapses a model trained from scratch to empty
+masks) plus dice, and the mean squared error between the predicted IoU and the IoU of the
+thresholded output, so the generator's IoU filter reads a calibrated score. The clamp is a
+curriculum: 0.98 first (no collapse, point-dependent masks, but every uncertain pixel is worth
+covering: masks of half the image), 0.75 from ``late_from_step`` (a pixel must be 25 % likely).
+Points are region-balanced (a random finest region of the view, then a random pixel of it), on
+objects, or uniform. Targets
+are the id maps sampled at the centres of the 64 x 64 low-resolution logit pixels (the geometry
+``Sam.postprocess_masks`` inverts); padding is left out of the loss. Images go through the
+predictor's own transform (``ResizeLongestSide``, ``Sam.preprocess``), whole or as random crops
+(the generator's crop layer sees crops), with brightness / contrast jitter.
+
+Deterministic for a config and torch thread count; with a state folder the run writes
+``STATE_FILE`` every ``checkpoint_every`` steps and a rerun continues from it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from pipeline.demo.clip_training import jpeg_roundtrip
 from pipeline.demo.world import TRAINING_STREAM, WorldImage, point_masks, render
-from pipeline.sam.models import SPECS, build_sam
+from pipeline.sam.models import SPECS, SamSpec, build_sam
 
-FOCAL_WEIGHT = 20.0
-"""SAM's focal : dice loss ratio (Kirillov et al. 2023, §3)."""
-DICE_WEIGHT = 1.0
-IOU_WEIGHT = 1.0
+LEVELS = ("subpart", "part", "whole")
+DEMO_SAM_FILE = Path(__file__).resolve().parent / "weights" / "sam_demo.pth"
+"""The committed demo SAM (segment-anything state dict), made by ``wsss demo-models --only sam``;
+its SHA-256 is pinned in ``SPECS["demo"].checkpoint_sha256``."""
+STATE_FILE = "sam_training_state.pt"
+"""Resume state of a demo SAM run, in its output folder."""
 
 
 @dataclass(frozen=True)
 class SamTrainingConfig:
     world_seed: int = 0
-    n_images: int = 400
+    n_images: int = 500
     """Training images rendered from the world's training stream (reused with augmentation)."""
-    steps: int = 800
-    batch_size: int = 4
+    steps: int = 2800
+    batch_size: int = 8
     """Images per step (the encoder runs once per image)."""
-    points_per_image: int = 12
-    object_point_frac: float = 0.6
-    """Share of prompt points drawn on objects (the rest anywhere, as the generator's grid)."""
-    crop_prob: float = 0.4
-    """Probability of training on a random crop (the generator's crop layer sees crops)."""
-    lr: float = 5e-4
-    """At 3e-3 the decoder collapses to one constant mask for every point within a few hundred
-    steps (measured); 5e-4 learns nested, point-dependent masks."""
-    weight_decay: float = 0.0
+    points_per_image: int = 16
+    """Prompts per image per step (the decoder runs once per prompt: the cost of a step)."""
+    region_point_frac: float = 0.5
+    """Share of points drawn region-balanced: a random finest region (sub-part, else part, else
+    whole) of the view, then a random pixel of it (small sub-parts get their share)."""
+    object_point_frac: float = 0.25
+    """Share of points on random object pixels (the rest: uniform, as the generator's grid)."""
+    crop_prob: float = 0.3
+    """Probability of training on a random crop (45-80 % per side)."""
+    lr: float = 3e-3
+    encoder_lr_scale: float = 0.3
+    """The image encoder's learning rate relative to ``lr`` (it starts pretrained)."""
+    weight_decay: float = 0.05
     warmup_steps: int = 50
+    final_lr_frac: float = 0.02
+    """Cosine decay from ``lr`` to this fraction of it."""
+    alpha_max: float = 0.98
+    """Upper clamp of the balanced cross-entropy's positive weight alpha (the mask's background
+    share) early on: near-equal total weight for a small mask's pixels and the rest keeps the
+    model off the all-empty collapse, but makes it cover every pixel it is unsure of (measured:
+    masks of about half the image for every point after 1,000 steps)."""
+    late_alpha_max: float = 0.75
+    """The clamp from ``late_from_step`` on: a pixel is then worth predicting only when it is at
+    least 25 % likely to belong to the mask (the balanced cross-entropy's optimum), which suits
+    IoU (curriculum: point-dependent masks first, tight ones after)."""
+    late_from_step: int = 1100
+    init: str = "clip"
+    """``clip``: the image encoder's trunk starts from a trained demo CLIP; ``random``."""
     seed: int = 0
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Per-mask mean focal loss (N, ...) -> (N,), alpha-balanced per mask.
+# -- data ------------------------------------------------------------------------------------------
 
-    Deviation from SAM's fixed alpha 0.25: alpha is each mask's background fraction (clamped to
-    [0.5, 0.98]), so positives and negatives weigh alike. Trained from scratch (SAM starts from
-    an MAE encoder), the tiny model otherwise collapses to empty masks, most demo masks covering
-    a few per cent of the image.
-    """
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * ((1 - p_t) ** gamma)
-    dims = tuple(range(1, target.ndim))
-    alpha = (1 - target.mean(dim=dims, keepdim=True)).clamp(0.5, 0.98)
-    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.flatten(1).mean(1)
+class _Item:
+    """One training image (JPEG round trip) and its id maps (uint16: compact)."""
 
+    __slots__ = ("image", "whole", "part", "subpart", "objects")
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    return 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    def __init__(self, s: WorldImage):
+        self.image = jpeg_roundtrip(s.image)
+        for name in ("whole", "part", "subpart"):
+            m = getattr(s, name)
+            if m.max() >= 2 ** 16:
+                raise ValueError(f"{name} ids beyond uint16")
+            setattr(self, name, m.astype(np.uint16))
+        self.objects = s.instance_class[s.whole] >= 0
 
 
-def _view(sample: WorldImage, rng: np.random.Generator, crop_prob: float):
-    """(image, sample-like maps) of a random crop (or the whole image) of a world image."""
-    h, w = sample.label.shape
-    y0, x0, y1, x1 = 0, 0, h, w
-    if rng.random() < crop_prob:
-        ch, cw = int(h * rng.uniform(0.45, 0.75)), int(w * rng.uniform(0.45, 0.75))
-        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        y1, x1 = y0 + ch, x0 + cw
-    sl = (slice(y0, y1), slice(x0, x1))
-    return sl
+def level_maps(whole: np.ndarray, part: np.ndarray, subpart: np.ndarray) -> np.ndarray:
+    """(3, H, W) int64 raw id maps in SAM's level order (sub-part, part, whole; 0: none)."""
+    return np.stack([subpart, part, whole]).astype(np.int64)
 
 
-def _points(sample: WorldImage, sl, n: int, object_frac: float, rng: np.random.Generator) -> np.ndarray:
-    """(n, 2) integer (y, x) prompt points inside the crop."""
-    whole = sample.whole[sl]
-    on_object = sample.instance_class[whole] >= 0
-    ys, xs = np.nonzero(on_object)
-    n_obj = int(round(n * object_frac)) if len(ys) else 0
-    h, w = whole.shape
-    pts = [np.stack([rng.integers(0, h, n - n_obj), rng.integers(0, w, n - n_obj)], 1)]
+def finest_regions(maps: np.ndarray) -> np.ndarray:
+    """(H, W) int64 id of each pixel's finest region (its sub-part, else its part, else its
+    whole), unique across levels: the regions that region-balanced points are drawn from."""
+    sub, part, whole = maps
+    return np.where(sub > 0, sub + (2 << 20), np.where(part > 0, part + (1 << 20), whole))
+
+
+def sample_points(finest: np.ndarray, objects: np.ndarray | None, n: int, region_frac: float,
+                  object_frac: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) integer (y, x) points of a view: region-balanced (``finest``: the region map of
+    :func:`finest_regions`), on objects, uniform."""
+    h, w = finest.shape
+    n_reg = int(round(n * region_frac))
+    n_obj = int(round(n * object_frac))
+    n_uni = n - n_reg - n_obj
+    pts = []
+    if n_reg:
+        regions, inv = np.unique(finest, return_inverse=True)
+        inv = inv.reshape(-1)
+        order = np.argsort(inv, kind="stable")
+        counts = np.bincount(inv, minlength=len(regions))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        r = rng.integers(0, len(regions), n_reg)
+        flat = order[starts[r] + (rng.random(n_reg) * counts[r]).astype(np.int64)]
+        pts.append(np.stack([flat // w, flat % w], 1))
     if n_obj:
-        pick = rng.integers(0, len(ys), n_obj)
-        pts.append(np.stack([ys[pick], xs[pick]], 1))
+        ys, xs = np.nonzero(objects)
+        if len(ys):
+            pick = rng.integers(0, len(ys), n_obj)
+            pts.append(np.stack([ys[pick], xs[pick]], 1))
+        else:
+            n_uni += n_obj
+    if n_uni:
+        pts.append(np.stack([rng.integers(0, h, n_uni), rng.integers(0, w, n_uni)], 1))
     return np.concatenate(pts)
 
 
-class _Crop:
-    """The maps of a world image restricted to a crop (what ``point_masks`` needs)."""
+def lowres_targets(maps: np.ndarray, pts: np.ndarray, resized_hw: tuple[int, int], size: int, low: int):
+    """(P, 3, low, low) float targets and (low, low) validity of a view's points, aligned with the
+    decoder's low-res logits: low-res pixel i covers input pixels [i s, (i + 1) s) with
+    s = size / low; its centre maps to view pixel floor((i + 0.5) s * h / rh) (nearest), and
+    pixels in the padding (beyond the resized view) are invalid. ``maps``: :func:`level_maps`;
+    the targets are ``point_masks``' (a missing level repeats the coarser mask)."""
+    h, w = maps.shape[1:]
+    rh, rw = resized_hw
+    c = (np.arange(low) + 0.5) * (size / low)
+    iy = np.minimum((c * h / rh).astype(np.int64), h - 1)
+    ix = np.minimum((c * w / rw).astype(np.int64), w - 1)
+    valid = (c < rh)[:, None] & (c < rw)[None, :]
+    grid = np.where(valid[None], maps[:, iy][:, :, ix], -1)  # (3, low, low)
+    under = maps[:, pts[:, 0], pts[:, 1]].T  # (P, 3)
+    same = grid[None] == under[:, :, None, None]  # (P, 3, low, low)
+    whole = same[:, 2]
+    part = np.where((under[:, 1] > 0)[:, None, None], same[:, 1], whole)
+    sub = np.where((under[:, 0] > 0)[:, None, None], same[:, 0], part)
+    return torch.from_numpy(np.stack([sub, part, whole], 1)).float(), torch.from_numpy(valid).float()
 
-    def __init__(self, sample: WorldImage, sl):
-        self.whole = sample.whole[sl]
-        self.part = sample.part[sl]
-        self.subpart = sample.subpart[sl]
+
+def training_items(cfg: SamTrainingConfig) -> list[_Item]:
+    return [_Item(render(cfg.world_seed, i, TRAINING_STREAM)) for i in range(cfg.n_images)]
 
 
-def build_demo_sam(seed: int):
+# -- losses ----------------------------------------------------------------------------------------
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                 alpha_max: float = 0.98) -> torch.Tensor:
+    """(P, K) per-mask binary cross-entropy over the valid pixels, positives weighted by the
+    mask's background share alpha (clamped to [0.5, ``alpha_max``]) and negatives by 1 - alpha
+    (x2, so a half-covered mask weighs as plain BCE)."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    area = valid.sum()
+    alpha = (1 - (target * valid).flatten(2).sum(-1) / area).clamp(0.5, alpha_max)[..., None, None]
+    ce = 2 * (alpha * target + (1 - alpha) * (1 - target)) * ce
+    return (ce * valid).flatten(2).sum(-1) / area
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    p = (torch.sigmoid(logits) * valid).flatten(2)
+    t = target.flatten(2)
+    return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+def build_demo_sam(seed: int, spec: SamSpec | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_sam(SPECS["demo"])
+        return build_sam(spec or SPECS["demo"])
 
 
 def _lr_factor(step: int, cfg: SamTrainingConfig) -> float:
-    import math
-
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def training_samples(cfg: SamTrainingConfig) -> list[tuple[np.ndarray, WorldImage]]:
-    out = []
-    for i in range(cfg.n_images):
-        s = render(cfg.world_seed, i, TRAINING_STREAM)
-        out.append((jpeg_roundtrip(s.image), s))
-    return out
+class _Trainer:
+    def __init__(self, cfg: SamTrainingConfig, items: list[_Item], clip_state: dict | None,
+                 spec: SamSpec | None):
+        from pipeline.sam.clip_encoder import load_clip_visual
 
+        self.cfg, self.items = cfg, items
+        torch.manual_seed(cfg.seed)
+        self.sam = build_demo_sam(cfg.seed, spec)
+        if cfg.init == "clip":
+            if clip_state is None:
+                raise ValueError("init='clip' needs the demo CLIP's state dict")
+            load_clip_visual(self.sam.image_encoder, clip_state)
+        elif cfg.init != "random":
+            raise ValueError(f"unknown init {cfg.init!r} (clip, random)")
+        self.sam.train()
+        self.size = self.sam.image_encoder.img_size
+        self.low = 4 * self.sam.prompt_encoder.image_embedding_size[0]
+        self.transform = ResizeLongestSide(self.size)
+        groups = {}
+        for name, p in self.sam.named_parameters():
+            enc = name.startswith("image_encoder.")
+            decay = p.ndim >= 2 and "embedding" not in name and "pos" not in name
+            groups.setdefault((enc, decay), []).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": ps, "lr": cfg.lr * (cfg.encoder_lr_scale if enc else 1.0),
+              "weight_decay": cfg.weight_decay if decay else 0.0} for (enc, decay), ps in sorted(groups.items())],
+            lr=cfg.lr, betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, cfg))
+        self.rng = np.random.default_rng([cfg.seed, 11])
+        self.step, self.seconds = 0, 0.0
+        self.iou_ema = np.zeros(3)
 
-def train_sam(cfg: SamTrainingConfig, data=None,
-              progress: Callable[[int, dict], None] | None = None) -> torch.nn.Module:
-    """Train the demo SAM from scratch; deterministic for a given config and thread count."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 11])
-    data = data if data is not None else training_samples(cfg)
-    sam = build_demo_sam(cfg.seed)
-    sam.train()
-    size = sam.image_encoder.img_size
-    transform = ResizeLongestSide(size)
-    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    for step in range(cfg.steps):
-        picks = rng.choice(len(data), size=cfg.batch_size, replace=False)
+    def state(self) -> dict:
+        return {"config": asdict(self.cfg), "step": self.step, "seconds": self.seconds,
+                "model": self.sam.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": self.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "iou_ema": self.iou_ema.tolist()}
+
+    def load(self, state: dict) -> None:
+        self.step, self.seconds = state["step"], state["seconds"]
+        self.sam.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.iou_ema = np.array(state["iou_ema"])
+
+    def _view(self, item: _Item):
+        cfg, rng = self.cfg, self.rng
+        h, w = item.whole.shape
+        y0, x0, y1, x1 = 0, 0, h, w
+        if rng.random() < cfg.crop_prob:
+            ch, cw = int(h * rng.uniform(0.45, 0.8)), int(w * rng.uniform(0.45, 0.8))
+            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            y1, x1 = y0 + ch, x0 + cw
+        sl = (slice(y0, y1), slice(x0, x1))
+        crop = np.ascontiguousarray(item.image[sl])
+        if rng.random() < 0.5:  # brightness / contrast jitter
+            crop = np.clip(crop.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+        return crop, level_maps(item.whole[sl], item.part[sl], item.subpart[sl]), item.objects[sl]
+
+    def train_step(self) -> dict:
+        cfg, sam = self.cfg, self.sam
+        picks = self.rng.choice(len(self.items), size=min(cfg.batch_size, len(self.items)), replace=False)
         inputs, prompts = [], []
         for i in picks:
-            image, sample = data[int(i)]
-            sl = _view(sample, rng, cfg.crop_prob)
-            crop = np.ascontiguousarray(image[sl])
-            if rng.random() < 0.5:  # brightness / contrast jitter
-                crop = np.clip(crop.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
-            resized = transform.apply_image(crop)
-            x = torch.as_tensor(resized).permute(2, 0, 1).float()
-            inputs.append(sam.preprocess(x))  # normalise and pad to size x size
-            maps = _Crop(sample, sl)
-            pts = _points(sample, sl, cfg.points_per_image, cfg.object_point_frac, rng)
-            targets = np.stack([point_masks(maps, int(y), int(x)) for y, x in pts])  # (P, 3, h, w)
-            rh, rw = resized.shape[:2]
-            t = torch.from_numpy(targets).float()
-            t = F.interpolate(t, size=(rh, rw), mode="nearest")
-            t = F.pad(t, (0, size - rw, 0, size - rh))
-            coords = transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, crop.shape[:2])
-            prompts.append((torch.as_tensor(coords, dtype=torch.float32), t, (rh, rw)))
+            crop, maps, objects = self._view(self.items[int(i)])
+            resized = self.transform.apply_image(crop)
+            inputs.append(sam.preprocess(torch.as_tensor(resized).permute(2, 0, 1).float()))
+            pts = sample_points(finest_regions(maps), objects, cfg.points_per_image, cfg.region_point_frac,
+                                cfg.object_point_frac, self.rng)
+            target, valid = lowres_targets(maps, pts, resized.shape[:2], self.size, self.low)
+            coords = self.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, crop.shape[:2])
+            prompts.append((torch.as_tensor(coords, dtype=torch.float32), target, valid))
         emb = sam.image_encoder(torch.stack(inputs))
-        losses = []
-        stats = {"iou": 0.0, "iou_pred": 0.0}
-        for b, (coords, target, (rh, rw)) in enumerate(prompts):
+        pe = sam.prompt_encoder.get_dense_pe()
+        losses, ious = [], []
+        for b, (coords, target, valid) in enumerate(prompts):
             labels = torch.ones(coords.shape[0], 1, dtype=torch.int)
             sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-            logits, iou_pred = sam.mask_decoder(
-                image_embeddings=emb[b:b + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
-            # low-res logits are (P, 3, size/4, size/4); targets at that resolution, valid area only
-            lh, lw = logits.shape[-2:]
-            tgt = F.interpolate(target, size=(lh, lw), mode="area")
-            valid = torch.zeros(1, 1, lh, lw)
-            valid[..., : -(-rh * lh // size), : -(-rw * lw // size)] = 1
-            tgt_bin = (tgt >= 0.5).float()
-            lg = logits * valid - 20.0 * (1 - valid)  # padding counts as confidently empty
-            p, k = lg.shape[:2]
-            focal = sigmoid_focal_loss(lg.flatten(0, 1), tgt_bin.flatten(0, 1))
-            dice = dice_loss(lg.flatten(0, 1), tgt_bin.flatten(0, 1))
+            logits, iou_pred = sam.mask_decoder(image_embeddings=emb[b:b + 1], image_pe=pe,
+                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                                multimask_output=True)
+            v = valid[None, None]
             with torch.no_grad():
-                pred = (lg > 0).float()
-                inter = (pred * tgt_bin).flatten(2).sum(-1)
-                union = ((pred + tgt_bin) > 0).float().flatten(2).sum(-1)
+                pred = (logits > 0).float() * v
+                inter = (pred * target).flatten(2).sum(-1)
+                union = ((pred + target) > 0).float().flatten(2).sum(-1)
                 iou = inter / union.clamp_min(1)
-            iou_loss = F.mse_loss(iou_pred, iou, reduction="none").flatten()
-            losses.append((FOCAL_WEIGHT * focal + DICE_WEIGHT * dice + IOU_WEIGHT * iou_loss).mean())
-            stats["iou"] += float(iou.mean()) / len(prompts)
-            stats["iou_pred"] += float(iou_pred.detach().mean()) / len(prompts)
+            alpha_max = cfg.alpha_max if self.step < cfg.late_from_step else cfg.late_alpha_max
+            mask_loss = balanced_bce(logits, target, v, alpha_max) + dice_loss(logits, target, v)  # (P, 3)
+            losses.append(mask_loss.sum(-1).mean() + F.mse_loss(iou_pred, iou, reduction="none").sum(-1).mean())
+            ious.append(iou)
         loss = torch.stack(losses).mean()
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        self.opt.step()
+        self.sched.step()
+        iou = torch.cat(ious).mean(0).numpy()
+        self.iou_ema = iou if self.step == 0 else 0.95 * self.iou_ema + 0.05 * iou
+        self.step += 1
+        return {"loss": float(loss.detach()), **{f"iou_{k}": float(x) for k, x in zip(LEVELS, self.iou_ema)}}
+
+
+def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list | None = None,
+              progress: Callable[[int, dict], None] | None = None, state_dir: str | Path | None = None,
+              checkpoint_every: int = 100, evaluate_every: int = 0,
+              on_evaluate: Callable[[int, float, dict, torch.nn.Module], None] | None = None,
+              spec: SamSpec | None = None) -> torch.nn.Module:
+    """Train the demo SAM; deterministic for a given config, CLIP state and thread count.
+
+    ``clip_state``: the demo CLIP's open_clip state dict (``init="clip"``). With ``state_dir``,
+    the run writes ``STATE_FILE`` there every ``checkpoint_every`` steps and a rerun with the same
+    config continues from it (the same result as an uninterrupted run); a state of another config
+    is an error. ``on_evaluate(step, train_seconds, train_stats, model)`` runs every
+    ``evaluate_every`` steps and after the last (held-out curves); it must not touch the
+    training's random streams (it gets the model in eval mode, training resumes after it).
+    """
+    trainer = _Trainer(cfg, data if data is not None else training_items(cfg), clip_state, spec)
+    path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{path} is the resume state of another configuration; delete it to start over")
+        trainer.load(state)
+    stats = {}
+    while trainer.step < cfg.steps:
+        start = time.perf_counter()
+        stats = trainer.train_step()
+        trainer.seconds += time.perf_counter() - start
+        if path is not None and (trainer.step % checkpoint_every == 0 or trainer.step == cfg.steps):
+            _save_atomic(trainer.state(), path)
         if progress is not None:
-            progress(step, {"loss": float(loss.detach()), **stats})
-    return sam.eval()
+            progress(trainer.step - 1, stats)
+        if on_evaluate is not None and (trainer.step == cfg.steps
+                                        or (evaluate_every and trainer.step % evaluate_every == 0)):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                on_evaluate(trainer.step, trainer.seconds, stats, trainer.sam.eval())
+            trainer.sam.train()
+    return trainer.sam.eval()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def point_iou(sam, samples: list[WorldImage], points_per_image: int = 24, seed: int = 0) -> dict:
+    """Single positive point prompts through ``SamPredictor`` at each image's own size: the mean
+    IoU, per level, of the best of the three outputs against the level's mask under the point
+    (``point_masks``; a missing level repeats the coarser mask). Points are region-balanced:
+    a random finest region of the image (sub-part, else part, else whole), then a random pixel of
+    it. Also the same on object points only, and the per-output IoU of slot k against level k."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam.eval())
+    rng = np.random.default_rng([seed, 99])
+    rows, on_object = [], []
+    with torch.no_grad():
+        for s in samples:
+            image = jpeg_roundtrip(s.image)
+            predictor.set_image(image)
+            pts = sample_points(finest_regions(level_maps(s.whole, s.part, s.subpart)), None,
+                                points_per_image, 1.0, 0.0, rng)
+            coords = predictor.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, image.shape[:2])
+            masks, _, _ = predictor.predict_torch(torch.as_tensor(coords, dtype=torch.float32)[:, None],
+                                                  torch.ones(len(pts), 1, dtype=torch.int), multimask_output=True)
+            masks = masks.numpy()
+            for j, (y, x) in enumerate(pts):
+                truth = point_masks(s, int(y), int(x))
+                m = masks[j]
+                inter = (m[None] & truth[:, None]).reshape(3, 3, -1).sum(-1)
+                union = (m[None] | truth[:, None]).reshape(3, 3, -1).sum(-1)
+                rows.append(inter / np.maximum(union, 1))  # (level, output)
+                on_object.append(bool(s.instance_class[s.whole[y, x]] >= 0))
+    iou = np.stack(rows)
+    obj = np.array(on_object)
+
+    def per_level(a):
+        return {name: round(float(a[:, lv].max(1).mean()), 4) for lv, name in enumerate(LEVELS)}
+
+    return {**per_level(iou), "n_points": len(iou),
+            "object_points": {**per_level(iou[obj]), "n_points": int(obj.sum())} if obj.any() else None,
+            "slot_k": {name: round(float(iou[:, lv, lv].mean()), 4) for lv, name in enumerate(LEVELS)}}
 
 
 def evaluate_sam(sam, samples: list[WorldImage], **generator_settings) -> dict:

@@ -54,6 +54,10 @@ class SamSpec:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
+    image_encoder: str = "sam_vit"
+    """``sam_vit``: segment-anything's ``ImageEncoderViT`` (SAM's pixel normalisation);
+    ``clip_vit``: :class:`pipeline.sam.clip_encoder.ClipViTEncoder`, an open_clip-shaped ViT
+    (CLIP's pixel normalisation) that can start from a trained CLIP's vision tower."""
     checkpoint_name: str | None = None
     """File name of the official checkpoint (None: no checkpoint exists, random init)."""
     checkpoint_sha256: str | None = None
@@ -74,33 +78,54 @@ SPECS: dict[str, SamSpec] = {
     "tiny": SamSpec(32, 2, 2, (1,), image_size=256, window_size=4, prompt_embed_dim=32,
                     decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
     # Trained on the demo world by `wsss demo-models` (no weights committed yet, so no checksum
-    # is pinned here; sam.checkpoint_sha256 can pin one): 256 px input on a 16x16 token grid, 64x64 low-res masks (SAM's own
-    # 4 input px per low-res px); the decoder runs once per prompt point, so its width (64, the
-    # masks read 8 channels) is what two CPU cores can afford for hundreds of points per image.
-    "demo": SamSpec(64, 4, 2, (1, 3), image_size=256, window_size=8, prompt_embed_dim=64,
+    # is pinned here; sam.checkpoint_sha256 can pin one): 256 px input on a 16x16 token grid,
+    # 64x64 low-res masks (SAM's own 4 input px per low-res px). The image encoder has the demo
+    # CLIP's vision tower's shape (6 blocks of width 128, 2 heads, patch 16) so that training
+    # starts from it; the decoder runs once per prompt point, so its width (64, the masks read 8
+    # channels) is what two CPU cores can afford for hundreds of points per image.
+    "demo": SamSpec(128, 6, 2, (), image_size=256, prompt_embed_dim=64,
                     decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64,
-                    checkpoint_name="sam_demo.pth", checkpoint_sha256=None),
+                    image_encoder="clip_vit", checkpoint_name="sam_demo.pth", checkpoint_sha256=None),
 }
+
+
+SAM_PIXEL_MEAN, SAM_PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def _image_encoder(spec: SamSpec) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """The spec's image encoder and the pixel mean / std ``Sam.preprocess`` normalises with."""
+    if spec.image_encoder == "clip_vit":
+        from pipeline.clip.model import CLIP_MEAN, CLIP_STD
+        from pipeline.sam.clip_encoder import ClipViTEncoder
+
+        encoder = ClipViTEncoder(img_size=spec.image_size, patch_size=spec.patch_size,
+                                 width=spec.encoder_embed_dim, depth=spec.encoder_depth,
+                                 heads=spec.encoder_num_heads, out_chans=spec.prompt_embed_dim)
+        return encoder, [255.0 * m for m in CLIP_MEAN], [255.0 * s for s in CLIP_STD]
+    if spec.image_encoder != "sam_vit":
+        raise ValueError(f"unknown SAM image encoder {spec.image_encoder!r} (known: sam_vit, clip_vit)")
+    return ImageEncoderViT(
+        depth=spec.encoder_depth,
+        embed_dim=spec.encoder_embed_dim,
+        img_size=spec.image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.encoder_num_heads,
+        patch_size=spec.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.encoder_global_attn_indexes,
+        window_size=spec.window_size,
+        out_chans=spec.prompt_embed_dim,
+    ), SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 
 def build_sam(spec: SamSpec) -> Sam:
     """A randomly initialised :class:`Sam` of the given architecture, in eval mode."""
     embedding_size = spec.image_size // spec.patch_size
+    encoder, pixel_mean, pixel_std = _image_encoder(spec)
     sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=spec.encoder_depth,
-            embed_dim=spec.encoder_embed_dim,
-            img_size=spec.image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=spec.encoder_num_heads,
-            patch_size=spec.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=spec.encoder_global_attn_indexes,
-            window_size=spec.window_size,
-            out_chans=spec.prompt_embed_dim,
-        ),
+        image_encoder=encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=spec.prompt_embed_dim,
             image_embedding_size=(embedding_size, embedding_size),
@@ -119,8 +144,8 @@ def build_sam(spec: SamSpec) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=spec.iou_head_hidden_dim,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
     )
     return sam.eval()
 
