@@ -549,7 +549,7 @@ def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict
         done_steps += 1
         ended = trainer.step == 0
         if path is not None and (ended or done_steps % checkpoint_every == 0):
-            _save_atomic(trainer.state(), path)
+            save_atomic(trainer.state(), path)
         if progress is not None:
             progress(done_steps - 1, {**stats, "phase": phase.name})
         if ended and on_phase_end is not None:
@@ -558,7 +558,8 @@ def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict
     return trainer.model.eval()
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it (resume states)."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     tmp.replace(path)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.demo.clip_training import jpeg_roundtrip
+from pipeline.demo.clip_training import jpeg_roundtrip, save_atomic
 from pipeline.demo.world import TRAINING_STREAM, WorldImage, point_masks, render
 from pipeline.sam.models import SPECS, SamSpec, build_sam
 
@@ -341,7 +341,7 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
         stats = trainer.train_step()
         trainer.seconds += time.perf_counter() - start
         if path is not None and (trainer.step % checkpoint_every == 0 or trainer.step == cfg.steps):
-            _save_atomic(trainer.state(), path)
+            save_atomic(trainer.state(), path)
         if progress is not None:
             progress(trainer.step - 1, stats)
         if on_evaluate is not None and (trainer.step == cfg.steps
@@ -350,12 +350,6 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
                 on_evaluate(trainer.step, trainer.seconds, stats, trainer.sam.eval())
             trainer.sam.train()
     return trainer.sam.eval()
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
