@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 STAGES = ("prepare", "sam_masks")
 TINY = {"dataset": {"name": "demo", "demo": {"n_train": 3, "n_val": 2, "seed": 0}},
         "compute": {"scheduler": "local", "device": "cpu"},
-        "sam": {"model": "tiny", "points_per_side": 8, "points_per_batch": 64, "crop_n_layers": 0}}
+        "sam": {"model": "tiny", "points_per_side": 8, "points_per_batch": 64, "crop_n_layers": 0,
+                "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}  # the random tiny SAM's setting
 
 
 def _cache_is_intact(repo: Path) -> int:
