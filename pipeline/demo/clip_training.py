@@ -535,10 +535,8 @@ def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict
     """
     trainer = _Trainer(cfg, data if data is not None else training_images(cfg))
     path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{path} is the resume state of another configuration; delete it to start over")
+    state = load_resume_state(path, asdict(cfg))
+    if state is not None:
         trainer.load(state)
     done_steps = sum(p.steps for p in cfg.phases[:trainer.phase_index]) + trainer.step
     while not trainer.done:
@@ -556,6 +554,16 @@ def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict
             on_phase_end(phase.name, trainer.model)
             trainer.model.train()
     return trainer.model.eval()
+
+
+def load_resume_state(path: Path | None, config: dict) -> dict | None:
+    """The resume state at ``path`` (None: no path or no file); one of another config is refused."""
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != config:
+        raise ValueError(f"{path} is the resume state of another configuration; delete it to start over")
+    return state
 
 
 def save_atomic(obj, path: Path) -> None:

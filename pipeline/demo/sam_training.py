@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.demo.clip_training import jpeg_roundtrip, save_atomic
+from pipeline.demo.clip_training import jpeg_roundtrip, load_resume_state, save_atomic
 from pipeline.demo.world import TRAINING_STREAM, WorldImage, point_masks, render
 from pipeline.sam.models import SPECS, SamSpec, build_sam
 
@@ -330,10 +330,8 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
     """
     trainer = _Trainer(cfg, data if data is not None else training_items(cfg), clip_state, spec)
     path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{path} is the resume state of another configuration; delete it to start over")
+    state = load_resume_state(path, asdict(cfg))
+    if state is not None:
         trainer.load(state)
     stats = {}
     while trainer.step < cfg.steps:
