@@ -36,6 +36,7 @@ _VOC_SEG_PROMPTS = {
     "prompts.seg.class_position": "front",
     "prompts.seg.background": "empty",
     "prompts.seg.init_std": 0.0125,
+    "prompts.seg.init": "random",
 }
 
 # What the method does differently per dataset (algorithms.md §2, §4, §5, §7): written whatever
@@ -66,6 +67,7 @@ METHOD: dict[str, dict[str, Any]] = {
         "prompts.seg.class_position": "end",
         "prompts.seg.background": "names",
         "prompts.seg.init_std": 0.015,
+        "prompts.seg.init": "random",
         "cams.cls.caa.enabled": True,
         "cams.cls.caa.t_box": 0.6,
         "cams.cls.caa.propagate": "cam",

@@ -15,6 +15,7 @@ It holds the final context and, with ``cam_iteration``, the context after that i
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -62,6 +63,10 @@ class PromptsConfig:
     """Background prompts with the real names, or context + "." only (VOC seg)."""
     init_std: float = param(0.015, ge=0)
     """Std of the context initialisation (cls 0.015, VOC seg 0.0125)."""
+    init: Literal["random", "cls"] = "random"
+    """seg only: start from N(0, init_std²) contexts (the reference) or from the trained
+    classification context (a warm start, not in the paper; needs the cls prompts' layout:
+    shared context, class at the end, the same background names, as COCO's seg prompts have)."""
     iterations: int = param(1800, ge=1)
     """Optimizer steps, one per iteration (VOC cls 1,800, seg 17,000; COCO 20,500 / 75,000)."""
     warmup_iterations: int = param(500, ge=0)
@@ -144,6 +149,27 @@ def load_learner(clip, path: str | os.PathLike, iteration: int | None = None) ->
     with torch.no_grad():
         learner.ctx.copy_(ctx)
     return learner.to(clip.visual.proj.device), state
+
+
+def warm_start(learner: PromptLearner, clip, path: Path) -> None:
+    """Copy the trained classification context at ``path`` into ``learner`` (``init: cls``)."""
+    if not path.is_file():
+        raise StageError(f"prompts.seg.init is cls but there are no classification prompts at {path} "
+                         "(run train-prompts --which cls)")
+    cls_learner, _ = load_learner(clip, path)
+    mine, theirs = learner.spec(), cls_learner.spec()
+    differs = [k for k in ("names", "n_fg", "n_ctx", "class_position") if mine[k] != theirs[k]]
+    if theirs["shared_context"] and not mine["shared_context"]:
+        ctx = cls_learner.ctx.expand_as(learner.ctx)  # every prompt starts from the shared context
+    elif mine["shared_context"] == theirs["shared_context"]:
+        ctx = cls_learner.ctx
+    else:
+        differs.append("shared_context")
+    if differs:
+        raise StageError(f"prompts.seg.init is cls but the seg prompts differ from {path} in "
+                         f"{', '.join(differs)} (a warm start needs the same prompt layout)")
+    with torch.no_grad():
+        learner.ctx.copy_(ctx.to(learner.ctx.device))
 
 
 class BatchSource:
@@ -297,9 +323,12 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
               help="Coarse seed PNGs (required for --which seg).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Prompts checkpoint [default: cache/prompts/<which>.pt].")
+@click.option("--init-prompts", default="cache/prompts/cls.pt", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="Classification prompts a seg run starts from when prompts.seg.init is cls.")
 @click.option("--metrics", default=None, type=click.Path(dir_okay=False),
               help="Training-curve CSV [default: cache/plots/train_prompts_<which>.csv].")
-def command(which, params_path, features, index_dir, seeds, out, metrics) -> None:
+def command(which, params_path, features, index_dir, seeds, out, init_prompts, metrics) -> None:
     """Learn CoOp prompt contexts (classification or segmentation prompts)."""
     params = load_params(params_path)
     cfg = section(params, f"prompts.{which}", PromptsConfig)
@@ -310,6 +339,8 @@ def command(which, params_path, features, index_dir, seeds, out, metrics) -> Non
     if which == "cls" and "loss_classes" in params["prompts"]["cls"]:
         raise StageError("params.yaml: prompts.cls.loss_classes has no effect (classification prompts "
                          "learn from the image labels); it belongs to prompts.seg")
+    if which == "cls" and cfg.init != "random":
+        raise StageError("params.yaml: prompts.cls.init must be random (cls is what seg can start from)")
     if which == "seg" and seeds is None:
         raise StageError("--seeds (the coarse seed directory) is required for --which seg")
     if seeds is not None and not Path(seeds).is_dir():
@@ -323,13 +354,18 @@ def command(which, params_path, features, index_dir, seeds, out, metrics) -> Non
     clip = build_clip(clip_cfg.model, clip_cfg.checkpoint, clip_cfg.pretrained_tag, clip_cfg.seed,
                       str(device))
     learner = build_learner(clip, split.class_names, split.dataset, cfg)
+    if cfg.init == "cls":
+        warm_start(learner, clip, Path(init_prompts))
     source = BatchSource(which, cfg, split, Path(features), Path(seeds) if seeds else None,
                          features_cfg, clip)
     provenance = clip_provenance(clip_cfg, sha)
     # cached: the views store's own fingerprint (model, precision, layout, views) decides the inputs
     inputs = source.views.attrs.get("fingerprint") if source.views is not None else features_cfg.augment
+    # a warm start's resume state belongs to the context it started from
+    start_ctx = (hashlib.sha256(learner.ctx.detach().cpu().numpy().tobytes()).hexdigest()
+                 if cfg.init == "cls" else None)
     fp = fingerprint(STAGE, which, cfg, clip_cfg.model_identity(), sha, inputs,
-                     split.class_names, [r.id for r in split.good()])
+                     split.class_names, [r.id for r in split.good()], start_ctx)
     extra = {"clip": provenance, "untrained": provenance["untrained"], "class_names": split.class_names,
              "dataset": split.dataset, "package_version": package_version()}
     train(which, cfg, clip, learner, source, out_path, metrics_path, fp, extra)

@@ -290,6 +290,45 @@ def test_seg_prompts_train_on_image_labels(work, tmp_path):
     assert not torch.allclose(runs["image"]["ctx"], init)
 
 
+def test_seg_prompts_can_start_from_the_cls_context(work, tmp_path):
+    """prompts.seg.init: cls copies the trained cls context (shared, or into every prompt of a
+    class-specific context). Against all-background seeds every step is skipped, so the final
+    context is exactly the start. A layout the cls prompts do not share, a missing cls file and
+    init on cls itself are one clear line each."""
+    from pipeline.data.imageio import read_label, write_palette_png
+
+    cls = _train(work, _params(work, tmp_path), "cls", tmp_path / "cls.pt")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for png in (work / "seeds").glob("*.png"):
+        write_palette_png(blank / png.name, np.zeros_like(read_label(png)))
+    cls_layout = dict(seg__class_position="end", seg__background="names", seg__init="cls")
+
+    def seg(params, out, init_prompts=tmp_path / "cls.pt"):
+        return _invoke("train-prompts", "--which", "seg", "--params", params, "--index", work / "index",
+                       "--features", work / "features", "--seeds", blank, "--init-prompts", init_prompts,
+                       "--out", out, "--metrics", out.with_suffix(".csv"))
+
+    for shared in (True, False):
+        out = tmp_path / f"seg_{shared}.pt"
+        res = seg(_params(work, tmp_path, seg__shared_context=shared, **cls_layout), out)
+        assert res.exit_code == 0, res.output
+        ctx = torch.load(out, weights_only=False)["ctx"]
+        expected = cls["ctx"] if shared else cls["ctx"].expand(len(cls["spec"]["names"]), -1, -1)
+        torch.testing.assert_close(ctx, expected, rtol=0, atol=0)
+    bad = {
+        "class_position": (_params(work, tmp_path, **{**cls_layout, "seg__class_position": "front"}), tmp_path / "cls.pt"),
+        "no classification prompts": (_params(work, tmp_path, **cls_layout), tmp_path / "none.pt"),
+    }
+    for expected, (params, init_prompts) in bad.items():
+        res = seg(params, tmp_path / "bad.pt", init_prompts)
+        assert res.exit_code == 1 and expected in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad.pt").exists()
+    res = _invoke("train-prompts", "--which", "cls", "--params", _params(work, tmp_path, cls__init="cls"),
+                  "--index", work / "index", "--features", work / "features", "--out", tmp_path / "x.pt")
+    assert res.exit_code == 1 and "prompts.cls.init must be random" in res.output
+
+
 def test_crop_320_trains_segmentation_prompts(work, tmp_path):
     """A crop other than 224 (a 20x20 token grid) goes through clip-features and the seg loss."""
     params = yaml.safe_load((work / "params.yaml").read_text())

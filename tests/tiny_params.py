@@ -6,7 +6,7 @@ TINY_CLIP = {"model": "tiny", "checkpoint": None, "checkpoint_sha256": None, "at
 VOC_PROMPTS = {
     "cls": {"lr": 1e-3},
     "seg": {"lr": 1e-3, "shared_context": False, "class_position": "front", "background": "empty",
-            "init_std": 0.0125},
+            "init_std": 0.0125, "init": "random"},
 }
 VOC_CAA = {"cls": {"caa": {"enabled": True}}, "seg": {"caa": {"enabled": True}}}
 
