@@ -50,19 +50,23 @@ CSV_FIELDS = ("step", "loss", "lr", "val_miou")
 # The code the trained weights depend on (dvc.yaml's code deps): a change restarts training
 # instead of "resuming" a finished run of the old code.
 CODE_MODULES = ("stages.train_segmenter", "pipeline.segmenter.model", "pipeline.segmenter.training",
+                "pipeline.segmenter.clip_vit", "pipeline.sam.clip_encoder",
                 "pipeline.precision", "pipeline.metrics", "pipeline.data.datasets", "pipeline.data.imageio")
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
     model: str = "tiny"
-    """``deeplabv3plus_r101`` (paper) or ``tiny`` (embedded default, random init)."""
+    """``deeplabv3plus_r101`` (paper), ``tiny`` (DeepLabV3+ ResNet-18, random init) or
+    ``demo_clip_vit`` (embedded default: the demo CLIP's vision tower and a small head)."""
     encoder_weights: str | None = None
-    """Path of the ImageNet ResNet-101 state dict (required for deeplabv3plus_r101)."""
+    """Path of the pretrained encoder: the ImageNet ResNet-101 state dict (required for
+    deeplabv3plus_r101) or the demo CLIP file (required for demo_clip_vit)."""
     encoder_weights_sha256: str | None = None
     """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
     output_stride: Literal[8, 16] = 8
-    """Encoder output stride (§9 ``d3p-r1d8``: 8; 16 is cheaper, about 1.7x on the tiny model)."""
+    """Encoder output stride (§9 ``d3p-r1d8``: 8; 16 is cheaper, about 1.7x on the tiny model;
+    demo_clip_vit, a ViT with patch 16: 16 only)."""
     iterations: int = param(60, ge=1)
     """Optimizer steps (§9 VOC: 80 epochs of train_aug at batch 16 = 52,910)."""
     batch_size: int = param(4, ge=1)
@@ -88,6 +92,10 @@ class SegmenterConfig:
     def __post_init__(self):
         if self.model not in ARCHS:
             raise StageError(f"params.yaml: segmenter.model must be one of {sorted(ARCHS)}, got {self.model!r}")
+        strides = ARCHS[self.model].output_strides
+        if self.output_stride not in strides:
+            raise StageError(f"params.yaml: segmenter.output_stride of {self.model} must be "
+                             f"{' or '.join(map(str, strides))}, got {self.output_stride}")
         # BatchNorm in the ASPP image-pooling branch sees one value per channel per image, so
         # every forward pass needs at least 2 images.
         if self.batch_size < 2:

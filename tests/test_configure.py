@@ -61,7 +61,10 @@ def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
     assert seg["encoder_weights"] == p["resnet101.pth"]
     assert tree["predict"]["checkpoint"] == "best" and tree["predict"]["alpha"] == 3
     assert tree["predict"]["alpha_sweep"] == [1, 2, 3, 4, 5]
-    assert "segmenter.iterations: 60 -> 52910" in result.output and "predict.alpha: 1.0 -> 3.0" in result.output
+    assert "segmenter.iterations: 300 -> 52910" in result.output
+    assert "segmenter.model: demo_clip_vit -> deeplabv3plus_r101" in result.output
+    assert seg["encoder_weights_sha256"] is None  # the demo CLIP's pin does not follow the ResNet
+    assert tree["prompts"]["seg"]["init"] == "random"  # the paper's initialisation
     # the demo's point grid gets the paper's; untouched keys stay as they were
     original = yaml.safe_load((REPO / "params.yaml").read_text())
     assert tree["sam"]["points_per_side"] == 32

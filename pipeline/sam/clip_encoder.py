@@ -40,13 +40,22 @@ class ClipViTEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)  # (B, width, g, g)
+        return self.neck(self.tokens(x))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's patch tokens (B, width, h, w) of a normalised input whose sides are
+        multiples of the patch size. The positional embedding is resized to the h x w grid as the
+        pipeline resizes CLIP's (SAM's square input is always the encoder's own grid)."""
+        from pipeline.clip.model import resize_pos_embed
+
+        x = self.conv1(x)  # (B, width, h, w)
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.view(1, 1, -1).expand(b, 1, -1).to(x.dtype)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        pos = resize_pos_embed(self.positional_embedding, (self.grid, self.grid), (h, w))
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
         x = self.transformer(x)[:, 1:]
-        return self.neck(x.transpose(1, 2).reshape(b, c, h, w))
+        return x.transpose(1, 2).reshape(b, c, h, w)
 
 
 def load_clip_visual(encoder: ClipViTEncoder, clip_state: dict) -> list[str]:

@@ -45,27 +45,43 @@ REFERENCE_OUTPUT_STRIDE = 8
 
 @dataclass(frozen=True)
 class SegmenterArch:
-    """A named DeepLabV3+ configuration (segmentation_models_pytorch)."""
+    """A named segmenter configuration: DeepLabV3+ (segmentation_models_pytorch) or the demo's
+    CLIP-ViT network (:mod:`pipeline.segmenter.clip_vit`)."""
 
     encoder_name: str
-    """smp encoder name (torchvision ResNet layout, so ImageNet state dicts load directly)."""
+    """smp encoder name (torchvision ResNet layout, so ImageNet state dicts load directly), or
+    the open_clip model whose vision tower is the encoder (``family`` clip_vit)."""
     decoder_channels: int
-    """Channels of the ASPP/decoder convolutions (DeepLabV3+: 256)."""
+    """Channels of the ASPP/decoder convolutions (DeepLabV3+: 256; clip_vit: its head's)."""
     needs_encoder_weights: bool
-    """True when the model is meaningless without its ImageNet encoder weights (paper runs)."""
+    """True when the model is meaningless without its pretrained encoder weights."""
+    family: str = "deeplabv3plus"
+    """deeplabv3plus (output stride 8 or 16) or clip_vit (a ViT: output stride 16 only)."""
+    weights_source: str = (
+        "torchvision's ImageNet-1k ResNet-101 weights (https://download.pytorch.org/models/"
+        "resnet101-63fe2227.pth) or any torchvision-layout ResNet-101 state dict"
+    )
+    """What ``segmenter.encoder_weights`` should be, for error messages."""
+
+    @property
+    def output_strides(self) -> tuple[int, ...]:
+        return OUTPUT_STRIDES if self.family == "deeplabv3plus" else (16,)
 
 
 ARCHS: dict[str, SegmenterArch] = {
     # Paper: DeepLabV3+ ResNet-101 (ImageNet-1k).
     "deeplabv3plus_r101": SegmenterArch("resnet101", 256, True),
-    # Embedded default: the same network family, small enough to train on two CPU cores.
+    # The same network family, small enough to train on two CPU cores (random init).
     "tiny": SegmenterArch("resnet18", 32, False),
+    # Embedded default: the demo CLIP's vision tower (the demo world's "pretrained encoder",
+    # as ImageNet is the paper's) with a small head; see pipeline/segmenter/clip_vit.py.
+    "demo_clip_vit": SegmenterArch(
+        "wsss-demo-ViT-16", 64, True, family="clip_vit",
+        weights_source="the demo CLIP (pipeline/demo/weights/clip_demo.pt, or any open_clip state "
+                       "dict of wsss-demo-ViT-16)"),
 }
 
-ENCODER_WEIGHTS_SOURCE = (
-    "torchvision's ImageNet-1k ResNet-101 weights (https://download.pytorch.org/models/"
-    "resnet101-63fe2227.pth) or any torchvision-layout ResNet-101 state dict"
-)
+ENCODER_WEIGHTS_SOURCE = ARCHS["deeplabv3plus_r101"].weights_source
 
 
 def build_segmenter(
@@ -94,16 +110,25 @@ def build_segmenter(
             state dict that does not fit the encoder.
     """
     arch = _arch(model)
-    _check_output_stride(output_stride)
+    _check_output_stride(output_stride, arch)
     weights_path = None
+    if arch.family == "clip_vit" and not encoder_weights_sha256 and encoder_weights is not None:
+        from pipeline.clip.model import known_sha256
+
+        # a CLIP file whose checksum is known (the committed demo CLIP) is verified like in clip.*
+        encoder_weights_sha256 = known_sha256(arch.encoder_name, encoder_weights)
     if encoder_weights is not None or arch.needs_encoder_weights:
+        what = "ImageNet encoder" if arch.family == "deeplabv3plus" else "pretrained encoder"
         weights_path = resolve_checkpoint(
-            encoder_weights, encoder_weights_sha256, f"{arch.encoder_name} ImageNet encoder",
-            ENCODER_WEIGHTS_SOURCE, "segmenter.encoder_weights",
+            encoder_weights, encoder_weights_sha256, f"{arch.encoder_name} {what}",
+            arch.weights_source, "segmenter.encoder_weights",
         )
     net = _network(arch, num_classes, seed, output_stride)
     if weights_path is not None:
-        _load_encoder_weights(net.encoder, weights_path)
+        if arch.family == "clip_vit":
+            _load_clip_encoder_weights(net.encoder, weights_path, arch)
+        else:
+            _load_encoder_weights(net.encoder, weights_path)
     return net
 
 
@@ -113,9 +138,10 @@ def _arch(model: str) -> SegmenterArch:
     return ARCHS[model]
 
 
-def _check_output_stride(output_stride: int) -> None:
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"segmenter output stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+def _check_output_stride(output_stride: int, arch: SegmenterArch | None = None) -> None:
+    allowed = arch.output_strides if arch is not None else OUTPUT_STRIDES
+    if output_stride not in allowed:
+        raise ValueError(f"segmenter output stride must be one of {allowed}, got {output_stride!r}")
 
 
 def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: int) -> torch.nn.Module:
@@ -124,6 +150,8 @@ def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: in
     # fork_rng: a seeded init that leaves the caller's random stream alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if arch.family == "clip_vit":
+            return _clip_vit_network(arch, num_classes)
         return smp.DeepLabV3Plus(
             encoder_name=arch.encoder_name,
             encoder_weights=None,  # never let smp download; weights are loaded separately
@@ -131,6 +159,33 @@ def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: in
             decoder_channels=arch.decoder_channels,
             classes=num_classes,
         )
+
+
+def _clip_vit_network(arch: SegmenterArch, num_classes: int) -> torch.nn.Module:
+    import json
+
+    from pipeline.clip.model import MODEL_CONFIG_DIR
+    from pipeline.segmenter.clip_vit import ClipViTSegmenter
+
+    vision = json.loads((MODEL_CONFIG_DIR / f"{arch.encoder_name}.json").read_text())["vision_cfg"]
+    return ClipViTSegmenter(
+        num_classes, width=vision["width"], depth=vision["layers"],
+        heads=vision["width"] // vision.get("head_width", 64), patch_size=vision["patch_size"],
+        image_size=vision["image_size"], channels=arch.decoder_channels,
+    )
+
+
+def _load_clip_encoder_weights(encoder: torch.nn.Module, path: Path, arch: SegmenterArch) -> None:
+    from pipeline.sam.clip_encoder import load_clip_visual
+
+    state = load_torch_file(path, f"{arch.encoder_name} pretrained encoder", arch.weights_source)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        load_clip_visual(encoder, state)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"encoder weights {path} do not fit the {arch.encoder_name} vision tower "
+                              f"({exc}); expected {arch.weights_source}") from exc
 
 
 def _load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
@@ -231,7 +286,7 @@ def input_multiple(net: torch.nn.Module) -> int:
     layer1/layer2 halve the size 3 times (input/8), layer3 and layer4 once more each unless
     dilated; the decoder upsamples the ASPP output to the stride-4 features, which matches only
     when every halving was exact."""
-    return int(net.encoder.output_stride)
+    return int(getattr(net, "output_stride", None) or net.encoder.output_stride)
 
 
 def forward_padded(net: torch.nn.Module, x: torch.Tensor, multiple: int | None = None) -> torch.Tensor:
