@@ -1,6 +1,9 @@
-"""The embedded default shows the method working (slow): on a reduced demo run through DVC, the
-trained demo CLIP's learned prompts give CAMs well above the all-background score, and SAMS seeds
-beat those CAMs. Floors and orderings, not exact numbers."""
+"""The embedded default shows the method working (slow): a reduced demo run of the whole DVC graph
+with the trained demo CLIP, the world-oracle SAM stand-in and the demo segmenter. The learned
+prompts' CAMs beat the all-background score, SAMS seeds beat those CAMs, the fine seeds keep the
+coarse seeds' level, and SAMS post-processing improves the segmenter. Floors and orderings, not
+exact numbers: a broken hand-over between stages (a view transform, CAM resizing, class order,
+palette, levels) drops one of them far below its floor."""
 import json
 
 import pytest
@@ -9,24 +12,37 @@ from tests.dvc_project import dvc_env, make_project, ran_stages, sh
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "sam_masks", "clip_features", "train_prompts@cls", "cams@cls", "seeds@coarse")
 REDUCED = {
-    "dataset": {"demo": {"n_train": 16, "n_val": 2, "seed": 0}},
+    "dataset": {"demo": {"n_train": 16, "n_val": 8, "seed": 0}},
     "compute": {"scheduler": "local", "device": "cpu"},
     "sam": {"points_per_side": 8, "crop_n_layers": 0},
     "clip_features": {"n_views": 2},
+    "segmenter": {"iterations": 150, "val_every": 50, "checkpoint_every": 50},
+    "predict": {"scales": [0.75, 1.0, 1.25]},
 }
+#: The fine seeds must come within this many points of the coarse ones. The demo's segmentation
+#: prompts start from the classification context (prompts.seg.init: cls) and L_CAL barely moves
+#: them on the tiny CLIP, so fine and coarse seeds differ mostly by SAMS's alpha (0.7 vs 0.6:
+#: about 2 points on world 0; README, "What `make demo` shows"). The paper's fine > coarse is
+#: not claimed here.
+FINE_TOLERANCE = 5.0
 
 
-def test_reduced_demo_seeds_beat_cams_which_beat_all_background(tmp_path):
+def test_reduced_demo_shows_the_method_working(tmp_path):
     env = dvc_env(tmp_path / "home")
     repo = tmp_path / "repo"
     make_project(repo, env, REDUCED)
-    out = sh("dvc", "repro", "seeds@coarse", cwd=repo, env=env)
-    assert ran_stages(out) == set(STAGES), out
+    out = sh("dvc", "repro", cwd=repo, env=env)
+    assert {"seeds@coarse", "seeds@fine", "train_segmenter", "predict"} <= ran_stages(out), out
     sam = json.loads((repo / "cache/metrics/sam_masks.json").read_text())
     coarse = json.loads((repo / "cache/metrics/seeds_coarse.json").read_text())
-    assert sam["sam_oracle"] is True and coarse["untrained"] is False
+    fine = json.loads((repo / "cache/metrics/seeds_fine.json").read_text())
+    predict = json.loads((repo / "cache/metrics/predict.json").read_text())
+    assert sam["sam_oracle"] is True and coarse["untrained"] is False and predict["untrained"] is False
     background, cam, seed = coarse["background_only"]["miou"], coarse["cam"]["best_miou"], coarse["seed"]["miou"]
     assert cam >= background + 10, (background, cam)
     assert seed >= cam + 5 and seed >= 35, (cam, seed)
+    assert fine["seed"]["miou"] >= max(35, seed - FINE_TOLERANCE), (seed, fine["seed"]["miou"])
+    raw, post = predict["raw"]["miou"], predict["postprocessed"]["miou"]
+    assert predict["model"] == "demo_clip_vit"
+    assert post >= raw and post >= 30, (raw, post)
