@@ -1,7 +1,7 @@
 """The embedded default shows the method working (slow): a reduced demo run of the whole DVC graph
 with the trained demo CLIP, the world-oracle SAM stand-in and the demo segmenter. The learned
-prompts' CAMs beat the all-background score, SAMS seeds beat those CAMs, the fine seeds keep the
-coarse seeds' level, and SAMS post-processing improves the segmenter. Floors and orderings, not
+prompts' CAMs beat the all-background score, SAMS seeds beat those CAMs, the fine seeds are at
+least the coarse ones, and SAMS post-processing improves the segmenter. Floors and orderings, not
 exact numbers: a broken hand-over between stages (a view transform, CAM resizing, class order,
 palette, levels) drops one of them far below its floor."""
 import json
@@ -13,19 +13,14 @@ from tests.dvc_project import dvc_env, make_project, ran_stages, sh
 pytestmark = pytest.mark.slow
 
 REDUCED = {
-    "dataset": {"demo": {"n_train": 16, "n_val": 8, "seed": 0}},
+    # the embedded default's 32 train images and 4 views: with 16 and 2, 300 steps of the cls
+    # prompts overfit (CAM 21.8)
+    "dataset": {"demo": {"n_train": 32, "n_val": 8, "seed": 0}},
     "compute": {"scheduler": "local", "device": "cpu"},
     "sam": {"points_per_side": 8, "crop_n_layers": 0},
-    "clip_features": {"n_views": 2},
     "segmenter": {"iterations": 150, "val_every": 50, "checkpoint_every": 50},
     "predict": {"scales": [0.75, 1.0, 1.25]},
 }
-#: The fine seeds must come within this many points of the coarse ones. The demo's segmentation
-#: prompts start from the classification context (prompts.seg.init: cls) and L_CAL barely moves
-#: them on the tiny CLIP, so fine and coarse seeds differ mostly by SAMS's alpha (0.7 vs 0.6:
-#: about 2 points on world 0; README, "What `make demo` shows"). The paper's fine > coarse is
-#: not claimed here.
-FINE_TOLERANCE = 5.0
 
 
 def test_reduced_demo_shows_the_method_working(tmp_path):
@@ -42,7 +37,11 @@ def test_reduced_demo_shows_the_method_working(tmp_path):
     background, cam, seed = coarse["background_only"]["miou"], coarse["cam"]["best_miou"], coarse["seed"]["miou"]
     assert cam >= background + 10, (background, cam)
     assert seed >= cam + 5 and seed >= 35, (cam, seed)
-    assert fine["seed"]["miou"] >= max(35, seed - FINE_TOLERANCE), (seed, fine["seed"]["miou"])
+    # measured here: coarse 66.7, fine 70.9 (the seg prompts start from the cls context and L_CAL
+    # moves them at the demo's lr 10; README, "What `make demo` shows")
+    assert fine["seed"]["miou"] >= max(50, seed), (seed, fine["seed"]["miou"])
     raw, post = predict["raw"]["miou"], predict["postprocessed"]["miou"]
+    print(f"reduced demo: all-background {background}, CAM {cam}, coarse {seed}, "
+          f"fine {fine['seed']['miou']}, segmenter raw {raw}, post-processed {post}")
     assert predict["model"] == "demo_clip_vit"
     assert post >= raw and post >= 30, (raw, post)
