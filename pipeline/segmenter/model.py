@@ -138,10 +138,9 @@ def _arch(model: str) -> SegmenterArch:
     return ARCHS[model]
 
 
-def _check_output_stride(output_stride: int, arch: SegmenterArch | None = None) -> None:
-    allowed = arch.output_strides if arch is not None else OUTPUT_STRIDES
-    if output_stride not in allowed:
-        raise ValueError(f"segmenter output stride must be one of {allowed}, got {output_stride!r}")
+def _check_output_stride(output_stride: int, arch: SegmenterArch) -> None:
+    if output_stride not in arch.output_strides:
+        raise ValueError(f"segmenter output stride must be one of {arch.output_strides}, got {output_stride!r}")
 
 
 def _network(arch: SegmenterArch, num_classes: int, seed: int, output_stride: int) -> torch.nn.Module:
