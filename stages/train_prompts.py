@@ -32,7 +32,7 @@ from pipeline.prompts.augment import ViewParams, apply_view_label
 from pipeline.prompts.class_names import background_names, prompt_names
 from pipeline.config import param, to_dict
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
-from pipeline.prompts.learner import PromptLearner
+from pipeline.prompts.learner import PromptLearner, warm_start_context
 from pipeline.prompts.training import optimizer_iteration, warmup_cosine_factor
 from pipeline.store import ImageStore, StoreError
 from stages.clip_features import (
@@ -156,20 +156,13 @@ def warm_start(learner: PromptLearner, clip, path: Path) -> None:
     if not path.is_file():
         raise StageError(f"prompts.seg.init is cls but there are no classification prompts at {path} "
                          "(run train-prompts --which cls)")
-    cls_learner, _ = load_learner(clip, path)
-    mine, theirs = learner.spec(), cls_learner.spec()
-    differs = [k for k in ("names", "n_fg", "n_ctx", "class_position") if mine[k] != theirs[k]]
-    if theirs["shared_context"] and not mine["shared_context"]:
-        ctx = cls_learner.ctx.expand_as(learner.ctx)  # every prompt starts from the shared context
-    elif mine["shared_context"] == theirs["shared_context"]:
-        ctx = cls_learner.ctx
-    else:
-        differs.append("shared_context")
-    if differs:
+    try:
+        ctx = warm_start_context(learner, load_learner(clip, path)[0])
+    except ValueError as exc:
         raise StageError(f"prompts.seg.init is cls but the seg prompts differ from {path} in "
-                         f"{', '.join(differs)} (a warm start needs the same prompt layout)")
+                         f"{exc} (a warm start needs the same prompt layout)") from exc
     with torch.no_grad():
-        learner.ctx.copy_(ctx.to(learner.ctx.device))
+        learner.ctx.copy_(ctx)
 
 
 class BatchSource:

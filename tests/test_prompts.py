@@ -131,3 +131,22 @@ def test_logits_are_scaled_cosines():
     t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     y = clip_logits(f, t, torch.tensor(100.0))
     torch.testing.assert_close(y, torch.tensor([[100.0, 70.710678], [0.0, 70.710678]]))
+
+
+def test_warm_start_context_fits_the_layout_or_names_what_differs(clip):
+    from pipeline.prompts.learner import warm_start_context
+
+    names = ["ball", "box", "ground", "sky"]
+    cls = PromptLearner(clip.model, names, n_fg=2, n_ctx=4, shared_context=True, class_position="end", seed=1)
+    shared = PromptLearner(clip.model, names, n_fg=2, n_ctx=4, shared_context=True, class_position="end", seed=2)
+    specific = PromptLearner(clip.model, names, n_fg=2, n_ctx=4, shared_context=False, class_position="end")
+    torch.testing.assert_close(warm_start_context(shared, cls), cls.ctx.detach(), rtol=0, atol=0)
+    expanded = warm_start_context(specific, cls)
+    assert expanded.shape == specific.ctx.shape
+    for g in range(len(names)):
+        torch.testing.assert_close(expanded[g], cls.ctx.detach(), rtol=0, atol=0)
+    front = PromptLearner(clip.model, names, n_fg=2, n_ctx=8, shared_context=True, class_position="front")
+    with pytest.raises(ValueError, match="n_ctx, class_position"):
+        warm_start_context(front, cls)
+    with pytest.raises(ValueError, match="shared_context"):
+        warm_start_context(shared, specific)

@@ -195,3 +195,22 @@ def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit
     f = F.normalize(image_features, dim=-1)
     t = F.normalize(text_features, dim=-1)
     return logit_scale * f @ t.T
+
+
+def warm_start_context(learner: PromptLearner, source: PromptLearner) -> torch.Tensor:
+    """``source``'s context shaped for ``learner`` (``prompts.seg.init: cls``, a warm start).
+
+    The prompts must have the same names, context length and class position; a shared source
+    context fills every prompt of a class-specific one. Raises ValueError naming what differs.
+    """
+    mine, theirs = learner.spec(), source.spec()
+    differs = [k for k in ("names", "n_fg", "n_ctx", "class_position") if mine[k] != theirs[k]]
+    if theirs["shared_context"] and not mine["shared_context"]:
+        ctx = source.ctx.expand_as(learner.ctx)  # every prompt starts from the shared context
+    elif mine["shared_context"] == theirs["shared_context"]:
+        ctx = source.ctx
+    else:
+        differs.append("shared_context")
+    if differs:
+        raise ValueError(", ".join(differs))
+    return ctx.detach().to(learner.ctx.device)
