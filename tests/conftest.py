@@ -56,3 +56,35 @@ def kill_prompt_training_at(monkeypatch, iteration: int):
 
     monkeypatch.setattr(train_prompts.BatchSource, "batch", dies)
     return lambda: monkeypatch.setattr(train_prompts.BatchSource, "batch", original)
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a shared file could
+    run (issue 24)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_code_pickle(path, marker, **plain):
+    """A torch file at ``path`` holding ``plain`` and an object whose unpickling creates
+    ``marker``: a loader that runs code from shared files leaves the marker behind."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**plain, "payload": _CreatesFile(marker)}, path)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one intra-op thread for the test (two shared CPU cores: more threads only add
+    contention for tiny tensors); the count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
