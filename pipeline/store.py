@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -40,9 +41,16 @@ _ZARR_CONFIG = {"json_indent": None}
 LAYOUT = "zip-per-image/1"
 _LAYOUT_KEY = "wsss_store_layout"
 IMAGE_SUFFIX = ".zip"
+#: Group attribute of an image: the digest of what it was computed from (``ImageStore.todo``).
+INPUTS_KEY = "inputs"
 # Fixed member timestamps: the same arrays give the same bytes, so DVC hashes of a rerun (or of
 # a dask run) equal those of the first run.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def with_inputs(attrs: Mapping[str, Any], inputs: str | None) -> dict:
+    """An image's group attributes with the digest of its inputs (``INPUTS_KEY``) when known."""
+    return {**attrs, INPUTS_KEY: inputs} if inputs is not None else dict(attrs)
 
 
 class StoreError(RuntimeError):
@@ -63,11 +71,22 @@ _WRITER_LOCKS: dict[str, int] = {}
 
 
 class ImageStore:
-    """A directory of per-image zip files, each holding one zarr v3 group of arrays."""
+    """A directory of per-image zip files, each holding one zarr v3 group of arrays.
 
-    def __init__(self, path: str | os.PathLike):
+    Images are checked on open (:func:`check_image`): every zip member must be a zarr key of
+    this layout, every array of a plain numeric dtype with this code's codecs, every chunk of the
+    size its metadata implies; ``arrays`` (name -> (dtype, ndim)), when given, is what the reader
+    expects each image to hold, and any other array, dtype or rank is refused. A file that fails
+    raises StoreError naming it and the member. Stores travel through DVC remotes: their files
+    are data to validate, not to trust.
+    """
+
+    def __init__(self, path: str | os.PathLike,
+                 arrays: Mapping[str, tuple[str, int]] | None = None):
         self.path = Path(path)
         self._attrs = _read_root(self.path)
+        self.arrays = None if arrays is None else {k: (str(np.dtype(d)), int(n))
+                                                    for k, (d, n) in arrays.items()}
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -129,8 +148,8 @@ class ImageStore:
         with self._open(image_id) as store:
             group = zarr.open_group(store=store, mode="r")
             if names is None:
-                return {name: arr[...] for name, arr in group.arrays()}
-            return {name: group[name][...] for name in names}
+                names = tuple(name for name, _ in group.arrays())
+            return {name: self._decode(image_id, name, lambda: group[name][...]) for name in names}
 
     def read_array(self, image_id: str, name: str, index: Any = None) -> np.ndarray:
         """Array ``name`` of one image, or only ``array[index]``: a store written with one chunk
@@ -138,7 +157,41 @@ class ImageStore:
         that chunk (one zip member). Opens the array directly (no group listing)."""
         with self._open(image_id) as store:
             arr = zarr.open_array(store=store, path=name, mode="r")
-            return arr[...] if index is None else arr[index]
+            return self._decode(image_id, name, lambda: arr[...] if index is None else arr[index])
+
+    def _decode(self, image_id: str, name: str, read) -> np.ndarray:
+        """``read()``, with a chunk that does not decode (corrupt compressed bytes) as StoreError."""
+        try:
+            return read()
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise StoreError(f"{self.image_path(image_id)}: array {name!r} does not decode "
+                             f"({_first_line(exc)}); {_RECOMPUTE}") from exc
+
+    def recorded_inputs(self, image_id: str) -> str | None:
+        """The digest of what image ``image_id`` was computed from (its group attribute
+        ``inputs``, see :meth:`todo`); None when it recorded none. Reads one zip member."""
+        path = self.image_path(image_id)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                doc = json.loads(zf.read("zarr.json"))
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"cannot read {path}: {exc} (delete the file and rerun the stage "
+                             "to recompute this image)") from exc
+        value = doc.get("attributes", {}).get(INPUTS_KEY) if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
+
+    def todo(self, inputs: Mapping[str, str]) -> list[str]:
+        """The ids of ``inputs`` (image id -> digest of what the image is computed from) that
+        this store lacks or holds computed from other inputs: what a resumed stage computes.
+
+        The store fingerprint covers what all images share (parameters, models, code); the
+        per-image digest covers what is the image's own (its content, its labels, the upstream
+        artifact it reads), so an image replaced under the same id is recomputed, not served
+        stale, and only the images whose inputs changed are.
+        """
+        stored = set(self.ids())
+        return [i for i, digest in inputs.items()
+                if i not in stored or self.recorded_inputs(i) != digest]
 
     def read_attrs(self, image_id: str) -> dict:
         with self._open(image_id) as store:
@@ -153,9 +206,9 @@ class ImageStore:
         try:
             store._sync_open()
         except (OSError, zipfile.BadZipFile) as exc:
-            raise StoreError(f"cannot read {path}: {exc} (delete the file and rerun the stage "
-                             "to recompute this image)") from exc
+            raise StoreError(f"cannot read {path}: {exc} ({_RECOMPUTE})") from exc
         try:
+            check_image(path, store._zf, self.arrays)
             yield store
         finally:
             store.close()
@@ -166,6 +219,143 @@ class ImageStore:
     ) -> None:
         """Write one image's arrays atomically (replacing an existing image of that id)."""
         write_group(self.path, image_id, arrays, attrs)
+
+
+_RECOMPUTE = "delete the file and rerun the stage to recompute this image"
+_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                     "uint64", "float16", "float32", "float64"})
+"""The data types a store array may have: plain numbers (no strings, objects or structs)."""
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_MEMBER = re.compile(rf"zarr\.json|(?P<array>{_NAME})/(?:zarr\.json|c(?P<chunk>(?:/\d+)*))")
+_BLOSC_HEADER = 16
+# Image files already checked in this process, by (path, inode, size, mtime, expected arrays):
+# files are only ever replaced, never edited, so a replaced file is checked again.
+_CHECKED: dict[tuple, None] = {}
+_CHECKED_MAX = 1 << 16
+
+
+def check_image(path: Path, zf: zipfile.ZipFile,
+                arrays: Mapping[str, tuple[str, int]] | None = None) -> None:
+    """Raise StoreError (one line naming ``path`` and the member) unless the image file holds
+    only what this code writes: ``zarr.json`` and, per array, ``<name>/zarr.json`` (zarr v3, a
+    dtype of :data:`_DTYPES`, a regular chunk grid, the codecs ``bytes`` [+ ``blosc``]) and
+    chunks ``<name>/c/<i>/...`` inside the grid whose size (raw, or the blosc header's decoded
+    size) is what the metadata implies. ``arrays``: name -> (dtype, ndim) the caller expects.
+    Uses the zip directory already read and the members' metadata; a file is checked once per
+    process (until it is replaced)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns,
+           None if arrays is None else tuple(sorted(arrays.items())))
+    if key in _CHECKED:
+        return
+    infos = zf.infolist()
+
+    def bad(member: str, reason: str) -> StoreError:
+        return StoreError(f"{path}: member {member!r} {reason}; {_RECOMPUTE}")
+
+    chunks: dict[str, list[zipfile.ZipInfo]] = {}
+    names = {info.filename for info in infos}
+    if "zarr.json" not in names:
+        raise bad("zarr.json", "is missing (not an image group of this store)")
+    for info in infos:
+        match = _MEMBER.fullmatch(info.filename)
+        if match is None or info.filename.startswith("__"):
+            raise bad(info.filename, "is not a zarr key of this layout (zarr.json, <array>/zarr.json, "
+                      "<array>/c/...)")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise bad(info.filename, "is compressed in the zip (this layout stores members as they are)")
+        if match["array"] is not None:
+            chunks.setdefault(match["array"], [])
+            if match["chunk"] is not None:
+                chunks[match["array"]].append(info)
+    root = _member_json(path, zf, "zarr.json", bad)
+    if root.get("zarr_format") != 3 or root.get("node_type") != "group":
+        raise bad("zarr.json", "is not a zarr v3 group")
+    for name, chunk_infos in chunks.items():
+        meta_key = f"{name}/zarr.json"
+        if meta_key not in names:
+            raise bad(chunk_infos[0].filename, f"has no array metadata ({meta_key})")
+        meta = _member_json(path, zf, meta_key, bad)
+        dtype, shape, chunk_shape, compressed = _array_meta(meta, lambda r: bad(meta_key, r))
+        if arrays is not None:
+            if name not in arrays:
+                raise bad(meta_key, f"is an unexpected array (expected {', '.join(sorted(arrays))})")
+            want = arrays[name]
+            if (dtype, len(shape)) != want:
+                raise bad(meta_key, f"has dtype {dtype} and {len(shape)} dimensions, expected "
+                          f"{want[0]} and {want[1]}")
+        grid = [-(-n // c) if c else 0 for n, c in zip(shape, chunk_shape)]
+        raw = int(np.prod(chunk_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        for info in chunk_infos:
+            index = [int(i) for i in info.filename.split("/")[2:]]
+            if len(index) != len(shape) or any(i >= g for i, g in zip(index, grid)):
+                raise bad(info.filename, f"is not a chunk of the array's grid {grid}")
+            if not compressed:
+                if info.file_size != raw:
+                    raise bad(info.filename, f"has {info.file_size} bytes, its {dtype} chunk "
+                              f"{list(chunk_shape)} has {raw}")
+                continue
+            with zf.open(info) as f:
+                header = f.read(_BLOSC_HEADER)
+            decoded = int.from_bytes(header[4:8], "little") if len(header) == _BLOSC_HEADER else -1
+            stored = int.from_bytes(header[12:16], "little") if len(header) == _BLOSC_HEADER else -1
+            if decoded != raw or stored != info.file_size:
+                raise bad(info.filename, f"decodes to {decoded} bytes in {info.file_size} (blosc "
+                          f"header says {stored}), its {dtype} chunk {list(chunk_shape)} has {raw}")
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = None
+
+
+def _member_json(path: Path, zf: zipfile.ZipFile, member: str, bad) -> dict:
+    info = zf.getinfo(member)
+    if info.file_size > 1 << 20:  # metadata is a few hundred bytes; attributes a few kB
+        raise bad(member, f"is {info.file_size} bytes, too large for zarr metadata")
+    try:
+        doc = json.loads(zf.read(info))
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise bad(member, f"is not JSON ({_first_line(exc)})") from exc
+    if not isinstance(doc, dict):
+        raise bad(member, "is not a JSON object")
+    return doc
+
+
+def _array_meta(meta: dict, bad) -> tuple[str, tuple[int, ...], tuple[int, ...], bool]:
+    """(dtype, shape, chunk shape, blosc-compressed) of an array's zarr.json, as this code
+    writes it; anything else raises ``bad(reason)``."""
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise bad("is not zarr v3 array metadata")
+    dtype = meta.get("data_type")
+    if dtype not in _DTYPES:
+        raise bad(f"has data type {dtype!r}, not one of {', '.join(sorted(_DTYPES))}")
+    shape, grid = meta.get("shape"), meta.get("chunk_grid") or {}
+    chunk_shape = (grid.get("configuration") or {}).get("chunk_shape")
+    if (grid.get("name") != "regular" or not _int_list(shape) or not _int_list(chunk_shape)
+            or len(shape) != len(chunk_shape)):
+        raise bad(f"has shape {shape!r} and chunk grid {grid!r}, not a regular grid of the shape")
+    encoding = meta.get("chunk_key_encoding") or {}
+    if (encoding.get("name") != "default"
+            or (encoding.get("configuration") or {}).get("separator", "/") != "/"):
+        raise bad(f"has chunk key encoding {encoding!r} (this layout: default, '/')")
+    if meta.get("storage_transformers"):
+        raise bad("has storage transformers (this layout has none)")
+    codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs") or []]
+    if codecs not in (["bytes"], ["bytes", "blosc"]):
+        raise bad(f"has codecs {codecs!r} (this layout: bytes, optionally blosc)")
+    endian = ((meta["codecs"][0] if isinstance(meta["codecs"][0], dict) else {})
+              .get("configuration") or {}).get("endian", "little")
+    if endian != "little":
+        raise bad(f"has {endian}-endian bytes (this layout: little)")
+    return dtype, tuple(shape), tuple(chunk_shape), codecs[-1] == "blosc"
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def write_group(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -26,7 +26,7 @@ from pipeline.data.datasets import (
     parse_class_list, parse_labels_file, split_path,
 )
 from pipeline.demo.world import DEMO_CLASSES, render as render_demo
-from pipeline.data.imageio import ImageReadError, image_size, read_label, write_palette_png
+from pipeline.data.imageio import ImageReadError, image_size_and_digest, read_label, write_palette_png
 from stages.common import PARAMS_OPTION, StageError, load_params, section
 
 log = logging.getLogger("wsss.prepare")
@@ -60,22 +60,23 @@ class DatasetConfig:
             raise StageError(f"params.yaml: dataset.on_bad_image must be fail or skip, got {self.on_bad_image!r}")
 
 
-def _check_image(image_id: str, path: Path, cfg: DatasetConfig) -> tuple[int, int, str | None]:
+def _check_image(image_id: str, path: Path, cfg: DatasetConfig) -> tuple[int, int, str | None, str | None]:
+    """(H, W, error, content digest) of one image, decoded fully."""
     try:
-        h, w = image_size(path)
-        return h, w, None
+        h, w, digest = image_size_and_digest(path)
+        return h, w, None, digest
     except ImageReadError as exc:
         if cfg.on_bad_image == "fail":
             raise StageError(f"image {image_id}: {exc} (set dataset.on_bad_image: skip to record and go on)") from exc
         log.warning("skipping image %s: %s", image_id, exc)
-        return 0, 0, str(exc)
+        return 0, 0, str(exc), None
 
 
 def _records_from_masks(ids, image_of, mask_of, n_classes, cfg, desc) -> list[Record]:
     records = []
     for image_id in tqdm(ids, desc=desc, unit="img", dynamic_ncols=True):
         image_path, mask_path = image_of(image_id), mask_of(image_id)
-        h, w, error = _check_image(image_id, image_path, cfg)
+        h, w, error, digest = _check_image(image_id, image_path, cfg)
         labels: tuple[int, ...] = ()
         if error is None:
             if not mask_path.is_file():
@@ -84,7 +85,7 @@ def _records_from_masks(ids, image_of, mask_of, n_classes, cfg, desc) -> list[Re
             if mask.shape != (h, w):
                 raise StageError(f"image {image_id}: mask {mask_path} is {mask.shape}, image is {(h, w)}")
             labels = labels_from_mask(mask, n_classes)
-        records.append(Record(image_id, str(image_path), str(mask_path), h, w, labels, error))
+        records.append(Record(image_id, str(image_path), str(mask_path), h, w, labels, error, digest))
     return records
 
 
@@ -152,10 +153,10 @@ def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
             raise StageError(f"image {image_id} of split {split!r} has no entry in {labels_file}")
         if image_id not in images:
             raise StageError(f"image {image_id}: no file {root / 'images'}/{image_id}.* with an image extension")
-        h, w, error = _check_image(image_id, images[image_id], cfg)
+        h, w, error, digest = _check_image(image_id, images[image_id], cfg)
         mask = root / "masks" / f"{image_id}.png"
         records.append(Record(image_id, str(images[image_id]), str(mask) if mask.is_file() else None,
-                              h, w, labels[image_id], error))
+                              h, w, labels[image_id], error, digest))
     return SplitIndex("custom", split, class_names, records)
 
 
@@ -229,8 +230,9 @@ def command(params_path: str, out: str) -> None:
     for index in indexes:
         if cfg.name == "demo":  # the demo tree moves with the index: store paths where it will live
             index.records = [
-                Record(r.id, r.image.replace(str(tmp), str(out_dir), 1), r.label and r.label.replace(str(tmp), str(out_dir), 1),
-                       r.height, r.width, r.labels, r.error) for r in index.records
+                replace(r, image=r.image.replace(str(tmp), str(out_dir), 1),
+                        label=r.label and r.label.replace(str(tmp), str(out_dir), 1))
+                for r in index.records
             ]
         split_path(tmp, index.split).write_text(index.to_json())
         present = np.zeros(len(index.class_names), bool)

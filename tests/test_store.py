@@ -294,3 +294,117 @@ def test_a_store_in_the_old_layout_is_refused_in_one_line_and_migrates(tmp_path)
     finish(fresh)
     assert CliRunner().invoke(main, ["migrate-store", str(path)]).exit_code == 0  # already done
     assert bench.legacy is not None
+
+
+# -- images are data to validate (issue 24) ------------------------------------------------------
+
+
+def _tampered(tmp_path, edit):
+    """A store with one image whose zip members went through ``edit(members)`` (a dict
+    name -> bytes, changed in place); the file is replaced, as a DVC pull would replace it."""
+    import zipfile
+
+    from pipeline.store import _write_zip
+
+    store = ImageStore.open_for_writing(tmp_path / "s.zarr", {"fingerprint": "f"})
+    store.write("img", _arrays(1))
+    path = store.image_path("img")
+    store.read("img")  # checked once; the replaced file below must be checked again
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    edit(members)
+    tmp = tmp_path / "replacement.zip"
+    _write_zip(tmp, members)
+    os.replace(tmp, path)
+    return store, path
+
+
+def _meta(members, name):
+    import json
+
+    return json.loads(members[f"{name}/zarr.json"])
+
+
+def _set_meta(members, name, meta):
+    import json
+
+    members[f"{name}/zarr.json"] = json.dumps(meta).encode()
+
+
+def _one_line_naming(exc_info, path, member):
+    message = str(exc_info.value)
+    assert "\n" not in message and message.startswith(f"{path}: member {member!r}"), message
+
+
+@pytest.mark.parametrize("member", ["payload.pkl", "levels/c/0/../../x", "__pycache__/zarr.json",
+                                    "masks/data.npy", "levels/c/x"])
+def test_an_unexpected_member_name_stops_the_reader(tmp_path, member):
+    store, path = _tampered(tmp_path, lambda m: m.update({member: b"\x80\x04K\x01."}))
+    for read in (lambda: store.read("img"), lambda: store.read_array("img", "levels"),
+                 lambda: store.read_attrs("img")):
+        with pytest.raises(StoreError) as err:
+            read()
+        _one_line_naming(err, path, member)
+
+
+def test_a_chunk_of_the_wrong_size_stops_the_reader(tmp_path):
+    # "levels" (3,) uint8 is stored raw: 3 bytes
+    store, path = _tampered(tmp_path, lambda m: m.update({"levels/c/0": b"\x00\x01\x02\x03"}))
+    with pytest.raises(StoreError, match="has 4 bytes, its uint8 chunk \\[3\\] has 3") as err:
+        store.read_array("img", "levels")
+    _one_line_naming(err, path, "levels/c/0")
+
+
+def test_a_compressed_chunk_of_another_size_stops_the_reader(tmp_path):
+    # "big" (40, 30) float32 is blosc-compressed: swap in the chunk of a (20, 30) array
+    other = tmp_path / "other.zarr"
+    ImageStore.open_for_writing(other, {"fingerprint": "g"}).write(
+        "img", {"big": np.random.default_rng(0).random((20, 30)).astype(np.float32)})
+    import zipfile
+
+    with zipfile.ZipFile(ImageStore(other).image_path("img")) as zf:
+        smaller = zf.read("big/c/0/0")
+    store, path = _tampered(tmp_path, lambda m: m.update({"big/c/0/0": smaller}))
+    with pytest.raises(StoreError, match="decodes to 2400 bytes") as err:
+        store.read("img")
+    _one_line_naming(err, path, "big/c/0/0")
+
+
+def test_a_chunk_outside_the_grid_stops_the_reader(tmp_path):
+    store, path = _tampered(tmp_path, lambda m: m.update({"levels/c/1": m["levels/c/0"]}))
+    with pytest.raises(StoreError, match="not a chunk of the array's grid") as err:
+        store.read_array("img", "levels")
+    _one_line_naming(err, path, "levels/c/1")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda meta: meta.update(data_type="string"), "data type 'string'"),
+    (lambda meta: meta.update(codecs=[{"name": "bytes"}, {"name": "numcodecs.pickle"}]), "codecs"),
+    (lambda meta: meta.update(storage_transformers=[{"name": "x"}]), "storage transformers"),
+    (lambda meta: meta.update(shape=[3, 1]), "not a regular grid"),
+])
+def test_array_metadata_this_code_does_not_write_stops_the_reader(tmp_path, change, reason):
+    def edit(members):
+        meta = _meta(members, "levels")
+        change(meta)
+        _set_meta(members, "levels", meta)
+
+    store, path = _tampered(tmp_path, edit)
+    with pytest.raises(StoreError, match=reason) as err:
+        store.read_array("img", "masks")  # any read of the image checks all of it
+    _one_line_naming(err, path, "levels/zarr.json")
+
+
+def test_the_reader_checks_the_arrays_it_expects(tmp_path):
+    path = tmp_path / "s.zarr"
+    ImageStore.open_for_writing(path, {"fingerprint": "f"}).write(
+        "img", {"cam": np.zeros((2, 3, 4), np.float32), "fg_cls": np.array([0, 2])})
+    expected = {"cam": ("float32", 3), "fg_cls": ("int64", 1), "cam_caa": ("float32", 3)}
+    store = ImageStore(path, arrays=expected)
+    assert store.read("img")["fg_cls"].tolist() == [0, 2]  # cam_caa is optional
+    with pytest.raises(StoreError, match="has dtype float32 and 3 dimensions, expected float16 and 3") as err:
+        ImageStore(path, arrays={**expected, "cam": ("float16", 3)}).read_array("img", "fg_cls")
+    _one_line_naming(err, store.image_path("img"), "cam/zarr.json")
+    with pytest.raises(StoreError, match="unexpected array") as err:
+        ImageStore(path, arrays={"cam": ("float32", 3)}).read("img")
+    _one_line_naming(err, store.image_path("img"), "fg_cls/zarr.json")

@@ -55,6 +55,9 @@ class Record:
     """0-based foreground classes present in the image."""
     error: str | None = None
     """Why the image was skipped (``on_bad_image: skip``); None for usable images."""
+    digest: str | None = None
+    """Content digest of the image file (``pipeline.data.imageio.image_digest``), recorded by
+    prepare; per-image artifacts record what they were computed from with it."""
 
 
 @dataclass

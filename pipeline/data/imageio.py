@@ -47,18 +47,42 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) of an image after decoding all of it (``verify()`` alone passes truncated JPEGs,
-    which then fail in the first stage that reads their pixels)."""
+def image_size(path, name: str | os.PathLike | None = None) -> tuple[int, int]:
+    """(H, W) of an image (a path or a binary file object, named ``name`` in errors) after
+    decoding all of it (``verify()`` alone passes truncated JPEGs, which then fail in the first
+    stage that reads their pixels)."""
+    name = path if name is None else name
     try:
         with Image.open(path) as im:
             im.load()
             w, h = im.size
             return h, w
     except FileNotFoundError as exc:
-        raise ImageReadError(f"image file not found: {path}") from exc
+        raise ImageReadError(f"image file not found: {name}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+
+
+def image_digest(data: bytes) -> str:
+    """Content digest of an image file (SHA-256 of its bytes, 32 hex digits): what every
+    per-image artifact records it was computed from (pipeline/store.py, ``inputs``)."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def image_size_and_digest(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(H, W, :func:`image_digest`) of an image file, read once and decoded fully."""
+    import io
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file not found: {path}") from exc
+    except OSError as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+    h, w = image_size(io.BytesIO(data), name=path)
+    return h, w, image_digest(data)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
