@@ -21,18 +21,19 @@ import numpy as np
 import torch
 
 from pipeline.config import param, to_dict
-from pipeline.store import ImageStore, StoreError, finish, write_group
+from pipeline.store import ImageStore, StoreError, finish, with_inputs, write_group
 from pipeline.weights import sha256sum
 from stages.clip_features import (
-    INFERENCE_STORE, ClipConfig, build_clip, clip_provenance, clip_resource_kwargs, train_records,
-    verify_clip,
+    INFERENCE_ARRAYS, INFERENCE_STORE, ClipConfig, build_clip, clip_provenance, clip_resource_kwargs,
+    train_records, verify_clip,
 )
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    fingerprint, load_params, package_version, run_per_image, section, torch_device,
+    check_inputs, check_stage_device, fingerprint, image_inputs, labelled_inputs, load_params,
+    package_version, run_per_image, section, worker_path,
 )
 from stages.prepare import DatasetConfig
-from stages.train_prompts import PromptsConfig
+from stages.train_prompts import PromptsConfig, read_prompts
 
 log = logging.getLogger("wsss.cams")
 # Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
@@ -90,12 +91,15 @@ class Item(NamedTuple):
     out: str
     caa: CaaConfig
     precision: str
+    inputs: str | None = None
+    """What the CAMs are computed from (the image, through its features, and its labels)."""
 
 
 def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens, labels, grid_hw,
                precision: str = "fp32"):
     """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input
-    (``tokens`` (1+hw, D)); the last block runs under ``pipeline.precision.autocast``."""
+    (``tokens`` (1+hw, D)). The Grad-CAM (last block and its gradient) runs in fp32 whatever
+    ``precision`` (``pipeline.prompts.training.batched_gradcam``)."""
     from pipeline.precision import autocast
     from pipeline.prompts.training import batched_gradcam
 
@@ -112,7 +116,7 @@ def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens, labels, gri
 def cams_for_image(resource: Resource, item: Item) -> str:
     from pipeline.cams.caa import class_aware_attention_affinity
 
-    store = ImageStore(item.features)
+    store = ImageStore(item.features, arrays=INFERENCE_ARRAYS)
     data, attrs = store.read(item.image_id), store.read_attrs(item.image_id)
     grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
     cam, fg_cls = image_cams(resource.clip, resource.text_features, resource.n_fg, data["tokens"],
@@ -124,23 +128,28 @@ def cams_for_image(resource: Resource, item: Item) -> str:
             cam, data["attention"].astype(np.float32), sinkhorn_iters=item.caa.n_sinkhorn,
             box_thresh=item.caa.t_box, power=item.caa.n_power, propagate=item.caa.propagate,
         ).astype(np.float32)
-    write_cams(item.out, item.image_id, arrays, int(attrs["height"]), int(attrs["width"]))
+    write_cams(item.out, item.image_id, arrays, int(attrs["height"]), int(attrs["width"]),
+               item.inputs)
     return item.image_id
 
 
-def write_cams(store: str, image_id: str, arrays: dict, height: int, width: int) -> None:
+CAM_ARRAYS = {"cam": ("float32", 3), "fg_cls": ("int64", 1), "cam_caa": ("float32", 3)}
+"""(dtype, ndim) of the arrays of a CAM store's group (``cam_caa`` only with CAA), for readers."""
+
+
+def write_cams(store: str, image_id: str, arrays: dict, height: int, width: int,
+               inputs: str | None = None) -> None:
     """One image's group of a CAM store: ``cam``, ``fg_cls`` (and ``cam_caa``), image size."""
-    write_group(store, image_id, arrays, attrs={"height": height, "width": width})
+    write_group(store, image_id, arrays,
+                attrs=with_inputs({"height": height, "width": width}, inputs))
 
 
 def _check_context(prompts: str, cam_iteration: int | None) -> None:
-    """Fail before any work when the checkpoint lacks the context the CAMs are to use."""
+    """Fail before any work when the checkpoint is not plain data (never unpickled as code) or
+    lacks the context the CAMs are to use."""
+    state = read_prompts(prompts)
     if cam_iteration is None:
         return
-    try:
-        state = torch.load(prompts, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise StageError(f"cannot read prompts checkpoint {prompts}: {exc}") from exc
     if cam_iteration not in state.get("contexts", {}):
         raise StageError(f"prompts checkpoint {prompts} holds no context of iteration {cam_iteration} "
                          f"(prompts.*.cam_iteration); rerun train-prompts with this cam_iteration")
@@ -171,12 +180,12 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
         raise StageError(f"prompts not found: {prompts} (run train-prompts --which {which})")
     _check_context(prompts, cam_iteration)
     sha = verify_clip(clip_cfg)
-    torch_device(compute.device)
+    check_stage_device(compute)
     split = train_records(index_dir, dataset)
     records = split.good()
     features_store = Path(features) / INFERENCE_STORE
     try:
-        inference = ImageStore(features_store)
+        inference = ImageStore(features_store, arrays=INFERENCE_ARRAYS)
     except StoreError as exc:
         raise StageError(str(exc)) from exc
     missing = [r.id for r in records if r.id not in inference]
@@ -195,10 +204,14 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
                                    inference.attrs.get("fingerprint"), code_digest(*CODE_MODULES)),
     }
     store = ImageStore.open_for_writing(out, attrs)
-    items = [Item(r.id, tuple(r.labels), str(features_store), str(store.path), cfg.caa,
-                  compute.precision)
-             for r in records if r.id not in store]
-    resource = WorkerResource.of(_build, prompts=str(prompts), cam_iteration=cam_iteration,
+    pending = set(store.todo({r.id: labelled_inputs(r) for r in records}))
+    todo = [r for r in records if r.id in pending]
+    for r in todo:  # before any work: never CAMs of features of another version of the image
+        check_inputs(inference, r.id, image_inputs(r), "wsss clip-features")
+    items = [Item(r.id, tuple(r.labels), worker_path(features_store), worker_path(store.path), cfg.caa,
+                  compute.precision, labelled_inputs(r)) for r in todo]
+    resource = WorkerResource.of(_build, files=("prompts", "checkpoint"), thread_safe=True,
+                                 prompts=worker_path(prompts), cam_iteration=cam_iteration,
                                  **clip_resource_kwargs(clip_cfg, compute.device))
     run_per_image(cams_for_image, items, compute, resource, desc=f"cams {which}")
     finish(out)

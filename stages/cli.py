@@ -68,7 +68,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            for module, name in (("pipeline.store", "StoreError"), ("pipeline.weights", "CheckpointError")):
+            for module, name in (("pipeline.store", "StoreError"), ("pipeline.weights", "CheckpointError"),
+                                 ("pipeline.tensorfile", "TensorFileError")):
                 if module in sys.modules and isinstance(exc, getattr(sys.modules[module], name)):
                     raise StageError(str(exc)) from exc
             if not isinstance(exc, OSError) or exc.errno not in _WRITE_ERRNOS:

@@ -33,11 +33,12 @@ import torch
 from pipeline.config import param, to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
-from pipeline.store import ImageStore, finish, write_group
+from pipeline.store import ImageStore, finish, with_inputs, write_group
 from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    fingerprint, load_params, package_version, run_per_image, section, torch_device,
+    check_stage_device, fingerprint, image_inputs, labelled_inputs, load_params, package_version,
+    run_per_image, section, torch_device, worker_path,
 )
 from stages.prepare import DatasetConfig
 
@@ -143,7 +144,7 @@ def build_clip(model: str, checkpoint: str | None, pretrained_tag: str | None, s
 
 
 def clip_resource_kwargs(cfg: ClipConfig, device: str) -> dict:
-    return dict(model=cfg.model, checkpoint=cfg.checkpoint, pretrained_tag=cfg.pretrained_tag,
+    return dict(model=cfg.model, checkpoint=worker_path(cfg.checkpoint), pretrained_tag=cfg.pretrained_tag,
                 seed=cfg.seed, device=device)
 
 
@@ -240,6 +241,10 @@ class Item(NamedTuple):
     attention_blocks: int
     max_side: int | None
     precision: str
+    views_inputs: str | None = None
+    """What the views are computed from (image and labels), recorded with them."""
+    inference_inputs: str | None = None
+    """What the inference features are computed from (the image)."""
 
 
 def features_for_image(clip, item: Item) -> str:
@@ -255,24 +260,32 @@ def features_for_image(clip, item: Item) -> str:
         labels = np.zeros(item.n_classes, np.uint8)
         labels[list(item.labels)] = 1
         write_views(item.views_store, item.image_id, tokens.cpu().numpy(),
-                    np.stack([v.to_array() for v in views]), labels, h, w)
+                    np.stack([v.to_array() for v in views]), labels, h, w, item.views_inputs)
     if item.inference_store is not None:
         x, att, (gh, gw), (ih, iw) = inference_features(
             clip, image, item.attention_blocks, item.max_side, item.precision)
         write_inference(item.inference_store, item.image_id, x.cpu().numpy(), att.cpu().numpy(),
-                        attrs={"height": h, "width": w, "input_height": ih, "input_width": iw,
-                               "grid_h": gh, "grid_w": gw})
+                        attrs=with_inputs({"height": h, "width": w, "input_height": ih,
+                                           "input_width": iw, "grid_h": gh, "grid_w": gw},
+                                          item.inference_inputs))
     return item.image_id
 
 
+VIEWS_ARRAYS = {"tokens": ("float16", 3), "views": ("float32", 2), "labels": ("uint8", 1)}
+"""(dtype, ndim) of the arrays of a ``train_views.zarr`` group, for its readers."""
+INFERENCE_ARRAYS = {"tokens": ("float32", 2), "attention": ("float16", 2)}
+"""(dtype, ndim) of the arrays of an ``inference.zarr`` group, for its readers."""
+
+
 def write_views(store: str, image_id: str, tokens: np.ndarray, views: np.ndarray,
-                labels: np.ndarray, height: int, width: int) -> None:
+                labels: np.ndarray, height: int, width: int, inputs: str | None = None) -> None:
     """One image's group of ``train_views.zarr``: tokens (K, 1+g², D) as fp16, one chunk per view."""
     write_group(store, image_id, {
         "tokens": tokens.astype(np.float16),
         "views": views.astype(np.float32),
         "labels": labels,
-    }, attrs={"height": height, "width": width}, chunks={"tokens": (1, *tokens.shape[1:])})
+    }, attrs=with_inputs({"height": height, "width": width}, inputs),
+        chunks={"tokens": (1, *tokens.shape[1:])})
 
 
 def write_inference(store: str, image_id: str, tokens: np.ndarray, attention: np.ndarray,
@@ -305,7 +318,7 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     if cfg.n_views < 1:
         raise StageError(f"params.yaml: clip_features.n_views must be >= 1, got {cfg.n_views}")
     sha = verify_clip(clip_cfg)
-    torch_device(compute.device)
+    check_stage_device(compute)
     split = train_records(index_dir, dataset)
     records = split.good()
     provenance = clip_provenance(clip_cfg, sha)
@@ -329,17 +342,21 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     views = ImageStore.open_for_writing(out_dir / VIEWS_STORE, views_attrs)
     inference = ImageStore.open_for_writing(out_dir / INFERENCE_STORE, inf_attrs)
     items = []
+    pending_v = set(views.todo({r.id: labelled_inputs(r) for r in records}))
+    pending_i = set(inference.todo({r.id: image_inputs(r) for r in records}))
     for r in records:
-        todo_v = r.id not in views
-        todo_i = r.id not in inference
+        todo_v = r.id in pending_v
+        todo_i = r.id in pending_i
         if todo_v or todo_i:
             items.append(Item(
-                r.id, r.image, tuple(r.labels), len(split.class_names),
-                str(views.path) if todo_v else None, str(inference.path) if todo_i else None,
+                r.id, worker_path(r.image), tuple(r.labels), len(split.class_names),
+                worker_path(views.path) if todo_v else None,
+                worker_path(inference.path) if todo_i else None,
                 cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks, clip_cfg.max_side,
-                compute.precision,
+                compute.precision, labelled_inputs(r), image_inputs(r),
             ))
-    resource = WorkerResource.of(build_clip, **clip_resource_kwargs(clip_cfg, compute.device))
+    resource = WorkerResource.of(build_clip, files=("checkpoint",), thread_safe=True,
+                                 **clip_resource_kwargs(clip_cfg, compute.device))
     run_per_image(features_for_image, items, compute, resource, desc="clip features")
     finish(views.path)
     finish(inference.path)

@@ -5,8 +5,11 @@ Not a DVC stage of the pipeline: it creates the weights that ``clip.checkpoint``
 training images come from the world's training stream, which no demo split uses.
 Writes ``clip_demo.pt`` (open_clip state dict, fp16), ``sam_demo.pth`` (segment-anything state
 dict) and ``demo_models.json`` (settings, SHA-256 of both files, held-out quality and curves,
-seconds). Deterministic for a given seed and thread count (``--threads``); both trainers resume
-from their state files in the output folder after an interruption.
+seconds). Deterministic for a given seed, device and thread count (``--threads``); both trainers
+resume from their state files in the output folder after an interruption (on any device: the
+states load on the CPU, then move). ``--device`` / ``--precision`` choose where and how training
+and ``--evaluate`` run; initialisation and sampling stay on the CPU, so ``--device cpu`` (the
+default) gives the committed weights.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.tensorfile import TensorFileError
 from pipeline.weights import sha256sum
 from stages.common import PARAMS_OPTION, StageError, load_params, section, write_json_atomic
 
@@ -39,6 +43,36 @@ def _bar(total: int, desc: str):
         if step + 1 == total:
             bar.close()
     return progress
+
+
+def _cpu_state(state: dict) -> dict:
+    """A state dict with its tensors on the CPU (the same object on the CPU: the same bytes
+    saved), keeping ``_metadata`` as ``state_dict()`` sets it."""
+    if all(v.device.type == "cpu" for v in state.values()):
+        return state
+    out = type(state)((k, v.cpu()) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata
+    return out
+
+
+def demo_device(name: str) -> torch.device:
+    """``--device`` (cpu, cuda, cuda:N, auto) as a torch device; a bad name or a missing CUDA
+    device is a one-line :class:`StageError`."""
+    from stages.common import torch_device
+
+    try:
+        dev = torch_device(name)
+    except StageError:
+        raise StageError(f"demo-models: --device is {name!r} but no CUDA device is available") from None
+    except RuntimeError:
+        raise StageError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise StageError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StageError(f"demo-models: --device is {name!r} but only {torch.cuda.device_count()} "
+                         "CUDA device(s) are visible")
+    return dev
 
 
 def _save(obj, path: Path) -> str:
@@ -62,7 +96,8 @@ def _save(obj, path: Path) -> str:
 
 
 def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_file: str | None = None,
-                         only: str | None = None, sam_settings: dict | None = None) -> dict:
+                         only: str | None = None, sam_settings: dict | None = None,
+                         device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
     """Held-out quality of the demo models on ``n`` images of world ``world_seed``'s held-out
     stream, loaded through the pipeline's real-checkpoint path (the committed file's checksum
     is verified; a given file's is recorded).
@@ -71,7 +106,8 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_fil
     there is one): single positive point IoU per level (best of the three outputs), and the
     project's quasi-superpixel generator with ``sam_settings`` (params.yaml's ``sam:`` generator
     settings; the thresholds used are in the output): masks per image, the fraction of images
-    with all three levels, object recall at IoU 0.5."""
+    with all three levels, object recall at IoU 0.5. The models run on ``device`` under
+    ``precision`` (``pipeline.precision``)."""
     from pipeline.demo.clip_training import evaluation_images
 
     if n < 1:
@@ -79,15 +115,16 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_fil
     samples = evaluation_images(world_seed, n)
     out = {"world_seed": world_seed, "n_images": n}
     if only in (None, "clip"):
-        out["clip"] = _evaluate_clip(samples, clip_file)
+        out["clip"] = _evaluate_clip(samples, clip_file, device, precision)
     if only in (None, "sam"):
-        sam = _evaluate_sam(samples, sam_file, sam_settings or {}, required=only == "sam")
+        sam = _evaluate_sam(samples, sam_file, sam_settings or {}, required=only == "sam", device=device,
+                            precision=precision)
         if sam is not None:
             out["sam"] = sam
     return out
 
 
-def _evaluate_clip(samples, clip_file: str | None) -> dict:
+def _evaluate_clip(samples, clip_file: str | None, device="cpu", precision: str = "fp32") -> dict:
     from pipeline.demo.clip_training import DEMO_CLIP_FILE, DEMO_CLIP_MODEL, DEMO_CLIP_SHA256, evaluate_clip
     from stages.clip_features import ClipConfig, build_clip, verify_clip
 
@@ -97,15 +134,16 @@ def _evaluate_clip(samples, clip_file: str | None) -> dict:
         raise StageError(f"demo CLIP weights not found: {cfg.checkpoint} (make them with "
                          "`wsss demo-models --only clip --out DIR`)")
     sha = verify_clip(cfg)
-    clip = build_clip(cfg.model, cfg.checkpoint, None, 0, "cpu")
-    result = evaluate_clip(clip.model, samples)
+    clip = build_clip(cfg.model, cfg.checkpoint, None, 0, str(device))
+    result = evaluate_clip(clip.model, samples, precision=precision)
     log.info("demo CLIP %s (SHA-256 %s) on %d held-out images", cfg.checkpoint, sha, len(samples))
     return {"map": result["classification_map"], "cam_miou": result["cam_miou"],
             "cam_best_power": result["cam_best_power"],
             "all_background_miou": result["all_background_miou"], "sha256": sha}
 
 
-def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool) -> dict | None:
+def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool, device="cpu",
+                  precision: str = "fp32") -> dict | None:
     from pipeline.demo.sam_training import DEMO_SAM_FILE, evaluate_sam, point_iou
     from pipeline.sam.models import SPECS, build_sam_predictor
     from pipeline.weights import sha256sum
@@ -117,11 +155,11 @@ def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool)
                              "`wsss demo-models --only sam --out DIR`)")
         return None
     # the committed file is verified against the pinned checksum; a given one is recorded
-    predictor = build_sam_predictor("demo", path, sha256sum(path) if sam_file else None)
+    predictor = build_sam_predictor("demo", path, sha256sum(path) if sam_file else None, device=device)
     sam = predictor.model
     start = time.perf_counter()
-    points = point_iou(sam, samples)
-    gen = evaluate_sam(sam, samples, **settings)
+    points = point_iou(sam, samples, precision=precision)
+    gen = evaluate_sam(sam, samples, precision=precision, **settings)
     log.info("demo SAM %s on %d held-out images in %.0f s", path, len(samples), time.perf_counter() - start)
     return {"point_iou": {k: points[k] for k in ("subpart", "part", "whole")},
             "point_iou_object_points": points["object_points"], "points": points["n_points"],
@@ -160,22 +198,29 @@ def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool)
               help="--evaluate: the generator's stability_score_thresh (default: params.yaml's).")
 @click.option("--sam-evaluate-every", default=500, show_default=True,
               help="Held-out point IoU of the SAM every N training steps (the report's curve; 0: at the end only).")
+@click.option("--device", "device_name", default="cpu", show_default=True,
+              help="Where training and --evaluate run: cpu, cuda, cuda:N or auto (cuda when available). "
+                   "Sampling stays on the CPU; cpu gives the committed weights.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Forward passes in fp32 or under bf16 autocast (losses and optimizer in fp32).")
 def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_images, eval_images,
             evaluate, world_seed, n_eval, clip_file, sam_file, sam_iou_thresh, sam_stability_thresh,
-            sam_evaluate_every) -> None:
+            sam_evaluate_every, device_name, precision) -> None:
     """Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."""
     from stages.sam_masks import SamConfig
 
     if threads < 1:
         raise StageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    device = demo_device(device_name)
     # the held-out SAM reports run the quasi-superpixel generator with the pipeline's settings
     generator_settings = section(load_params(params_path), "sam", SamConfig).generator_settings()
     if evaluate:
         settings = {**generator_settings, **{k: v for k, v in (("pred_iou_thresh", sam_iou_thresh),
                                                                ("stability_score_thresh", sam_stability_thresh))
                                              if v is not None}}
-        click.echo(json.dumps(evaluate_demo_models(world_seed, n_eval, clip_file, sam_file, only, settings)))
+        click.echo(json.dumps(evaluate_demo_models(world_seed, n_eval, clip_file, sam_file, only, settings,
+                                                   device, precision)))
         return
     if out is None:
         raise StageError("demo-models: --out is required to train (or pass --evaluate)")
@@ -189,7 +234,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["command"] = {"seed": seed, "threads": threads}
+    report["command"] = {"seed": seed, "threads": threads, "device": str(device), "precision": precision}
     held_out = evaluation_images(seed, eval_images) if eval_images else []
     clip_state = None
     if only in (None, "clip"):
@@ -201,17 +246,22 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
 
         def evaluate_phase(name, model):
             if held_out:
-                curve.append({"phase": name, **evaluate_clip(model, held_out)})
+                curve.append({"phase": name, **evaluate_clip(model, held_out, precision=precision)})
                 log.info("demo CLIP after %s: %s", name, json.dumps(curve[-1]))
 
         start = time.perf_counter()
-        model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"), state_dir=out_dir, on_phase_end=evaluate_phase)
+        try:
+            model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"), state_dir=out_dir,
+                               on_phase_end=evaluate_phase, device=device, precision=precision)
+        except TensorFileError as exc:
+            raise StageError(str(exc)) from exc
         seconds = time.perf_counter() - start
-        sha = _save({k: v.half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
+        sha = _save({k: v.cpu().half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
         model.load_state_dict(torch.load(out_dir / CLIP_FILE, map_location="cpu", weights_only=True))
-        clip_state = model.state_dict()
+        clip_state = _cpu_state(model.state_dict())
         report["clip"] = {"file": CLIP_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
-                          "curve": curve, "held_out": evaluate_clip(model, held_out) if held_out else None}
+                          "curve": curve,
+                          "held_out": evaluate_clip(model, held_out, precision=precision) if held_out else None}
         log.info("demo CLIP: %s (SHA-256 %s) in %.0f s", out_dir / CLIP_FILE, sha, seconds)
     if only in (None, "sam"):
         cfg = SamTrainingConfig(seed=seed, world_seed=seed)
@@ -235,7 +285,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
 
         def evaluate_step(step, train_seconds, stats, sam):
             if held_out:
-                points = point_iou(sam, held_out)
+                points = point_iou(sam, held_out, precision=precision)
                 curve[step] = {"step": step, "train_minutes": round(train_seconds / 60, 2),
                                "train_iou": {k[4:]: round(v, 4) for k, v in stats.items() if k.startswith("iou_")},
                                "point_iou": {k: points[k] for k in ("subpart", "part", "whole")}}
@@ -244,15 +294,19 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
                 log.info("demo SAM at step %d: %s", step, json.dumps(curve[step]))
 
         start = time.perf_counter()
-        sam = train_sam(cfg, clip_state=clip_state, progress=_bar(cfg.steps, "demo SAM"), state_dir=out_dir,
-                        evaluate_every=sam_evaluate_every, on_evaluate=evaluate_step)
+        try:
+            sam = train_sam(cfg, clip_state=clip_state, progress=_bar(cfg.steps, "demo SAM"),
+                            state_dir=out_dir, evaluate_every=sam_evaluate_every,
+                            on_evaluate=evaluate_step, device=device, precision=precision)
+        except TensorFileError as exc:
+            raise StageError(str(exc)) from exc
         seconds = time.perf_counter() - start
-        sha = _save(sam.state_dict(), out_dir / SAM_FILE)
+        sha = _save(_cpu_state(sam.state_dict()), out_dir / SAM_FILE)
         report["sam"] = {"file": SAM_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),
                          "clip_init": None if init_from is None else {"file": str(init_from),
                                                                       "sha256": sha256sum(init_from)},
                          "curve": [curve[k] for k in sorted(curve) if k <= cfg.steps],
-                         "held_out": ({**evaluate_sam(sam, held_out[:12], **generator_settings),
+                         "held_out": ({**evaluate_sam(sam, held_out[:12], precision=precision, **generator_settings),
                                        "n_images": len(held_out[:12])}
                                       if held_out else None)}
         log.info("demo SAM: %s (SHA-256 %s) in %.0f s", out_dir / SAM_FILE, sha, seconds)

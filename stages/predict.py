@@ -31,8 +31,9 @@ from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
 from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params,
-    run_per_image, section, write_json_atomic, torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, check_inputs,
+    check_stage_device, image_inputs, load_params, run_per_image, section, worker_path,
+    write_json_atomic, torch_device,
 )
 from stages.prepare import IMAGE_EXTS, DatasetConfig
 from stages.sam_masks import SamConfig
@@ -103,7 +104,10 @@ def predict_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
         if res["generator"] is not None:
             qs = res["generator"].generate(image)
         else:
-            qs = QuasiSuperpixels.from_arrays(ImageStore(item["sam_masks"]).read(image_id))
+            store = ImageStore(item["sam_masks"], arrays=QuasiSuperpixels.STORE_ARRAYS)
+            if item.get("sam_inputs") is not None:
+                check_inputs(store, image_id, item["sam_inputs"], "wsss sam-masks")
+            qs = QuasiSuperpixels.from_arrays(store.read(image_id))
         if qs.masks.shape[1:] != image.shape[:2]:
             raise StageError(f"image {image_id}: SAM masks are {qs.masks.shape[1:]}, image is {image.shape[:2]}")
         no_masks = len(qs) == 0
@@ -137,7 +141,7 @@ def _folder_items(images_dir: Path) -> list[dict[str, Any]]:
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise StageError(f"--images: several files share the id {dupes[0]!r} in {images_dir}")
-    return [{"id": p.stem, "image": str(p), "label": None} for p in files]
+    return [{"id": p.stem, "image": worker_path(p), "label": None} for p in files]
 
 
 def _sam_settings(params: dict) -> dict:
@@ -146,28 +150,53 @@ def _sam_settings(params: dict) -> dict:
 
 
 
-def summarise(results: list[dict], cfg: PredictConfig, class_names: list[str], model: str,
-              checkpoint: dict | None = None, precision: str = "fp32") -> dict:
+class PredictTotals:
+    """Running sums of :func:`predict_image`'s results (``run_per_image(collect=...)``): the
+    metrics need only the summed confusions, so the stage keeps no matrix per image (COCO's
+    40,137 val images at 81² × (raw + 6 alphas) would hold about 15 GB)."""
+
+    def __init__(self):
+        self.images = self.scored = self.no_masks = 0
+        self.raw = None
+        self.post: dict[float, np.ndarray] = {}
+
+    def add(self, result: dict) -> None:
+        self.images += 1
+        self.no_masks += bool(result["no_masks"])
+        if result["raw"] is None:
+            return
+        self.scored += 1
+        self.raw = result["raw"] if self.raw is None else self.raw + result["raw"]
+        for a, conf in result["post"].items():
+            self.post[a] = conf if a not in self.post else self.post[a] + conf
+
+
+def summarise(results: "PredictTotals | list[dict]", cfg: PredictConfig, class_names: list[str],
+              model: str, checkpoint: dict | None = None, precision: str = "fp32") -> dict:
     """The metrics JSON: which checkpoint, raw and post-processed scores and the alpha sweep
-    (over images with gt)."""
-    scored = [r for r in results if r["raw"] is not None]
+    (over images with gt), from the totals or from a list of per-image results."""
+    totals = results
+    if not isinstance(totals, PredictTotals):
+        totals = PredictTotals()
+        for r in results:
+            totals.add(r)
     names = ["background", *class_names]
     metrics: dict[str, Any] = {
-        "images": len(results), "images_with_ground_truth": len(scored), "model": model,
-        "images_without_sam_masks": sum(r["no_masks"] for r in results),
+        "images": totals.images, "images_with_ground_truth": totals.scored, "model": model,
+        "images_without_sam_masks": totals.no_masks,
     }
     if checkpoint is not None:
         metrics["checkpoint"] = checkpoint
     metrics["compute_precision"] = precision  # not the "precision" score of raw/postprocessed
-    if not scored:
+    if not totals.scored:
         return metrics
-    metrics["raw"] = scores_from_confusion(sum(r["raw"] for r in scored)).as_dict(names)
+    metrics["raw"] = scores_from_confusion(totals.raw).as_dict(names)
     if cfg.postprocess:
-        post = scores_from_confusion(sum(r["post"][cfg.alpha] for r in scored)).as_dict(names)
+        post = scores_from_confusion(totals.post[cfg.alpha]).as_dict(names)
         metrics["postprocessed"] = {"alpha": cfg.alpha, **post}
         if cfg.alpha_sweep:
             metrics["alpha_sweep"] = {
-                f"{a:g}": scores_from_confusion(sum(r["post"][a] for r in scored)).as_dict()["miou"]
+                f"{a:g}": scores_from_confusion(totals.post[a]).as_dict()["miou"]
                 for a in cfg.alpha_sweep
             }
     metrics["miou"] = metrics["postprocessed" if cfg.postprocess else "raw"]["miou"]
@@ -192,6 +221,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
     params = load_params(params_path)
     cfg = section(params, "predict", PredictConfig)
     compute = section(params, "compute", ComputeConfig)
+    check_stage_device(compute)  # an unusable device or precision fails here with `local`
     model_path = checkpoint_path(segmenter_dir, cfg.checkpoint)
     try:
         _, meta = load_segmenter(model_path)
@@ -206,6 +236,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
         items = _folder_items(Path(images_dir))
         if cfg.postprocess:
             sam = _sam_settings(params)
+            sam["checkpoint"] = worker_path(sam["checkpoint"])
     else:
         data = section(params, "dataset", DatasetConfig)
         try:
@@ -216,10 +247,12 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
             raise StageError(
                 f"the segmenter was trained on classes {meta['class_names']}, the index has {split.class_names}"
             )
-        items = [{"id": r.id, "image": r.image, "label": r.label} for r in split.good()]
+        items = [{"id": r.id, "image": worker_path(r.image), "label": worker_path(r.label),
+                  "sam_inputs": image_inputs(r)}
+                 for r in split.good()]
         if cfg.postprocess:
             try:
-                store = ImageStore(sam_masks)
+                store = ImageStore(sam_masks, arrays=QuasiSuperpixels.STORE_ARRAYS)
             except StoreError as exc:
                 raise StageError(str(exc)) from exc
             missing = [it["id"] for it in items if it["id"] not in store]
@@ -229,15 +262,18 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
                     "run `wsss sam-masks`)"
                 )
     common = {"scales": list(cfg.scales), "flip": cfg.flip, "postprocess": cfg.postprocess, "alpha": cfg.alpha,
-              "alpha_sweep": list(cfg.alpha_sweep), "out": out, "sam_masks": sam_masks,
+              "alpha_sweep": list(cfg.alpha_sweep), "out": worker_path(out), "sam_masks": worker_path(sam_masks),
               "precision": compute.precision}
     items = [{**common, **it} for it in items]
-    resource = WorkerResource.of(load_resources, model_path=str(model_path), device=compute.device, sam=sam)
+    resource = WorkerResource.of(load_resources, files=("model_path", "sam.checkpoint"),
+                                 model_path=worker_path(model_path), device=compute.device,
+                                 sam=sam)
     try:
-        results = run_per_image(predict_image, items, compute, resource, desc="predict")
+        totals = PredictTotals()
+        run_per_image(predict_image, items, compute, resource, desc="predict", collect=totals.add)
     except (ImageReadError, CheckpointError) as exc:
         raise StageError(str(exc)) from exc
-    metrics = summarise(results, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
+    metrics = summarise(totals, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
     # Random upstream models (the seeds' CLIP/SAM, or the post-processing's SAM) make the scores a
     # plumbing check: every metrics file says so.
     untrained = bool(info.get("untrained"))

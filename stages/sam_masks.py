@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import click
 
@@ -25,12 +25,12 @@ from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
 from pipeline.demo.sam_oracle import WORLD_ORACLE
 from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
-from pipeline.store import ImageStore, finish, write_group
+from pipeline.store import ImageStore, finish, with_inputs, write_group
 from pipeline.weights import CheckpointError
 from stages.common import (
     INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    fingerprint, load_params, package_version, run_per_image, section, torch_device,
-    write_json_atomic,
+    check_stage_device, fingerprint, image_inputs, load_params, package_version, run_per_image,
+    section, torch_device, worker_path, write_json_atomic,
 )
 from stages.prepare import DatasetConfig, demo_index
 
@@ -80,10 +80,12 @@ class SamConfig:
     score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
     stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
     occupation_thresh: float = param(0.3, ge=0, le=1)
-    max_batch_memory_mb: int = param(1024, ge=1)
+    max_batch_memory_mb: int | Literal["auto"] | None = param("auto", ge=1)
     """Working memory (MiB) of one prompt batch through SAM's mask decoder: the batch is the
-    largest that fits, at most points_per_batch. Results do not depend on it (not in the store
-    fingerprint, not a DVC param of the stage); peak memory and speed do."""
+    largest that fits, at most points_per_batch. ``auto`` (or empty): half the free memory of a
+    CUDA device, measured per crop after the image encoder, else 1024 MiB. Results do not
+    depend on it (not in the store fingerprint, not a DVC param of the stage); peak memory and
+    speed do."""
 
     def __post_init__(self):
         if self.model not in (*SPECS, WORLD_ORACLE):
@@ -98,6 +100,8 @@ class Item(NamedTuple):
     image_id: str
     image: str
     store: str
+    inputs: str | None = None
+    """Digest of the image's content (``stages.common.image_inputs``), recorded with its masks."""
 
 
 def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, precision,
@@ -152,13 +156,15 @@ def masks_for_image(masker, item: Item) -> str:
     except ImageReadError as exc:
         raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
-    write_masks(item.store, item.image_id, masker(item.image_id, image), h, w)
+    write_masks(item.store, item.image_id, masker(item.image_id, image), h, w, item.inputs)
     return item.image_id
 
 
-def write_masks(store: str, image_id: str, qs, height: int, width: int) -> None:
+def write_masks(store: str, image_id: str, qs, height: int, width: int,
+                inputs: str | None = None) -> None:
     """One image's group of the ``sam_masks`` store (its layout: CONTRACT.md)."""
-    write_group(store, image_id, qs.to_arrays(), attrs={"height": height, "width": width})
+    write_group(store, image_id, qs.to_arrays(),
+                attrs=with_inputs({"height": height, "width": width}, inputs))
 
 
 def store_attrs(cfg: SamConfig, precision: str, world_seed: int | None = None) -> dict:
@@ -202,7 +208,7 @@ def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[Item]:
         except DatasetError as exc:
             raise StageError(str(exc)) from exc
         for r in records:
-            items.setdefault(r.id, Item(r.id, r.image, store))
+            items.setdefault(r.id, Item(r.id, worker_path(r.image), store, image_inputs(r)))
     return list(items.values())
 
 
@@ -228,14 +234,16 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
             verify_checkpoint(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
     except CheckpointError as exc:
         raise StageError(str(exc)) from exc
-    torch_device(compute.device)  # an unusable device fails here, not in every worker
+    check_stage_device(compute)  # here with `local`, else on each worker before its first image
     world_seed = dataset.demo.seed if oracle else None
-    items = _items(index_dir, dataset, str(Path(out)))
+    items = _items(index_dir, dataset, worker_path(out))
     store = ImageStore.open_for_writing(out, store_attrs(cfg, compute.precision, world_seed))
-    todo = [it for it in items if it.image_id not in store]
+    pending = set(store.todo({it.image_id: it.inputs for it in items}))
+    todo = [it for it in items if it.image_id in pending]
     resource = WorkerResource.of(
-        _build_masker, world_seed=world_seed, model=cfg.model, checkpoint=cfg.checkpoint,
-        checkpoint_sha256=cfg.checkpoint_sha256, mask_threshold=cfg.mask_threshold,
+        _build_masker, files=("checkpoint",), world_seed=world_seed, model=cfg.model,
+        checkpoint=worker_path(cfg.checkpoint), checkpoint_sha256=cfg.checkpoint_sha256,
+        mask_threshold=cfg.mask_threshold,
         device=compute.device, precision=compute.precision, **cfg.generator_settings(),
     )
     run_per_image(masks_for_image, todo, compute, resource, desc="sam masks")

@@ -26,8 +26,9 @@ from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions,
 from pipeline.seeds.sams import image_scores, seed_or_fallback
 from pipeline.store import ImageStore, StoreError
 from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, load_params,
-    run_per_image, section, write_json_atomic,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, check_inputs,
+    image_inputs, labelled_inputs, load_params, run_per_image, section, worker_path,
+    write_json_atomic,
 )
 from stages.prepare import DatasetConfig
 
@@ -68,6 +69,10 @@ class Item(NamedTuple):
     fallback_thresh: float
     bg_powers: tuple[float, ...]
     num_classes: int
+    cam_inputs: str | None = None
+    """What the image's CAMs must have been computed from."""
+    sam_inputs: str | None = None
+    """What the image's quasi-superpixels must have been computed from."""
 
 
 class Outcome(NamedTuple):
@@ -83,7 +88,11 @@ class Outcome(NamedTuple):
 
 def _open_stores(cams: str, sam_masks: str) -> tuple[ImageStore, ImageStore]:
     """Both input stores, opened once per process (WorkerResource factory)."""
-    return ImageStore(cams), ImageStore(sam_masks)
+    from pipeline.sam.quasi_superpixels import QuasiSuperpixels
+    from stages.cams import CAM_ARRAYS
+
+    return (ImageStore(cams, arrays=CAM_ARRAYS),
+            ImageStore(sam_masks, arrays=QuasiSuperpixels.STORE_ARRAYS))
 
 
 def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
@@ -93,6 +102,8 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
     if item.image_id not in cams:
         raise StageError(f"image {item.image_id} is not in the CAM store {cams.path} "
                          "(run the cams stage, or import-cams, for this split)")
+    if item.cam_inputs is not None:
+        check_inputs(cams, item.image_id, item.cam_inputs, "wsss cams")
     arrays = cams.read(item.image_id)
     cam_key = "cam_caa" if "cam_caa" in arrays else "cam"
     if cam_key not in arrays or "fg_cls" not in arrays:
@@ -109,6 +120,8 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
     if missing:
         masks, levels = np.zeros((0, *hw), bool), np.zeros(0, np.uint8)
     else:
+        if item.sam_inputs is not None:
+            check_inputs(sam, item.image_id, item.sam_inputs, "wsss sam-masks")
         qs = sam.read(item.image_id)
         masks, levels = qs["masks"], qs["levels"]
         if tuple(masks.shape[1:]) != hw:
@@ -134,47 +147,74 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
     return Outcome(item.image_id, result.fallback, missing, cam_key, seed_conf, cam_conf, bg_conf)
 
 
+class SeedTotals:
+    """Running totals of the per-image outcomes: what the metrics need (confusion sums, counts,
+    fallback ids), so a stage keeps no per-image matrix (``run_per_image(collect=...)``): COCO's
+    CAM confusions alone, 81² × 10 background powers per image, would hold about 90 GB."""
+
+    def __init__(self, num_classes: int, bg_powers: tuple[float, ...]):
+        self.num_classes, self.bg_powers = num_classes, bg_powers
+        self.seeds = ConfusionAccumulator(num_classes)
+        self.background = ConfusionAccumulator(num_classes)
+        self.cam_evals: dict[str, CamEvaluator] = {}
+        self.cam_counts: dict[str, int] = {}
+        self.n_images = self.n_evaluated = self.n_missing_masks = 0
+        self.fallbacks: list[str] = []
+        self.cam_keys: set[str] = set()
+
+    def add(self, o: Outcome) -> None:
+        self.n_images += 1
+        self.n_missing_masks += bool(o.missing_masks)
+        self.cam_keys.add(o.cam_key)
+        if o.fallback:
+            self.fallbacks.append(o.image_id)
+        if o.seed_confusion is None:
+            return
+        self.n_evaluated += 1
+        self.seeds.matrix += o.seed_confusion
+        self.background.matrix += o.background_confusion
+        for key, confusions in o.cam_confusions.items():
+            if key not in self.cam_evals:
+                self.cam_evals[key] = CamEvaluator(self.num_classes, self.bg_powers)
+                self.cam_counts[key] = 0
+            self.cam_evals[key].add_confusions(confusions)
+            self.cam_counts[key] += 1
+
+
 def summarise(
-    outcomes: list[Outcome], class_names: list[str], cfg: SeedsConfig, which: str,
+    outcomes: "SeedTotals | list[Outcome]", class_names: list[str], cfg: SeedsConfig, which: str,
     untrained: bool, note: str | None,
 ) -> tuple[dict, list[dict]]:
-    """The metrics JSON and the per-class IoU plot records."""
-    num_classes = len(class_names) + 1
+    """The metrics JSON and the per-class IoU plot records (of the totals, or of outcomes)."""
     names = ["background", *class_names]
-    seeds_acc = ConfusionAccumulator(num_classes)
-    background = ConfusionAccumulator(num_classes)
-    cam_evals: dict[str, CamEvaluator] = {}
-    evaluated = [o for o in outcomes if o.seed_confusion is not None]
-    for o in evaluated:
-        seeds_acc.matrix += o.seed_confusion
-        background.matrix += o.background_confusion
-        for key, confusions in o.cam_confusions.items():
-            cam_evals.setdefault(key, CamEvaluator(num_classes, cfg.cam_bg_powers))
-            cam_evals[key].add_confusions(confusions)
-    fallbacks = sorted(o.image_id for o in outcomes if o.fallback)
+    totals = outcomes
+    if not isinstance(totals, SeedTotals):
+        totals = SeedTotals(len(class_names) + 1, tuple(cfg.cam_bg_powers))
+        for o in outcomes:
+            totals.add(o)
     metrics: dict = {
         "which": which,
         "alpha": getattr(cfg, which).alpha,
-        "n_images": len(outcomes),
-        "n_evaluated": len(evaluated),
-        "n_fallback": len(fallbacks),
-        "n_missing_masks": sum(o.missing_masks for o in outcomes),
-        "fallback_ids": fallbacks,
-        "cam_source": sorted({o.cam_key for o in outcomes}),
+        "n_images": totals.n_images,
+        "n_evaluated": totals.n_evaluated,
+        "n_fallback": len(totals.fallbacks),
+        "n_missing_masks": totals.n_missing_masks,
+        "fallback_ids": sorted(totals.fallbacks),
+        "cam_source": sorted(totals.cam_keys),
         "untrained": untrained,
     }
     if note:
         metrics["note"] = note
     plots: list[dict] = []
-    if evaluated:
-        scores = seeds_acc.scores()
+    if totals.n_evaluated:
+        scores = totals.seeds.scores()
         metrics["seed"] = scores.as_dict(names)
-        for key, evaluator in cam_evals.items():  # "cam" (raw), "cam_caa" (CAA-refined)
+        for key, evaluator in totals.cam_evals.items():  # "cam" (raw), "cam_caa" (CAA-refined)
             # a CAM set is scored only over the same images as the seeds (a store that has
             # cam_caa for some images only is not a CAA evaluation)
-            if all(key in o.cam_confusions for o in evaluated):
+            if totals.cam_counts[key] == totals.n_evaluated:
                 metrics[key] = evaluator.results()
-        metrics["background_only"] = {"miou": background.scores().as_dict()["miou"]}
+        metrics["background_only"] = {"miou": totals.background.scores().as_dict()["miou"]}
         per_class = metrics["seed"]["per_class_iou"]
         plots = [{"class": cls, "iou": iou} for cls, iou in per_class.items()]
     return metrics, plots
@@ -229,15 +269,18 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(split.class_names) + 1
     items = [
-        Item(r.id, r.height, r.width, r.label, str(out_dir / f"{r.id}.png"),
-             getattr(cfg, which).alpha, cfg.fallback_thresh, tuple(cfg.cam_bg_powers), num_classes)
+        Item(r.id, r.height, r.width, worker_path(r.label), worker_path(out_dir / f"{r.id}.png"),
+             getattr(cfg, which).alpha, cfg.fallback_thresh, tuple(cfg.cam_bg_powers), num_classes,
+             labelled_inputs(r), image_inputs(r))
         for r in records
     ]
-    resource = WorkerResource.of(_open_stores, cams=str(cams), sam_masks=str(sam_masks))
-    outcomes = run_per_image(seed_image, items, compute, resource, desc=f"seeds {which}")
+    resource = WorkerResource.of(_open_stores, thread_safe=True, cams=worker_path(cams),
+                                 sam_masks=worker_path(sam_masks))
+    totals = SeedTotals(num_classes, tuple(cfg.cam_bg_powers))
+    run_per_image(seed_image, items, compute, resource, desc=f"seeds {which}", collect=totals.add)
     removed = _remove_stale(out_dir, {r.id for r in records})
     untrained = bool(stores[0].attrs.get("untrained") or stores[1].attrs.get("untrained"))
-    metrics, plots = summarise(outcomes, split.class_names, cfg, which, untrained, note)
+    metrics, plots = summarise(totals, split.class_names, cfg, which, untrained, note)
     write_json_atomic(out_dir / PROVENANCE, {
         "stage": "seeds", "which": which, "alpha": getattr(cfg, which).alpha,
         "cams": str(cams), "sam_masks": str(sam_masks), "untrained": untrained,
@@ -246,5 +289,5 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
     write_json_atomic(Path(plots_path), plots)
     seed_miou = metrics.get("seed", {}).get("miou")
     log.info("seeds %s: %d images (%d fallbacks, %d stale removed), seed mIoU %s%%",
-             which, len(outcomes), metrics["n_fallback"], removed,
+             which, totals.n_images, metrics["n_fallback"], removed,
              "n/a" if seed_miou is None else f"{seed_miou:.1f}")

@@ -30,18 +30,20 @@ from tqdm.auto import tqdm
 
 from pipeline.prompts.augment import ViewParams, apply_view_label
 from pipeline.prompts.class_names import background_names, prompt_names
+from pipeline import tensorfile
 from pipeline.config import param, to_dict
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
+from pipeline.precision import grad_scaler, training_precision
 from pipeline.prompts.learner import PromptLearner, warm_start_context
 from pipeline.prompts.training import optimizer_iteration, warmup_cosine_factor
 from pipeline.store import ImageStore, StoreError
 from stages.clip_features import (
-    VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,
+    VIEWS_ARRAYS, VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,
     encode_views, sample_views, train_records, verify_clip, view_rng,
 )
 from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, load_params,
-    package_version, section, write_text_atomic, torch_device,
+    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, labelled_inputs,
+    load_params, package_version, section, write_text_atomic, torch_device,
 )
 from stages.prepare import DatasetConfig
 
@@ -93,8 +95,10 @@ class PromptsConfig:
     CAMs always use all 77 positions."""
     path: Literal["cached", "exact"] = "cached"
     """cached: last block on cached views; exact: full encoder, fresh views each step."""
-    amp: bool = True
-    """Mixed precision (fp16 autocast + grad scaling); only ever used on CUDA."""
+    amp: bool = False
+    """The reference's mixed precision on CUDA: fp16 autocast with a GradScaler (precision
+    ``fp16-amp``). False: ``compute.precision`` decides (fp32, or bf16 autocast, which needs no
+    scaler). Only with ``compute.precision: fp32``; a CPU run ignores it (fp32), with a log line."""
     checkpoint_every: int = param(500, ge=1)
     """Iterations between resumable checkpoints."""
     seed: int = 0
@@ -128,10 +132,7 @@ def load_learner(clip, path: str | os.PathLike, iteration: int | None = None) ->
     ``iteration``: the context kept after that iteration (``prompts.<which>.cam_iteration``);
     None: the final one. The text encoder runs over all 77 positions (the reference's inference).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise StageError(f"cannot read prompts checkpoint {path}: {exc}") from exc
+    state = read_prompts(path)
     spec = state["spec"]
     if iteration is None:
         ctx = state["ctx"]
@@ -149,6 +150,19 @@ def load_learner(clip, path: str | os.PathLike, iteration: int | None = None) ->
     with torch.no_grad():
         learner.ctx.copy_(ctx)
     return learner.to(clip.visual.proj.device), state
+
+
+PROMPTS_KEYS = ("spec", "ctx")
+
+
+def read_prompts(path: str | os.PathLike) -> dict:
+    """A final prompts checkpoint as data (tensors and plain containers only, never code): a file
+    holding anything else, or not written by this stage, stops with one line naming it."""
+    try:
+        return tensorfile.load_dict(path, "prompts checkpoint", "rerun train-prompts (`dvc repro`) "
+                                    "to rewrite it", PROMPTS_KEYS)
+    except tensorfile.TensorFileError as exc:
+        raise StageError(str(exc)) from exc
 
 
 def warm_start(learner: PromptLearner, clip, path: Path) -> None:
@@ -181,13 +195,20 @@ class BatchSource:
         self._view_params: dict[str, np.ndarray] = {}  # (K, 18) per image, read once
         if cfg.path == "cached":
             try:
-                self.views = ImageStore(features / VIEWS_STORE)
+                self.views = ImageStore(features / VIEWS_STORE, arrays=VIEWS_ARRAYS)
             except StoreError as exc:
                 raise StageError(str(exc)) from exc
             missing = [r.id for r in self.records if r.id not in self.views]
             if missing:
                 raise StageError(f"{features / VIEWS_STORE} lacks image {missing[0]!r} "
                                  f"({len(missing)} missing; rerun `wsss clip-features`)")
+            # (an image that records no inputs was written by other tools: taken as it is)
+            stale = [r.id for r in self.records
+                     if self.views.recorded_inputs(r.id) not in (None, labelled_inputs(r))]
+            if stale:
+                raise StageError(f"{features / VIEWS_STORE} holds image {stale[0]!r} computed from "
+                                 f"another version of the image or its labels ({len(stale)} such; "
+                                 "rerun `wsss clip-features`)")
             if list(self.views.attrs.get("class_names", [])) != list(split.class_names):
                 raise StageError(f"{features / VIEWS_STORE} was built for other classes; rerun clip-features")
 
@@ -240,11 +261,18 @@ class BatchSource:
             raise StageError(f"coarse seed of {image_id} unreadable at {path}: {exc} (run seeds@coarse)") from exc
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+RESUME_KEYS = ("fingerprint", "iteration", "ctx", "optimizer", "scheduler", "torch_rng", "rows",
+               "contexts")
+
+
+def read_resume(path: Path) -> dict:
+    """A resume state as data (tensors and plain containers only): anything else stops the stage
+    with one line naming the file, never runs its code."""
+    try:
+        return tensorfile.load_dict(path, "prompts resume state", f"delete it (rm {path}) to train "
+                                    "from the start", RESUME_KEYS)
+    except tensorfile.TensorFileError as exc:
+        raise StageError(str(exc)) from exc
 
 
 def _write_csv(rows, path: Path) -> None:
@@ -257,40 +285,48 @@ def _write_csv(rows, path: Path) -> None:
 
 
 def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: BatchSource,
-          out: Path, metrics: Path, fp: str, extra: dict) -> dict:
-    """The §7 loop with resumable checkpoints; returns the final checkpoint dict."""
+          out: Path, metrics: Path, fp: str, extra: dict, precision: str = "fp32") -> dict:
+    """The §7 loop with resumable checkpoints; returns the final checkpoint dict.
+
+    ``precision`` (``pipeline.precision.training_precision``) must be part of ``fp``: a resume
+    state of another precision (a CPU run's fp32 state met by a CUDA run with ``amp``, or the
+    reverse) is not resumed but restarted, with a log line. Within one precision a run resumes
+    on another device (fp32 on the CPU, then on CUDA); the GradScaler state (fp16-amp only) is
+    loaded only when the state holds one and this run's scaler is enabled."""
     device = clip.visual.proj.device
     params = [learner.ctx]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_cosine_factor(
         it, cfg.iterations, cfg.warmup_iterations, cfg.warmup_lr, cfg.lr))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = grad_scaler(device, precision)
     resume_path = out.with_name(out.name + ".resume")
     start, rows, contexts = 0, [], {}
     if resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        state = read_resume(resume_path)
         if state.get("fingerprint") == fp:
             with torch.no_grad():
                 learner.ctx.copy_(state["ctx"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            # a disabled scaler saves {}; an enabled one cannot load that (and needs no loading)
+            if scaler.is_enabled() and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
             start, rows, contexts = state["iteration"], list(state["rows"]), dict(state["contexts"])
             log.info("train_prompts@%s: resuming at iteration %d from %s", which, start, resume_path)
         else:
-            log.info("train_prompts@%s: ignoring %s (other params)", which, resume_path)
+            log.info("train_prompts@%s: training from the start: %s is of other params, inputs or "
+                     "precision (this run: %s)", which, resume_path, precision)
     for it in tqdm(range(start, cfg.iterations), desc=f"prompts {which}", initial=start,
                    total=cfg.iterations, dynamic_ncols=True):
         lr = optimizer.param_groups[0]["lr"]
         loss = optimizer_iteration(which, cfg, clip, learner, source.batch(it), device, optimizer,
-                                   scheduler, scaler, use_amp)
+                                   scheduler, scaler, precision)
         rows.append((it + 1, loss, lr))
         if cfg.cam_iteration == it + 1:
             contexts[it + 1] = learner.ctx.detach().cpu().clone()
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            _atomic_save({
+            tensorfile.save_atomic({
                 "fingerprint": fp, "iteration": it + 1, "ctx": learner.ctx.detach().cpu(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "rows": rows,
@@ -300,7 +336,7 @@ def train(which: str, cfg: PromptsConfig, clip, learner: PromptLearner, source: 
              "contexts": contexts, "cam_iteration": cfg.cam_iteration,
              "config": to_dict(cfg), "fingerprint": fp, **extra}
     _write_csv(rows, metrics)
-    _atomic_save(final, out)
+    tensorfile.save_atomic(final, out)
     resume_path.unlink(missing_ok=True)
     return final
 
@@ -341,7 +377,17 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     out_path = Path(out or f"cache/prompts/{which}.pt")
     metrics_path = Path(metrics or f"cache/plots/train_prompts_{which}.csv")
     sha = verify_clip(clip_cfg)
-    device = torch_device(compute.device)
+    device = torch_device(compute.device, compute.precision)
+    try:
+        precision = training_precision(compute.precision, cfg.amp, device)
+    except ValueError:
+        raise StageError(f"params.yaml: prompts.{which}.amp (the reference's fp16 autocast + GradScaler) "
+                         f"and compute.precision: {compute.precision} ask for two precisions; set "
+                         f"prompts.{which}.amp: false to train in {compute.precision}, or "
+                         "compute.precision: fp32") from None
+    if cfg.amp and precision != "fp16-amp":
+        log.info("train_prompts@%s: prompts.%s.amp applies on CUDA only; training in %s on %s",
+                 which, which, precision, device)
     torch.manual_seed(cfg.seed)
     split = train_records(index_dir, dataset)
     clip = build_clip(clip_cfg.model, clip_cfg.checkpoint, clip_cfg.pretrained_tag, clip_cfg.seed,
@@ -358,8 +404,9 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     start_ctx = (hashlib.sha256(learner.ctx.detach().cpu().numpy().tobytes()).hexdigest()
                  if cfg.init == "cls" else None)
     fp = fingerprint(STAGE, which, cfg, clip_cfg.model_identity(), sha, inputs,
-                     split.class_names, [r.id for r in split.good()], start_ctx)
+                     split.class_names, [r.id for r in split.good()], start_ctx, precision)
     extra = {"clip": provenance, "untrained": provenance["untrained"], "class_names": split.class_names,
              "dataset": split.dataset, "package_version": package_version()}
-    train(which, cfg, clip, learner, source, out_path, metrics_path, fp, extra)
+    extra["precision"] = precision
+    train(which, cfg, clip, learner, source, out_path, metrics_path, fp, extra, precision)
     log.info("train_prompts@%s: %d iterations -> %s", which, cfg.iterations, out_path)

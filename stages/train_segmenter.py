@@ -12,6 +12,11 @@ Every ``checkpoint_every`` iterations the model, optimizer, step, random states 
 weights so far are saved atomically to ``checkpoint.pt``; a rerun with the same params, seeds
 and val set resumes from it (the result, best included, equals an uninterrupted run), a rerun
 with different ones starts over. Loss, learning rate and the val mIoU go to a CSV for ``dvc plots``.
+
+Batches come from a DataLoader (``loader_workers`` processes decode and augment while the device
+trains; :mod:`pipeline.segmenter.data`): iteration t's samples and augmentations depend only on
+(seed, t, row), so the result is the same for every ``loader_workers`` and a resume needs only
+t. The loss stays on the device and is read once per checkpoint or validation.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +36,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import tensorfile
 from pipeline.data.datasets import DatasetError, Record, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
 from pipeline.metrics import ConfusionAccumulator, percent
-from pipeline.segmenter.model import ARCHS, build_segmenter, predict_probs, save_atomic, save_segmenter
-from pipeline.segmenter.training import (
-    SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
+from pipeline.segmenter.data import (
+    EvalSamples, IterationSampler, LoadFailure, TrainingSamples, collate_eval, collate_training, make_loader,
+    size_batches,
 )
+from pipeline.segmenter.model import ARCHS, build_segmenter, predict_labels, save_atomic, save_segmenter
+from pipeline.segmenter.training import SegmentationAugment, build_optimizer, poly_lr, train_step
 from pipeline.config import param
 from pipeline.weights import CheckpointError, sha256sum
 from stages.common import (
@@ -50,6 +59,7 @@ CSV_FIELDS = ("step", "loss", "lr", "val_miou")
 # The code the trained weights depend on (dvc.yaml's code deps): a change restarts training
 # instead of "resuming" a finished run of the old code.
 CODE_MODULES = ("stages.train_segmenter", "pipeline.segmenter.model", "pipeline.segmenter.training",
+                "pipeline.segmenter.data",
                 "pipeline.segmenter.clip_vit", "pipeline.sam.clip_encoder",
                 "pipeline.precision", "pipeline.metrics", "pipeline.data.datasets", "pipeline.data.imageio")
 
@@ -88,6 +98,9 @@ class SegmenterConfig:
     checkpoint_every: int = param(20, ge=1)
     """Save a resumable checkpoint every this many iterations."""
     seed: int = 0
+    loader_workers: int = param(2, ge=0)
+    """DataLoader worker processes that decode and augment batches (0: in the training loop's
+    thread). Results do not depend on it, so it is not part of the training fingerprint."""
 
     def __post_init__(self):
         if self.model not in ARCHS:
@@ -113,9 +126,10 @@ class SegmenterConfig:
 
     def training_fingerprint(self, data_digest: str, precision: str) -> str:
         """What the trained weights and the choice of the best depend on: every key but the
-        checkpoint cadence (``val_every`` decides which iterations are best candidates), the
-        data (train seeds and val ground truth), ``compute.precision`` and the code."""
-        relevant = {k: v for k, v in self.__dict__.items() if k != "checkpoint_every"}
+        checkpoint cadence (``val_every`` decides which iterations are best candidates) and the
+        loader's worker count, the data (train seeds and val ground truth),
+        ``compute.precision`` and the code."""
+        relevant = {k: v for k, v in self.__dict__.items() if k not in ("checkpoint_every", "loader_workers")}
         return fingerprint(relevant, data_digest, {"precision": precision}, code_digest(*CODE_MODULES))
 
 
@@ -140,11 +154,11 @@ def data_digest(
     checkpoint is chosen on (ids, images, ground-truth contents), so new data restarts training."""
     h = hashlib.sha256("\n".join(class_names).encode())
     for r in records:
-        h.update(f"{r.id}\t{r.image}\n".encode())
+        h.update(f"{r.id}\t{r.image}\t{r.digest}\n".encode())
         h.update(seed_path(seeds_dir, r.id).read_bytes())
     h.update(b"val\n")
     for r in val_records:
-        h.update(f"{r.id}\t{r.image}\n".encode())
+        h.update(f"{r.id}\t{r.image}\t{r.digest}\n".encode())
         h.update(Path(r.label).read_bytes())
     return h.hexdigest()[:16]
 
@@ -160,14 +174,36 @@ def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return image, seed
 
 
-def evaluate(net: torch.nn.Module, records: list[Record], num_classes: int, precision: str = "fp32") -> float:
-    """Single-scale mIoU of the argmax prediction against ground truth (training curve and best
-    checkpoint; NaN when the ground truth has no labelled pixel)."""
+def load_eval_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
+    """A val image and its ground truth, at the size the index records (batches group by it)."""
+    try:
+        image, gt = read_rgb(record.image), read_label(record.label)
+    except (ImageReadError, OSError) as exc:
+        raise StageError(f"image {record.id}: {exc}") from exc
+    if image.shape[:2] != gt.shape or gt.shape != (record.height, record.width):
+        raise StageError(f"image {record.id}: image is {image.shape[:2]}, ground truth {gt.shape}, the index "
+                         f"says {(record.height, record.width)} (rerun `wsss prepare`)")
+    return image, gt
+
+
+def eval_loader(records: list[Record], max_pixels: int, workers: int = 0, pin_memory: bool = False):
+    """Batches of equal-size val images, at most ``max_pixels`` input pixels each."""
+    batches = size_batches([(r.height, r.width) for r in records], max_pixels)
+    return make_loader(EvalSamples(records, load_eval_pair, errors=(StageError,)), batches, collate_eval,
+                       workers, pin_memory)
+
+
+def evaluate(net: torch.nn.Module, batches, num_classes: int, precision: str = "fp32") -> float:
+    """Single-scale mIoU of the argmax prediction against ground truth over ``batches`` (from
+    :func:`eval_loader`; training curve and best checkpoint; NaN when the ground truth has no
+    labelled pixel). Equal to predicting one image at a time (``predict_probs``)."""
     acc = ConfusionAccumulator(num_classes)
     net.eval()
-    for r in records:
-        probs = predict_probs(net, read_rgb(r.image), scales=(1.0,), flip=False, precision=precision)
-        acc.add(probs.argmax(0).numpy(), read_label(r.label))
+    for batch in batches:
+        if isinstance(batch, LoadFailure):
+            raise StageError(batch.message)
+        for pred, gt in zip(predict_labels(net, batch.images, precision).numpy(), batch.labels.numpy()):
+            acc.add(pred, gt)
     return acc.scores().miou
 
 
@@ -203,15 +239,28 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def _rng_state(rng: np.random.Generator, device: torch.device) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+RESUME_KEYS = ("fingerprint", "step", "model", "optimizer", "rng", "history", "best")
+
+
+def read_resume(path: Path) -> dict:
+    """The resume state as data (tensors and plain containers only): anything else stops the
+    stage with one line naming the file, never runs its code."""
+    try:
+        return tensorfile.load_dict(path, "segmenter resume state", f"delete it (rm {path}) to "
+                                    "train from the start", RESUME_KEYS)
+    except tensorfile.TensorFileError as exc:
+        raise StageError(str(exc)) from exc
+
+
+def _rng_state(device: torch.device) -> dict:
+    # torch's generators only (dropout): the data's randomness is a function of the iteration.
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(rng: np.random.Generator, state: dict, device: torch.device) -> None:
-    rng.bit_generator.state = state["numpy"]
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -229,7 +278,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
     cfg = section(params, "segmenter", SegmenterConfig)
     data = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
-    device = torch_device(compute.device)
+    device = torch_device(compute.device, compute.precision)
     seeds, out_dir = Path(seeds_dir), Path(out)
     try:
         train = load_split(index_dir, data.train_split)
@@ -254,15 +303,14 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
     net.to(device)
     optimizer = build_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     start, history, best = 0, [], BestCheckpoint()
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_resume(ckpt_path)
         if ckpt.get("fingerprint") == fp:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            _set_rng_state(rng, ckpt["rng"], device)
+            _set_rng_state(ckpt["rng"], device)
             start, history = int(ckpt["step"]), list(ckpt["history"])
             best = BestCheckpoint.from_state(ckpt["best"])
             log.info("resuming from iteration %d of %d (best so far: %s)", start, cfg.iterations,
@@ -275,7 +323,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         # best of the iterations before its checkpoint, never one from a lost later part.
         save_atomic(
             {"fingerprint": fp, "step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": _rng_state(rng, device), "history": history, "best": best.to_state()},
+             "rng": _rng_state(device), "history": history, "best": best.to_state()},
             ckpt_path,
         )
 
@@ -283,23 +331,43 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         log.warning("eval split %r has no ground truth: no val mIoU, best.pt will be the last iteration",
                     data.eval_split)
     augment = SegmentationAugment(cfg.crop_size, cfg.scale_range, cfg.flip_prob)
+    pin = device.type == "cuda"
+    samples = TrainingSamples(records, partial(load_pair, seeds_dir=seeds), augment, cfg.seed, errors=(StageError,))
+    loader = make_loader(samples, IterationSampler(len(records), cfg.batch_size, cfg.seed, start, cfg.iterations),
+                         collate_training, cfg.loader_workers, pin, cfg.seed)
+    # Inference without gradients: a val batch holds at most the training batch's input pixels.
+    val_batches = eval_loader(val_records, cfg.batch_size * cfg.crop_size ** 2, cfg.loader_workers, pin) \
+        if val_records else None
     bar = tqdm(range(start, cfg.iterations), desc="train segmenter", unit="it", dynamic_ncols=True)
-    for step in bar:
-        batch = rng.choice(len(records), size=cfg.batch_size, replace=len(records) < cfg.batch_size)
-        pairs = [augment(*load_pair(records[i], seeds), rng) for i in batch]
+    pending: list[tuple[dict, torch.Tensor]] = []  # rows whose loss is still on the device
+
+    def read_losses() -> None:
+        # The one host sync of a logging interval.
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            for (row, _), value in zip(pending, values):
+                row["loss"] = round(value, 6)
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+            pending.clear()
+
+    for step, batch in zip(bar, loader):
+        if isinstance(batch, LoadFailure):
+            raise StageError(batch.message)
         lr = poly_lr(cfg.lr, step, cfg.iterations, cfg.poly_power)
-        loss = train_step(net, optimizer, *collate(pairs), lr, sub_batches=cfg.sub_batches,
+        loss = train_step(net, optimizer, batch.images, batch.labels, lr, sub_batches=cfg.sub_batches,
                           precision=compute.precision)
         done = step + 1
-        row = {"step": done, "loss": round(loss, 6), "lr": lr, "val_miou": ""}
+        row = {"step": done, "loss": None, "lr": lr, "val_miou": ""}
+        pending.append((row, loss))
         if val_records and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
-            miou = evaluate(net, val_records, num_classes, compute.precision)
+            read_losses()
+            miou = evaluate(net, val_batches, num_classes, compute.precision)
             row["val_miou"] = percent(miou)
             if best.offer(done, miou, net):
                 log.info("iteration %d: val mIoU %.1f%%, the best so far", done, 100 * miou)
         history.append(row)
-        bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            read_losses()
             save_checkpoint(done)
     last_miou = history[-1]["val_miou"] if history else ""
     # `untrained`: the seeds came from random (untrained) CLIP/SAM, so the scores check plumbing

@@ -129,8 +129,8 @@ def test_cached_training_reads_one_view_not_whole_groups(work, tmp_path, monkeyp
                   "--metrics", tmp_path / "cls.csv")
     assert res.exit_code == 0, res.output
     # same batches as the stage's own run (same views drawn, same context)
-    torch.testing.assert_close(torch.load(tmp_path / "cls.pt", weights_only=False)["ctx"],
-                               torch.load(work / "cls.pt", weights_only=False)["ctx"], rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "cls.pt", weights_only=True)["ctx"],
+                               torch.load(work / "cls.pt", weights_only=True)["ctx"], rtol=0, atol=0)
 
 
 def test_max_side_caps_clip_input_and_cams_map_back_to_the_image(work, tmp_path, caplog):

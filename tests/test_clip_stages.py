@@ -92,7 +92,7 @@ def test_train_prompts_cls_writes_checkpoint_and_curve(work):
     res = _invoke("train-prompts", "--which", "cls", *_args(work, "--features", str(work / "features"),
                   "--out", str(out), "--metrics", str(metrics)))
     assert res.exit_code == 0, res.output
-    state = torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=True)
     assert state["ctx"].shape == (16, 64) and state["untrained"] is True
     assert state["spec"]["n_fg"] == N_FG and len(state["spec"]["names"]) == N_FG + 25
     rows = list(csv.DictReader(metrics.open()))
@@ -112,13 +112,42 @@ def test_train_prompts_resume_equals_uninterrupted(work, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         _invoke(*args, "--out", str(killed), "--metrics", str(work / "resume" / "killed.csv"))
     resume = killed.with_name("killed.pt.resume")
-    assert torch.load(resume, weights_only=False)["iteration"] == 2 and not killed.exists()
+    assert torch.load(resume, weights_only=True)["iteration"] == 2 and not killed.exists()
     revive()
     assert _invoke(*args, "--out", str(killed), "--metrics", str(work / "resume" / "killed.csv")).exit_code == 0
-    torch.testing.assert_close(torch.load(killed, weights_only=False)["ctx"],
-                               torch.load(full, weights_only=False)["ctx"], rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(killed, weights_only=True)["ctx"],
+                               torch.load(full, weights_only=True)["ctx"], rtol=0, atol=0)
     assert (work / "resume" / "killed.csv").read_text() == (work / "resume" / "full.csv").read_text()
     assert not resume.exists()
+
+
+def test_cams_refuse_prompts_holding_code(work, tmp_path):
+    """A prompts file from a shared cache is read as data: a pickled object stops the stage in one
+    line naming the file, and its code never runs (issue 24)."""
+    from tests.conftest import write_code_pickle
+
+    prompts, marker = tmp_path / "cls.pt", tmp_path / "ran"
+    write_code_pickle(prompts, marker, ctx=torch.zeros(16, 64), contexts={})
+    res = _invoke("cams", "--which", "cls", *_args(work, "--features", str(work / "features"),
+                  "--prompts", str(prompts), "--out", str(tmp_path / "cams.zarr")))
+    assert not marker.exists()
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"prompts checkpoint {prompts} holds objects other than tensors" in res.output
+    assert not (tmp_path / "cams.zarr").exists()
+
+
+def test_train_prompts_refuses_resume_state_holding_code(work, tmp_path):
+    from tests.conftest import write_code_pickle
+
+    out, marker = tmp_path / "cls.pt", tmp_path / "ran"
+    resume = tmp_path / "cls.pt.resume"
+    write_code_pickle(resume, marker, fingerprint="x", iteration=2)
+    res = _invoke("train-prompts", "--which", "cls", *_args(work, "--features", str(work / "features"),
+                  "--out", str(out), "--metrics", str(tmp_path / "cls.csv")))
+    assert not marker.exists()
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"prompts resume state {resume} holds objects other than tensors" in res.output
+    assert f"rm {resume}" in res.output and not out.exists()
 
 
 def test_cams_write_per_contract(work):
@@ -166,7 +195,7 @@ def test_train_prompts_seg_on_seed_crops(work):
     res = _invoke("train-prompts", "--which", "seg", *_args(work, "--features", str(work / "features"),
                   "--seeds", str(seeds), "--out", str(out), "--metrics", str(work / "plots" / "seg.csv")))
     assert res.exit_code == 0, res.output
-    state = torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=True)
     assert state["ctx"].shape == (N_FG + 25, 16, 64)
     assert state["spec"]["names"][N_FG:] == [""] * 25 and state["spec"]["class_position"] == "front"
     res = _invoke("train-prompts", "--which", "seg", *_args(work, "--features", str(work / "features")))
@@ -242,7 +271,7 @@ def test_train_prompts_exact_path_runs_full_encoder_on_fresh_views(work, tmp_pat
                       "--index", str(work / "index"), "--features", str(tmp_path / "no-cache-needed"),
                       "--seeds", str(seeds), "--out", str(out), "--metrics", str(tmp_path / f"{run}.csv"))
         assert res.exit_code == 0, res.output
-        outs.append(torch.load(out, weights_only=False))
+        outs.append(torch.load(out, weights_only=True))
     # deterministic given the seed, and trained (context moved from its initialisation)
     torch.testing.assert_close(outs[0]["ctx"], outs[1]["ctx"], rtol=0, atol=0)
     init = PromptLearner(create_clip("tiny").model, outs[0]["spec"]["names"], N_FG, 16, False, "front",

@@ -63,6 +63,42 @@ def test_compute_precision_selects_the_autocast_dtype():
         assert (a @ b).dtype == torch.float32
 
 
+def test_training_precision_modes():
+    import torch
+
+    from pipeline.precision import grad_scaler, training_autocast, training_precision
+
+    assert training_precision("fp32", False, "cuda") == "fp32"
+    assert training_precision("bf16", False, "cuda") == "bf16"
+    assert training_precision("fp32", True, "cuda") == "fp16-amp"   # the reference's AMP
+    assert training_precision("fp32", True, "cpu") == "fp32"        # CUDA only
+    with pytest.raises(ValueError, match="two precisions"):
+        training_precision("bf16", True, "cuda")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16-amp", torch.float16)):
+        with training_autocast("cpu", precision):
+            assert (a @ b).dtype == dtype
+        assert grad_scaler("cpu", precision).is_enabled() == (precision == "fp16-amp")  # bf16: no scaler
+
+
+def test_bf16_on_a_cuda_device_without_it_is_one_line(monkeypatch):
+    import torch
+
+    from stages.common import StageError, torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    assert torch_device("cuda:0", "fp32") == torch.device("cuda:0")
+    with pytest.raises(StageError) as err:
+        torch_device("cuda:0", "bf16")
+    message = err.value.format_message()
+    assert "\n" not in message and "cuda:0 (Tesla V100-SXM2-16GB) does not support bfloat16" in message
+    assert message.endswith("set compute.precision: fp32")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert torch_device("cuda:0", "bf16") == torch.device("cuda:0")
+
+
 def test_ranges_are_checked_with_the_key_named():
     from pipeline.config import param
 

@@ -157,7 +157,7 @@ def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path,
         train_clip(cfg, data=data, progress=kill, state_dir=tmp_path, checkpoint_every=1)
     except Killed:
         pass
-    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
     assert (state["phase_index"], state["step"]) == divmod(killed_after, 2)
     resumed = train_clip(cfg, data=data, state_dir=tmp_path, checkpoint_every=1).state_dict()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -80,7 +80,7 @@ def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
         train_sam(TINY, clip_state=clip, data=data, state_dir=tmp_path, checkpoint_every=1, progress=stop)
     except KeyboardInterrupt:
         pass
-    assert torch.load(tmp_path / STATE_FILE, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
     resumed = train_sam(TINY, clip_state=clip, data=data, state_dir=tmp_path).state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # the encoder started from the CLIP, the untrained SAM's does not

@@ -7,7 +7,14 @@ from segment_anything.utils.amg import build_point_grid
 
 from pipeline.sam import point_decoder
 from pipeline.sam.models import SPECS, build_sam, build_sam_predictor
-from pipeline.sam.point_decoder import PointDecoder, StockNetworkPredictor, prompt_bytes, prompts_per_batch
+from pipeline.sam import quasi_superpixels as qsp
+from pipeline.sam.point_decoder import (
+    PointDecoder,
+    StockNetworkPredictor,
+    batch_memory_bytes,
+    prompt_bytes,
+    prompts_per_batch,
+)
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
 
@@ -142,6 +149,62 @@ def test_prompt_batch_follows_the_memory_budget():
     assert prompts_per_batch(1024 * 2 ** 20, sam, (375, 500), 16) == 16
     assert prompts_per_batch(2 ** 20, sam, (375, 500), 256) == point_decoder.PROMPT_ALIGN
     assert prompts_per_batch(40 * per_prompt, sam, (2000, 3000), 256) < 40
+
+
+def test_auto_prompt_batch_is_sized_from_free_cuda_memory(monkeypatch):
+    """``auto``/None: half of (free device memory + the allocator's unused cache) on CUDA, the
+    CPU default elsewhere; a number is MiB."""
+    calls = []
+
+    def mem_get_info(device):
+        calls.append(torch.device(device))
+        return 80 * 2 ** 30, 141 * 2 ** 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 6 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * 2 ** 30)
+    cuda = torch.device("cuda", 1)
+    for auto in (None, "auto"):
+        assert batch_memory_bytes(auto, cuda) == \
+            int(82 * 2 ** 30 * point_decoder.AUTO_MEMORY_FRACTION)
+    assert calls == [cuda, cuda]
+    assert batch_memory_bytes(None, "cpu") == point_decoder.DEFAULT_BATCH_MEMORY_MB * 2 ** 20
+    assert batch_memory_bytes(512, cuda) == 512 * 2 ** 20
+    assert batch_memory_bytes(0.5, "cpu") == 2 ** 19
+    assert len(calls) == 2  # an explicit budget never asks the device
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="max_batch_memory_mb"):
+            batch_memory_bytes(bad, "cpu")
+    # At VOC's size: 28 prompts under the old fixed 1 GiB, the full 256 with 80 GB free (every
+    # SAM has the same prompt encoder and mask decoder, so ViT-B's per-prompt memory is ViT-H's).
+    sam = build_sam(SPECS["vit_b"])
+    assert prompts_per_batch(batch_memory_bytes(1024, cuda), sam, (375, 500), 256) == 28
+    assert prompts_per_batch(batch_memory_bytes("auto", cuda), sam, (375, 500), 256) == 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2 ** 30, 141 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    assert prompts_per_batch(batch_memory_bytes("auto", cuda), sam, (375, 500), 256) == 28
+
+
+def test_generator_asks_for_the_budget_of_the_predictor_device(monkeypatch):
+    """The generator sizes each crop's batches with batch_memory_bytes on the decoder's device
+    (auto by default), and its masks do not change."""
+    predictor = build_sam_predictor("tiny", None, None)
+    image = random_image(70, 110, seed=2)
+    asked = []
+    original = point_decoder.batch_memory_bytes
+
+    def spy(budget, device):
+        asked.append((budget, torch.device(device)))
+        return original(budget, device)
+
+    monkeypatch.setattr(qsp, "batch_memory_bytes", spy)
+    auto = QuasiSuperpixelGenerator(predictor, **ONE_CROP).generate(image)
+    assert asked == [(None, torch.device("cpu"))]
+    fixed = QuasiSuperpixelGenerator(predictor, max_batch_memory_mb=1, **ONE_CROP).generate(image)
+    assert asked[-1] == (1, torch.device("cpu"))
+    assert len(auto) > 5
+    assert_same_output(auto, fixed)
 
 
 def assert_same_output(a, b):

@@ -1,6 +1,7 @@
 """§7 prompt-training recipe: sub-batches, step counts, the CAM checkpoint iteration, the seg-loss
 classes and crop sizes, through pipeline functions and the real stages on a tiny demo index."""
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _seg_batch(n=6, crop=224):
 def _grad(clip, learner, cfg, which, x, labels, crops):
     learner.ctx.grad = None
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    loss, stepped = batch_step(which, cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    loss, stepped = batch_step(which, cfg, clip, learner, x, labels, crops, scaler, precision="fp32")
     return loss, stepped, learner.ctx.grad.clone()
 
 
@@ -106,8 +107,29 @@ def test_seg_batch_without_any_class_skips_its_step(clip):
     crops[:] = 0
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     cfg = tp.PromptsConfig(batch_size=6, sub_batches=3)
-    loss, stepped = batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, use_amp=False)
+    loss, stepped = batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, precision="fp32")
     assert (loss, stepped) == (0.0, False)
+
+
+def test_gradcam_runs_in_fp32_under_fp16_autocast(clip):
+    """Under the reference's fp16 AMP the loss is scaled, but the Grad-CAM's inner gradient
+    ∂p/∂A is not: in fp16 it underflows. batched_gradcam computes it (and the CAMs, with their
+    graph) in fp32 whatever the autocast around it: the same bits as without autocast."""
+    from pipeline.prompts.training import batched_gradcam
+
+    learner = _learner(clip)
+    x, labels, crops = _seg_batch(n=3)
+    text = learner.text_features(clip.model)
+    grid = (14, 14)
+    ref_cams, ref_w = batched_gradcam(clip, text, x, labels, 3, grid, create_graph=True, with_weights=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        cams, w = batched_gradcam(clip, text, x, labels, 3, grid, create_graph=True, with_weights=True)
+    assert w.dtype == cams.dtype == torch.float32
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+    torch.testing.assert_close(cams, ref_cams, rtol=0, atol=0)
+    # still differentiable w.r.t. the prompts (L_CAL trains through it)
+    (g,) = torch.autograd.grad(cams.square().sum(), learner.ctx)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_seg_loss_classes_crop_or_image_labels(clip):
@@ -159,7 +181,7 @@ def _params(work, tmp_path, **prompts):
     params = yaml.safe_load((work / "params.yaml").read_text())
     for key, value in prompts.items():
         which, name = key.split("__")
-        params["prompts"][which][name] = value
+        (params["compute"] if which == "compute" else params["prompts"][which])[name] = value
     path = tmp_path / f"params_{len(list(tmp_path.glob('params_*')))}.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -171,7 +193,7 @@ def _train(work, params, which, out, **kw):
                   "--features", work / "features", *extra, "--out", out,
                   "--metrics", out.with_suffix(".csv"))
     assert res.exit_code == 0, res.output
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def test_every_iteration_is_one_step_over_the_full_batch(work, tmp_path, monkeypatch):
@@ -217,7 +239,7 @@ def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         _train(work, params, "cls", tmp_path / "killed.pt")
     revive()
-    at_two = torch.load(tmp_path / "killed.pt.resume", weights_only=False)
+    at_two = torch.load(tmp_path / "killed.pt.resume", weights_only=True)
     assert at_two["iteration"] == 2
     torch.testing.assert_close(state["contexts"][2], at_two["ctx"], rtol=0, atol=0)
     assert not torch.equal(state["contexts"][2], state["ctx"])
@@ -283,7 +305,7 @@ def test_seg_prompts_train_on_image_labels(work, tmp_path):
                       "--features", work / "features", "--seeds", blank, "--out", out,
                       "--metrics", out.with_suffix(".csv"))
         assert res.exit_code == 0, res.output
-        runs[mode] = torch.load(out, weights_only=False)
+        runs[mode] = torch.load(out, weights_only=True)
     init = PromptLearner(create_clip("tiny", seed=0).model, runs["crop"]["spec"]["names"], 4, 16, False,
                          "front", init_std=0.0125, seed=0).ctx.detach()
     torch.testing.assert_close(runs["crop"]["ctx"], init, rtol=0, atol=0)
@@ -313,7 +335,7 @@ def test_seg_prompts_can_start_from_the_cls_context(work, tmp_path):
         out = tmp_path / f"seg_{shared}.pt"
         res = seg(_params(work, tmp_path, seg__shared_context=shared, **cls_layout), out)
         assert res.exit_code == 0, res.output
-        ctx = torch.load(out, weights_only=False)["ctx"]
+        ctx = torch.load(out, weights_only=True)["ctx"]
         expected = cls["ctx"] if shared else cls["ctx"].expand(len(cls["spec"]["names"]), -1, -1)
         torch.testing.assert_close(ctx, expected, rtol=0, atol=0)
     bad = {
@@ -351,3 +373,130 @@ def test_crop_320_trains_segmentation_prompts(work, tmp_path):
     path.write_text(yaml.safe_dump(params))
     res = _invoke("clip-features", "--params", path, "--index", work / "index", "--out", tmp_path / "g")
     assert res.exit_code == 1 and "clip_features.augment.crop" in res.output
+
+
+# -- precision, and resuming on another device (issue 23, defects 6 and 7) -------------------------
+
+
+def _as_on_cuda(monkeypatch):
+    """Make train-prompts choose its precision as on a CUDA device (``amp`` -> fp16-amp); the
+    fp16 autocast and the GradScaler then run on this CPU, so the AMP code path is exercised."""
+    from pipeline.precision import training_precision
+
+    monkeypatch.setattr(tp, "training_precision",
+                        lambda precision, amp, device: training_precision(precision, amp, "cuda"))
+
+
+def test_a_cpu_resume_state_resumes_under_an_enabled_grad_scaler(work, tmp_path, monkeypatch):
+    """A CPU run saves its disabled GradScaler's state, {}; the run resumed where the scaler is
+    enabled (CUDA; an enabled CPU GradScaler stands in for it here) used to die in
+    ``scaler.load_state_dict({})``. It resumes, and equals the uninterrupted run."""
+    params = _params(work, tmp_path)
+    full = _train(work, params, "cls", tmp_path / "full.pt")
+    revive = kill_prompt_training_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(work, params, "cls", tmp_path / "cls.pt")
+    revive()
+    assert torch.load(tmp_path / "cls.pt.resume", weights_only=True)["scaler"] == {}
+
+    real = torch.amp.GradScaler
+    made = []
+
+    def enabled_scaler(*args, **kwargs):
+        made.append(real("cpu", enabled=True))
+        return made[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", enabled_scaler)
+    resumed = _train(work, params, "cls", tmp_path / "cls.pt")
+    assert made and made[0].is_enabled()
+    # loss scaling by a power of two is exact in fp32: the same bits as the uninterrupted run
+    torch.testing.assert_close(resumed["ctx"], full["ctx"], rtol=0, atol=0)
+
+
+def test_a_resume_state_of_another_precision_is_restarted(work, tmp_path, monkeypatch, caplog):
+    """The resume fingerprint holds the precision: a CPU run's fp32 state met by a bf16 run, or by
+    a CUDA run with ``amp`` (fp16-amp), is not continued in another precision but restarted,
+    with a log line; the result is the uninterrupted run's in the new precision."""
+    fp32 = _params(work, tmp_path)
+    revive = kill_prompt_training_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(work, fp32, "cls", tmp_path / "cls.pt")
+    revive()
+    bf16 = _params(work, tmp_path, compute__precision="bf16")
+    with caplog.at_level("INFO", logger="wsss.train_prompts"):
+        state = _train(work, bf16, "cls", tmp_path / "cls.pt")
+    assert "training from the start" in caplog.text and "(this run: bf16)" in caplog.text
+    assert state["precision"] == "bf16"
+    torch.testing.assert_close(state["ctx"], _train(work, bf16, "cls", tmp_path / "ref.pt")["ctx"],
+                               rtol=0, atol=0)
+
+    caplog.clear()
+    revive = kill_prompt_training_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(work, _params(work, tmp_path, cls__amp=True), "cls", tmp_path / "amp.pt")  # CPU: fp32
+    revive()
+    _as_on_cuda(monkeypatch)
+    with caplog.at_level("INFO", logger="wsss.train_prompts"):
+        state = _train(work, _params(work, tmp_path, cls__amp=True), "cls", tmp_path / "amp.pt")
+    assert "(this run: fp16-amp)" in caplog.text and state["precision"] == "fp16-amp"
+
+
+def test_fp16_amp_trains_scales_and_resumes(work, tmp_path, monkeypatch):
+    """``amp: true`` on CUDA is the reference's fp16 autocast + GradScaler: it trains (close to
+    fp32, not equal), its resume state carries the scaler's state, and a resumed run equals the
+    uninterrupted one."""
+    _as_on_cuda(monkeypatch)
+    params = _params(work, tmp_path, cls__amp=True, seg__amp=True)
+    fp32 = _train(work, _params(work, tmp_path), "cls", tmp_path / "fp32.pt")
+    full = _train(work, params, "cls", tmp_path / "full.pt")
+    assert full["precision"] == "fp16-amp" and not torch.equal(full["ctx"], fp32["ctx"])
+    torch.testing.assert_close(full["ctx"], fp32["ctx"], rtol=0.05, atol=2e-3)
+    revive = kill_prompt_training_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(work, params, "cls", tmp_path / "cls.pt")
+    revive()
+    scaler = torch.load(tmp_path / "cls.pt.resume", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and math.log2(scaler["scale"]) % 1 == 0  # a live scaler's state
+    torch.testing.assert_close(_train(work, params, "cls", tmp_path / "cls.pt")["ctx"], full["ctx"],
+                               rtol=0, atol=0)
+    seg = _train(work, params, "seg", tmp_path / "seg.pt")  # the double backward under fp16 AMP
+    assert seg["precision"] == "fp16-amp" and torch.isfinite(seg["ctx"]).all()
+
+
+def test_precision_settings_are_validated(work, tmp_path, caplog):
+    res = CliRunner().invoke(main, [str(a) for a in (
+        "train-prompts", "--which", "cls", "--params",
+        _params(work, tmp_path, cls__amp=True, compute__precision="bf16"), "--index", work / "index",
+        "--features", work / "features", "--out", tmp_path / "x.pt")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "prompts.cls.amp" in res.output and "compute.precision: bf16" in res.output
+    with caplog.at_level("INFO", logger="wsss.train_prompts"):
+        state = _train(work, _params(work, tmp_path, cls__amp=True), "cls", tmp_path / "cpu.pt")
+    assert "prompts.cls.amp applies on CUDA only; training in fp32 on cpu" in caplog.text
+    assert state["precision"] == "fp32"
+
+
+def test_a_prompt_run_started_on_the_cpu_continues_on_cuda(work, tmp_path, monkeypatch, caplog):
+    """On a simulated CUDA device (tests/simulated_cuda.py; the arithmetic stays the CPU's):
+    a run killed on the CPU resumes on CUDA in the same precision (fp32) and equals the
+    uninterrupted CPU run; with ``amp`` (fp32 on the CPU, fp16-amp on CUDA) the CPU state used to
+    crash the CUDA run in ``GradScaler.load_state_dict({})``; it is restarted, with a log line."""
+    from tests.simulated_cuda import simulated_cuda
+
+    for amp in (True, False):
+        cpu = _params(work, tmp_path, cls__amp=amp)
+        cuda = _params(work, tmp_path, cls__amp=amp, compute__device="cuda")
+        full = _train(work, cpu, "cls", tmp_path / f"full{amp}.pt")
+        revive = kill_prompt_training_at(monkeypatch, 3)
+        with pytest.raises(RuntimeError, match="killed"):
+            _train(work, cpu, "cls", tmp_path / f"cls{amp}.pt")
+        revive()
+        caplog.clear()
+        with simulated_cuda(), caplog.at_level("INFO", logger="wsss.train_prompts"):
+            state = _train(work, cuda, "cls", tmp_path / f"cls{amp}.pt")
+        if amp:
+            assert "training from the start" in caplog.text and "(this run: fp16-amp)" in caplog.text
+            assert state["precision"] == "fp16-amp"
+        else:
+            assert "resuming at iteration 2" in caplog.text and state["precision"] == "fp32"
+            torch.testing.assert_close(state["ctx"], full["ctx"], rtol=0, atol=0)

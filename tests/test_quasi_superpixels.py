@@ -10,6 +10,7 @@ from pipeline.sam.quasi_superpixels import (
     QuasiSuperpixels,
     occupation_filter,
     remove_small_regions,
+    threshold_logits,
 )
 from tests.test_golden_samgen import fake_predictor
 
@@ -79,6 +80,80 @@ def test_occupation_of_no_masks():
     assert out.shape == (0,)
 
 
+def reference_occupation(masks: np.ndarray, levels: np.ndarray, thresh: float) -> list[int]:
+    """§1 change 3 spelled out over whole images: every candidate against every selected mask."""
+    flat = torch.from_numpy(masks).flatten(1).to(torch.float64)
+    area = flat.sum(1)
+    levels = torch.from_numpy(levels).to(torch.int64)
+    selected = torch.nonzero(levels == 2).flatten()
+    for level in (1, 0):
+        candidates = torch.nonzero(levels == level).flatten()
+        if len(selected) and len(candidates):
+            occupation = (flat[candidates] @ flat[selected].T / area[candidates, None]).amax(1)
+            candidates = candidates[occupation < thresh]
+        selected = torch.cat([selected, candidates])
+    return selected.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_occupation_filter_matches_the_whole_image_reference(seed):
+    rng = np.random.default_rng(seed)
+    masks = blob_masks(rng, 90, 30, 40)
+    masks[rng.random(90) < 0.1] = False  # empty candidates (0/0: dropped) and selected masks
+    levels = rng.integers(0, 3, 90).astype(np.uint8)
+    boxes = amg.batched_mask_to_box(torch.from_numpy(masks))
+    empty = ~masks.any((1, 2))
+    boxes[torch.from_numpy(empty)] = torch.tensor([5, 7, 5, 7])  # an empty mask's box is free
+    for thresh in (0.0, 0.3, 0.6, 1.0, float("inf")):
+        expected = reference_occupation(masks, levels, thresh)
+        got = occupation_filter(masks, levels, thresh, boxes=boxes)
+        assert got.dtype == torch.int64 and got.tolist() == expected, thresh
+        assert occupation_filter(masks, levels, thresh).tolist() == expected, thresh
+    assert 0 < len(reference_occupation(masks, levels, 0.3)) < len(masks)
+
+
+# -- thresholding ---------------------------------------------------------------------------------
+def test_threshold_logits_matches_segment_anything():
+    """Stability scores and boxes of segment-anything's helpers, crops of the thresholded masks,
+    for a subset of planes read in place: empty masks, full masks, NaN and infinite logits, and
+    logits exactly at the thresholds."""
+    rng = np.random.default_rng(3)
+    n, h, w = 40, 37, 53
+    yy, xx = np.mgrid[0:h, 0:w]
+    logits = np.empty((n, h, w), np.float32)
+    for i in range(n):
+        cy, cx, r = rng.uniform(-10, h + 10), rng.uniform(-10, w + 10), rng.uniform(0, 30)
+        logits[i] = (r - np.hypot(yy - cy, xx - cx)) * rng.uniform(0.1, 3)
+    logits += rng.normal(0, 0.3, logits.shape).astype(np.float32)
+    logits[0] = -5.0                                    # empty at every threshold
+    logits[1] = 5.0                                     # full
+    logits[2] = -0.5                                    # empty mask, full lower mask
+    logits[3, 4:9, 6:20] = np.nan
+    logits[4, 10, 10] = np.inf
+    logits[4, 11, 11] = -np.inf
+    logits[5] = np.round(logits[5])                     # many values at 0 and at +-1
+    logits[6] = np.nan
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6] + list(range(8, n, 2)))
+    planes = torch.from_numpy(logits)
+    for threshold, offset in ((0.0, 1.0), (0.0, 0.0), (0.5, 2.5), (0.0, -1.0)):
+        stability, boxes, crops = threshold_logits(planes, rows, threshold, offset)
+        chosen = planes[rows]
+        expected_stability = amg.calculate_stability_score(chosen, threshold, offset)
+        masks = chosen > threshold
+        assert stability.dtype == torch.float32 and boxes.dtype == torch.int64
+        np.testing.assert_array_equal(stability.numpy(), expected_stability.numpy())
+        assert torch.equal(boxes, amg.batched_mask_to_box(masks))
+        keep = [0, 1, 2, 3, 4, 5, 6, len(rows) - 1]
+        for k, crop in zip(keep, crops(keep)):
+            x0, y0, x1, y1 = boxes[k].tolist()
+            pasted = torch.zeros(h, w, dtype=torch.bool)
+            pasted[y0:y1 + 1, x0:x1 + 1] = crop
+            assert torch.equal(pasted, masks[k]), k
+        assert crops([]) == []
+    empty = threshold_logits(planes, torch.zeros(0, dtype=torch.int64), 0.0, 1.0)
+    assert empty[0].shape == (0,) and empty[1].shape == (0, 4) and empty[2]([]) == []
+
+
 # -- small-region clean-up ----------------------------------------------------------------------
 def test_remove_small_regions_matches_segment_anything():
     rng = np.random.default_rng(0)
@@ -96,6 +171,59 @@ def test_remove_small_regions_matches_segment_anything():
         assert changed[i].item() == (ref_holes or ref_islands), i
     assert changed.tolist()[:3] == [False, True, True]
     assert out[1].sum() == 9 and out[2].all()
+
+
+def reference_clean(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
+    ref, holes = amg.remove_small_regions(mask, min_area, mode="holes")
+    ref, islands = amg.remove_small_regions(ref, min_area, mode="islands")
+    return ref, holes or islands
+
+
+def blob_masks(rng, n: int, height: int, width: int) -> np.ndarray:
+    """Masks with holes and islands of every size, many of them at or next to the image edges
+    (the cases the box window has to get right)."""
+    masks = np.zeros((n, height, width), bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 6)):
+            h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+            y, x = rng.integers(-2, height - h + 3), rng.integers(-2, width - w + 3)
+            y, x = min(max(y, 0), height - h), min(max(x, 0), width - w)
+            masks[i, y:y + h, x:x + w] ^= rng.random() < 0.8
+        masks[i] ^= rng.random((height, width)) < rng.choice([0.0, 0.02, 0.1])
+    return masks
+
+
+@pytest.mark.parametrize("height,width,min_area", [(40, 50, 10), (23, 31, 30), (9, 12, 40),
+                                                   (30, 30, 2), (60, 17, 25)])
+def test_remove_small_regions_matches_segment_anything_on_random_blobs(height, width, min_area):
+    rng = np.random.default_rng(height * width + min_area)
+    masks = blob_masks(rng, 150, height, width)
+    # Edge cases: one pixel off each image edge (a one-pixel outside strip), full-width and
+    # full-height bands (the outside splits in two), the whole image, and a tie between the
+    # largest of several small islands (the survivor is OpenCV's first label).
+    masks[0] = False
+    masks[0, 1:-1, 1:-1] = True
+    masks[0, height // 2, width // 2] = False
+    masks[1] = False
+    masks[1, 2:5, :] = True
+    masks[2] = False
+    masks[2, :, 1:4] = True
+    masks[2, :, -4:-1] = True
+    masks[3] = True
+    masks[4] = False
+    masks[4, 0, 0] = masks[4, 0, 2] = masks[4, 2, 0] = masks[4, height - 1, width - 1] = True
+    masks[5] = False
+    masks[5, 1, 1:3] = masks[5, 4, 4:6] = masks[5, height - 2, 3:5] = True
+    masks[6] = ~masks[5]
+    out, changed = remove_small_regions(torch.from_numpy(masks), min_area)
+    assert changed.dtype == torch.bool and out.dtype == torch.bool
+    n_changed = 0
+    for i, mask in enumerate(masks):
+        ref, ref_changed = reference_clean(mask, min_area)
+        np.testing.assert_array_equal(out[i].numpy(), ref, err_msg=str(i))
+        assert changed[i].item() == ref_changed, i
+        n_changed += ref_changed
+    assert 0 < n_changed < len(masks)
 
 
 # -- container ------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from pipeline.data.datasets import load_split
 from pipeline.data.imageio import read_rgb
 from pipeline.sam.quasi_superpixels import QuasiSuperpixels
-from pipeline.store import ImageStore
+from pipeline.store import INPUTS_KEY, ImageStore
 from stages import sam_masks as sam_masks_stage
 from stages.cli import main as cli
-from stages.common import section
+from stages.common import image_inputs, section
 from stages.sam_masks import SamConfig, _build_generator, store_attrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,8 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
                             ("bbox_xywh", (s, 4)), ("point_coords", (s, 2)),
                             ("crop_box_xywh", (s, 4))):
             assert arrays[name].shape == shape, name
-        assert store.read_attrs(r.id) == {"height": r.height, "width": r.width}
+        assert store.read_attrs(r.id) == {"height": r.height, "width": r.width,
+                                          INPUTS_KEY: image_inputs(r)}
         # Generator order: wholes, then parts, then sub-parts.
         assert np.all(np.diff(arrays["levels"].astype(int)) <= 0)
         # The store holds exactly what the generator computes for the image.

@@ -76,7 +76,7 @@ def test_every_level_survives_thresholds_and_nms_at_its_own_level(crop_n_layers,
     come through, each at its own level: a part without sub-parts, which the oracle repeats at
     level 0 as SAM's multimask output would, is stored as a part."""
     monkeypatch.setattr(qsp, "occupation_filter",
-                        lambda masks, levels, thresh: torch.arange(len(levels)))
+                        lambda masks, levels, thresh, boxes=None: torch.arange(len(levels)))
     generator = _oracle(crop_n_layers)
     for i in IMAGES:
         sample = render(0, i)

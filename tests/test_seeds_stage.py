@@ -358,3 +358,23 @@ def test_visualize_names_a_missing_seed_instead_of_showing_a_black_seed():
     strip = row[:TITLE_HEIGHT, x0:x0 + 160]
     np.testing.assert_array_equal(strip, titled(np.zeros_like(image), "fine seed: none")[:TITLE_HEIGHT])
     assert not np.array_equal(strip, titled(np.zeros_like(image), "fine seed")[:TITLE_HEIGHT])
+
+
+@pytest.mark.parametrize("store, arrays, member, reason", [
+    ("cams.zarr", {"cam": np.zeros((2, 2, 2)), "fg_cls": np.array([0, 1])}, "cam/zarr.json",
+     "has dtype float64 and 3 dimensions, expected float32 and 3"),
+    ("sam.zarr", {"masks": np.zeros((1, 17, 23), bool), "levels": np.zeros((1, 1), np.uint8)},
+     "levels/zarr.json", "has dtype uint8 and 2 dimensions, expected uint8 and 1"),
+    ("sam.zarr", {"masks": np.zeros((1, 17, 23), bool), "code": np.zeros(1)}, "code/zarr.json",
+     "is an unexpected array"),
+])
+def test_seeds_stop_on_a_stored_image_other_than_expected(tmp_path, store, arrays, member, reason):
+    """Stores come through DVC remotes: an image whose arrays are not what the producing stage
+    writes stops the stage in one line naming the file and the member (issue 24)."""
+    _params(tmp_path / "params.yaml")
+    _inputs(tmp_path)
+    ImageStore(tmp_path / store).write("b", arrays, {"height": 17, "width": 23})
+    result = _run_seeds(tmp_path)
+    lines = [line for line in result.output.strip().splitlines() if "img/s" not in line]  # tqdm
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert f"{tmp_path / store / 'b.zip'}: member {member!r} {reason}" in result.output

@@ -16,13 +16,7 @@ from pipeline.segmenter.training import (
 from pipeline.weights import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared CPU cores: intra-op threads only add contention for these tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shapes_set(n: int, size: int, seed: int = 0):
@@ -303,7 +297,9 @@ def _step(net, x, y, **kwargs):
     opt = torch.optim.SGD(net.parameters(), lr=1.0)  # update = -gradient
     before = {k: p.detach().clone() for k, p in net.named_parameters()}
     loss = train_step(net, opt, x, y, lr=1.0, **kwargs)
-    return loss, {k: before[k] - p.detach() for k, p in net.named_parameters()}
+    # the loss stays a tensor on the device (no host sync per step); 0-dim float64
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.dtype == torch.float64
+    return float(loss), {k: before[k] - p.detach() for k, p in net.named_parameters()}
 
 
 def test_sub_batches_give_the_full_batch_gradient_without_batch_statistics():
@@ -380,7 +376,7 @@ def test_precision_selects_the_forward_dtype_and_keeps_loss_and_probs_fp32(preci
     x, y = _uneven_batch()
     loss = train_step(net, build_optimizer(net), x, y, 0.01, sub_batches=2, precision=precision)
     assert seen == [dtype, dtype] and loss_dtypes == [torch.float32, torch.float32]
-    assert np.isfinite(loss) and all(p.dtype == torch.float32 for p in net.parameters())
+    assert np.isfinite(float(loss)) and all(p.dtype == torch.float32 for p in net.parameters())
     seen.clear()
     image = np.random.default_rng(0).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
     probs = predict_probs(net.eval(), image, scales=(0.75, 1.0), flip=True, precision=precision)
@@ -396,3 +392,15 @@ def test_bf16_inference_agrees_with_fp32():
     b = predict_probs(net, image, precision="bf16")
     assert not torch.equal(a, b)  # bf16 really ran
     assert (a - b).abs().max() < 0.01  # measured 0.0004 (bf16 keeps 8 bits of mantissa)
+
+
+def test_saved_checkpoint_bytes_do_not_depend_on_the_temporary_name(tmp_path):
+    # DVC hashes checkpoints: the same state saved twice (two runs) must give the same bytes.
+    from pipeline.segmenter.model import save_atomic
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": 3}
+    save_atomic(state, tmp_path / "a" / "best.pt")
+    save_atomic(state, tmp_path / "b" / "best.pt")
+    first = (tmp_path / "a" / "best.pt").read_bytes()
+    assert first == (tmp_path / "b" / "best.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a" / "best.pt")["w"], state["w"])

@@ -34,7 +34,7 @@ def _params(tmp: Path, **overrides) -> Path:
     params["sam"].update(model="tiny", points_per_side=4, crop_n_layers=0, min_mask_region_area=0)
     params["segmenter"].update(
         model="tiny", encoder_weights=None, iterations=ITERATIONS, batch_size=2, crop_size=64,
-        val_every=2, checkpoint_every=2, seed=0,
+        val_every=2, checkpoint_every=2, seed=0, loader_workers=0,
     )
     params["predict"].update(scales=[0.75, 1.0], flip=True, postprocess=True, alpha=1.0, alpha_sweep=[1.0, 3.0])
     for key, value in overrides.items():
@@ -104,7 +104,7 @@ def test_train_writes_model_checkpoint_and_curves(workspace):
                              "untrained": False}}  # seeds without provenance: not from random models
     assert 0.0 <= meta["info"]["val_miou"] <= 100.0  # percent
     assert net.segmentation_head[0].out_channels == len(DEMO_CLASSES) + 1
-    ckpt = torch.load(tmp / "segmenter" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp / "segmenter" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == ITERATIONS
     rows = list(csv.DictReader((tmp / "plots" / "train.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, ITERATIONS + 1))
@@ -116,8 +116,12 @@ def test_train_writes_model_checkpoint_and_curves(workspace):
     assert all(0.0 <= float(r["val_miou"]) <= 100.0 for r in rows if r["val_miou"])  # percent
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypatch):
-    tmp, params = workspace
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypatch, workers):
+    """Killed at iteration 3 and rerun: the same files as the uninterrupted run (which had no
+    loader workers), with 0 or 2 DataLoader workers (batches depend on the iteration only)."""
+    tmp, _ = workspace
+    params = _params(tmp, **{"segmenter.loader_workers": workers})
     import stages.train_segmenter as ts
 
     calls = {"n": 0}
@@ -129,13 +133,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypat
             raise KeyboardInterrupt("killed")
         return real_step(*args, **kwargs)
 
-    out, plots = tmp / "resumed", tmp / "plots" / "resumed.csv"
+    out, plots = tmp / f"resumed_{workers}", tmp / "plots" / f"resumed_{workers}.csv"
     args = ("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "seeds",
             "--out", out, "--plots", plots)
     monkeypatch.setattr(ts, "train_step", crash_on_third)
     result = _invoke(*args)
     assert result.exit_code != 0
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
     monkeypatch.setattr(ts, "train_step", real_step)
     _ok(_invoke(*args))
@@ -146,6 +150,62 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypat
         for k in a["state_dict"]:
             assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
     assert plots.read_text() == (tmp / "plots" / "train.csv").read_text()
+
+
+def test_unreadable_training_image_is_one_line_from_a_loader_worker(workspace):
+    tmp, _ = workspace
+    seeds = tmp / "seeds_corrupt"
+    shutil.copytree(tmp / "seeds", seeds)
+    for png in seeds.glob("*.png"):
+        png.write_bytes(b"not a png")
+    params = _params(tmp, **{"segmenter.loader_workers": 2})
+    result = _invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", seeds,
+                     "--out", tmp / "corrupt", "--plots", tmp / "corrupt.csv")
+    assert result.exit_code == 1
+    # the progress bar's lines, then the error in one line: no worker traceback
+    error = [line for line in result.output.strip().splitlines() if "train segmenter" not in line]
+    assert len(error) == 1 and error[0].startswith("Error: image ") and "seeds_corrupt" in error[0], result.output
+    assert "Traceback" not in result.output and "worker" not in result.output
+
+
+def test_batched_validation_equals_one_image_at_a_time(workspace):
+    """The stage's val mIoU over batches of equal-size images (each val image twice under
+    another id, so batches hold 2 images) equals predict_probs one image at a time."""
+    import dataclasses
+
+    import stages.train_segmenter as ts
+    from pipeline.segmenter.model import build_segmenter
+    from pipeline.segmenter.data import size_batches
+
+    tmp, _ = workspace
+    # A random network whose BatchNorm statistics moved off 0/1 predicts many classes (the
+    # 4-iteration model predicts one class everywhere, which any batching would reproduce).
+    net = build_segmenter("tiny", len(DEMO_CLASSES) + 1, seed=0).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 3, 64, 64))
+    net.eval()
+    # Ground truth = the network's own prediction with its left third made background, so the
+    # mIoU is strictly between 0 and 1 and moves with any changed prediction.
+    records, single = [], ConfusionAccumulator(len(DEMO_CLASSES) + 1)
+    for r in load_split(tmp / "index", "val").good():
+        pred = predict_probs(net, read_rgb(r.image), (1.0,), flip=False).argmax(0).numpy().astype(np.uint8)
+        assert len(np.unique(pred)) > 1
+        gt = pred.copy()
+        gt[:, : gt.shape[1] // 3] = 0
+        write_palette_png(tmp / "val_gt" / f"{r.id}.png", gt)
+        r = dataclasses.replace(r, label=str(tmp / "val_gt" / f"{r.id}.png"))
+        records += [r, dataclasses.replace(r, id=f"{r.id}_again")]
+        single.add(pred, gt)
+        single.add(pred, gt)
+    assert 0 < single.scores().miou < 1
+    max_pixels = 2 * max(r.height * r.width for r in records)
+    batches = size_batches([(r.height, r.width) for r in records], max_pixels)
+    assert sorted(map(len, batches)) == [2] * (len(records) // 2)
+    for workers in (0, 2):
+        miou = ts.evaluate(net, ts.eval_loader(records, max_pixels, workers), len(DEMO_CLASSES) + 1)
+        assert miou == single.scores().miou, workers
 
 
 def test_changed_params_restart_instead_of_resuming(workspace):
@@ -247,6 +307,29 @@ def test_missing_seeds_and_masks_are_clear_errors(workspace):
     assert result.exit_code == 1 and "run `wsss train-segmenter`" in result.output
 
 
+def test_segmenter_files_holding_code_are_refused_in_one_line(workspace, tmp_path):
+    """The resume state and the trained model travel through cache/ and DVC remotes: a pickled
+    object in either stops the stage in one line naming the file, and never runs (issue 24)."""
+    from tests.conftest import write_code_pickle
+
+    tmp, params = workspace
+    out, marker = tmp_path / "segmenter", tmp_path / "ran"
+    write_code_pickle(out / "checkpoint.pt", marker, fingerprint="x", step=2)
+    result = _invoke("train-segmenter", "--params", params, "--index", tmp / "index", "--seeds", tmp / "seeds",
+                     "--out", out, "--plots", tmp_path / "train.csv")
+    assert not marker.exists()
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"segmenter resume state {out / 'checkpoint.pt'} holds objects other than tensors" in result.output
+    assert not (out / "last.pt").exists()
+
+    write_code_pickle(out / "best.pt", marker, format=2, model="tiny")
+    result = _invoke("predict", "--params", params, "--index", tmp / "index", "--segmenter", out,
+                     "--out", tmp_path / "predictions")
+    assert not marker.exists()
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"segmenter checkpoint {out / 'best.pt'} holds objects other than tensors" in result.output
+
+
 def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     from pipeline.sam.quasi_superpixels import QuasiSuperpixels
     from pipeline.segmenter.model import build_segmenter
@@ -309,7 +392,8 @@ def test_best_checkpoint_is_the_best_evaluated_iteration(workspace):
                             "selected_by": "highest single-scale val mIoU", "untrained": False}
     # The file really holds that iteration's weights: re-evaluating it gives its val mIoU.
     val = [r for r in load_split(tmp / "index", "val").good()]
-    assert percent(ts.evaluate(best, val, len(DEMO_CLASSES) + 1)) == pytest.approx(best_miou, abs=1e-3)
+    miou = ts.evaluate(best, ts.eval_loader(val, max_pixels=64 * 64), len(DEMO_CLASSES) + 1)
+    assert percent(miou) == pytest.approx(best_miou, abs=1e-3)
     last = torch.load(tmp / "segmenter" / "last.pt")["state_dict"]
     same = all(torch.equal(v, last[k]) for k, v in best.state_dict().items())
     assert same == (best_step == ITERATIONS)
@@ -345,7 +429,7 @@ def scripted(workspace):
     script([0.2, 0.5])
     mp.setattr(ts, "train_step", crash_on_third)
     assert _train(tmp, params, resumed).exit_code != 0
-    at_crash = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    at_crash = torch.load(resumed / "checkpoint.pt", weights_only=True)
     mp.setattr(ts, "train_step", real_step)
     script([0.5, 0.4])  # iterations 3 and 4, after the resume from iteration 2
     _ok(_train(tmp, params, resumed))
@@ -479,6 +563,8 @@ def test_dvc_stages_depend_on_compute_precision():
     for name in ("train_segmenter", "predict"):
         assert "compute.precision" in stages[name]["params"], name
         assert "pipeline/precision.py" in stages[name]["deps"], name
+    prompts = stages["train_prompts"]["do"]  # prompt training runs in compute.precision too
+    assert "compute.precision" in prompts["params"] and "pipeline/precision.py" in prompts["deps"]
     import stages.train_segmenter as ts
 
     code = {f"{m.replace('.', '/')}.py" for m in ts.CODE_MODULES}

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline import tensorfile
 from pipeline.clip.model import OPENAI_FILES, PATCH, resize_pos_embed, to_model_input
 from pipeline.demo.world import BACKGROUND_KINDS, DEMO_CLASSES, TRAINING_STREAM, WorldImage, render
 from pipeline.prompts.learner import encode_prompt_embeddings
@@ -260,7 +261,7 @@ class CaptionEncoder:
     def __call__(self, model, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts)
         eos = tokens.argmax(dim=1)
-        tokens = tokens[:, : int(eos.max()) + 1]
+        tokens = tokens[:, : int(eos.max()) + 1].to(model.token_embedding.weight.device)
         return encode_prompt_embeddings(model, model.token_embedding(tokens), eos)
 
 
@@ -318,10 +319,10 @@ def _affinity_loss(att: torch.Tensor, hist: np.ndarray, object_share: float) -> 
     known = (area >= 0.5 * PATCH * PATCH) & (hist[:, :, :OTHER].max(2) >= 0.5 * np.maximum(area, 1))
     if not known.any():
         return att.sum() * 0
-    same = torch.from_numpy((dominant[:, :, None] == dominant[:, None, :]) & known[:, None, :]).float()
+    same = torch.from_numpy((dominant[:, :, None] == dominant[:, None, :]) & known[:, None, :]).float().to(att.device)
     share = (att * same).sum(2) / att.sum(2).clamp_min(1e-8)
-    nll = -torch.log(share + 1e-4)[torch.from_numpy(known)]
-    is_obj = torch.from_numpy(dominant[known] < N_CLASSES)
+    nll = -torch.log(share + 1e-4)[torch.from_numpy(known).to(att.device)]
+    is_obj = torch.from_numpy(dominant[known] < N_CLASSES).to(att.device)
     if is_obj.any() and (~is_obj).any():
         return object_share * nll[is_obj].mean() + (1 - object_share) * nll[~is_obj].mean()
     return nll.mean()
@@ -339,15 +340,15 @@ def _soft_patch_loss(logp: torch.Tensor, hist: np.ndarray, object_share: float) 
     sel_k, sel_o = valid & (frac_known >= 0.5), valid & (frac_known < 0.5)
     terms = []
     if sel_k.any():
-        target = torch.from_numpy(hist[sel_k, :OTHER] / known[sel_k, None]).float()
-        ce = -(target * logp[torch.from_numpy(np.nonzero(sel_k)[0])]).sum(1)
-        is_obj = torch.from_numpy(hist[sel_k, :N_CLASSES].sum(1) / known[sel_k] >= 0.3)
+        target = torch.from_numpy(hist[sel_k, :OTHER] / known[sel_k, None]).float().to(logp.device)
+        ce = -(target * logp[torch.from_numpy(np.nonzero(sel_k)[0]).to(logp.device)]).sum(1)
+        is_obj = torch.from_numpy(hist[sel_k, :N_CLASSES].sum(1) / known[sel_k] >= 0.3).to(logp.device)
         if is_obj.any() and (~is_obj).any():
             terms.append(object_share * ce[is_obj].mean() + (1 - object_share) * ce[~is_obj].mean())
         else:
             terms.append(ce.mean())
     if sel_o.any():
-        lo = logp[torch.from_numpy(np.nonzero(sel_o)[0])]
+        lo = logp[torch.from_numpy(np.nonzero(sel_o)[0]).to(logp.device)]
         terms.append(0.25 * -torch.logsumexp(lo[:, N_CLASSES:], dim=1).mean())
     return sum(terms) if terms else logp.sum() * 0
 
@@ -372,6 +373,8 @@ def _cam_loss(model, x: torch.Tensor, grid: tuple[int, int], hist: np.ndarray, t
         return x.sum() * 0
     v = model.visual
     image_idx, target, mask = gradcam_copies(labels, text.shape[0] - N_CLASSES)
+    idx, cls = image_idx.numpy(), target.numpy()
+    image_idx, target, mask = image_idx.to(x.device), target.to(x.device), mask.to(x.device)
     xb = x[image_idx]
     block = v.transformer.resblocks[-1]
     a = block.ln_1(xb)
@@ -382,10 +385,9 @@ def _cam_loss(model, x: torch.Tensor, grid: tuple[int, int], hist: np.ndarray, t
     cams = cams_from_weights(a, weights, grid).reshape(len(target), -1).clamp_min(0)
     lo, hi = cams.amin(1, keepdim=True), cams.amax(1, keepdim=True)
     cams = (cams - lo) / (hi - lo + 1e-5)
-    idx, cls = image_idx.numpy(), target.numpy()
     area = hist[idx].sum(2)
-    share = torch.from_numpy(hist[idx, :, cls] / np.maximum(area, 1)).float()
-    inside = torch.from_numpy(area > 0).float()
+    share = torch.from_numpy(hist[idx, :, cls] / np.maximum(area, 1)).float().to(x.device)
+    inside = torch.from_numpy(area > 0).float().to(x.device)
     pos, neg = (share >= 0.5).float() * inside, (share < 0.1).float() * inside
     eps = 1e-4
     lp = -(torch.log(cams + eps) * pos).sum(1) / pos.sum(1).clamp_min(1)
@@ -396,21 +398,23 @@ def _cam_loss(model, x: torch.Tensor, grid: tuple[int, int], hist: np.ndarray, t
 class _Trainer:
     """The model, the phase's learnable extras and optimizer, and the data stream of one run."""
 
-    def __init__(self, cfg: ClipTrainingConfig, data):
+    def __init__(self, cfg: ClipTrainingConfig, data, device: torch.device | str = "cpu", precision: str = "fp32"):
         from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES
 
         self.cfg = cfg
         self.images, self.concepts = data
+        self.device, self.precision = torch.device(device), precision
         torch.manual_seed(cfg.seed)
+        # initialised on the CPU whatever the device: the same initial weights everywhere
         self.model = create_demo_clip(cfg.seed)
         with torch.no_grad():
             self.model.logit_scale.fill_(math.log(cfg.logit_scale))
-        self.model.train()
+        self.model.to(self.device).train()
         embed = self.model.text_projection.shape[1]
         gen = torch.Generator().manual_seed(cfg.seed + 11)
-        self.protos = torch.nn.Parameter(torch.randn(N_CONCEPTS - 1, embed, generator=gen))
-        self.patch_logscale = torch.nn.Parameter(torch.zeros(()))
-        self.image_bias = torch.nn.Parameter(torch.zeros(()))
+        self.protos = torch.nn.Parameter(torch.randn(N_CONCEPTS - 1, embed, generator=gen).to(self.device))
+        self.patch_logscale = torch.nn.Parameter(torch.zeros((), device=self.device))
+        self.image_bias = torch.nn.Parameter(torch.zeros((), device=self.device))
         self.encoder = CaptionEncoder()
         self.canonical = [CLASS_TEMPLATES[0].format(c) for c in DEMO_CLASSES]
         self.cam_texts = self.canonical + [f"a photo of the {n}." for n in VOC_BACKGROUND_NAMES]
@@ -463,12 +467,32 @@ class _Trainer:
 
 
     def train_step(self) -> dict:
-        cfg, phase, rng, model = self.cfg, self.cfg.phases[self.phase_index], self.rng, self.model
+        from pipeline.precision import autocast
+
+        cfg, phase, rng = self.cfg, self.cfg.phases[self.phase_index], self.rng
         crop = int(cfg.crop_sizes[int(rng.integers(len(cfg.crop_sizes)))])
         picks = rng.choice(len(self.images), size=min(cfg.batch_size, len(self.images)), replace=False)
         views, cons = zip(*[sample_view(self.images[i], self.concepts[i], crop, cfg.scale_range, rng,
                                         cfg.object_centred) for i in picks])
-        trunk = _vision_trunk(model, to_model_input(np.stack(views)),
+        with autocast(self.device, self.precision):
+            loss, losses = self._losses(phase, rng, views, cons)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        if self.step == phase.steps:
+            self.phase_index, self.step = self.phase_index + 1, 0
+            if not self.done:
+                self._start_phase()
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, (_, v) in losses.items()}}
+
+    def _losses(self, phase: ClipPhase, rng: np.random.Generator, views, cons):
+        """The step's total loss and its weighted terms (the views are sampled on the CPU, then
+        moved: the same batches on every device)."""
+        cfg, model = self.cfg, self.model
+        trunk = _vision_trunk(model, to_model_input(np.stack(views)).to(self.device),
                               cfg.attention_blocks if phase.affinity_weight > 0 else 0)
         x, grid = trunk[:2]
         feats = _last_block_features(model, x)
@@ -487,9 +511,9 @@ class _Trainer:
                 concept += list(range(N_CONCEPTS - 1))
             emb = F.normalize(self.encoder(model, prompts), dim=-1)
             cos = emb @ F.normalize(self.protos, dim=-1).detach().T
-            target = torch.tensor(concept)
+            target = torch.tensor(concept, device=self.device)
             losses["text"] = (cfg.text_weight, F.cross_entropy(30.0 * cos, target)
-                              + (1 - cos[torch.arange(len(concept)), target]).mean())
+                              + (1 - cos[torch.arange(len(concept), device=self.device), target]).mean())
             logp = F.log_softmax(temperature * patches @ text.T, dim=-1)
             losses["patch_text"] = (cfg.patch_text_weight, _soft_patch_loss(logp, hist.reshape(B * L, -1), 1.0))
             class_heads = F.normalize(self.protos[:N_CLASSES], dim=-1)
@@ -498,25 +522,14 @@ class _Trainer:
         image = F.normalize(feats.mean(1), dim=-1)
         logits = model.logit_scale.exp().clamp(max=cfg.max_logit_scale) * image @ class_heads.T + self.image_bias
         losses["image"] = (cfg.image_weight, F.binary_cross_entropy_with_logits(
-            logits, torch.from_numpy(_present_classes(hist))))
+            logits, torch.from_numpy(_present_classes(hist)).to(self.device)))
         if phase.cam_weight > 0:
             k = min(cfg.cam_views, B)
             losses["cam"] = (phase.cam_weight, _cam_loss(model, x[:k], grid, hist[:k],
                                                          self.encoder(model, self.cam_texts)))
         if phase.affinity_weight > 0:
             losses["affinity"] = (phase.affinity_weight, _affinity_loss(trunk[2], hist, cfg.object_share))
-        loss = sum(w * v for w, v in losses.values())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        if self.step == phase.steps:
-            self.phase_index, self.step = self.phase_index + 1, 0
-            if not self.done:
-                self._start_phase()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, (_, v) in losses.items()}}
+        return sum(w * v for w, v in losses.values()), losses
 
 
 STATE_FILE = "clip_training_state.pt"
@@ -525,15 +538,19 @@ STATE_FILE = "clip_training_state.pt"
 
 def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict], None] | None = None,
                state_dir: str | Path | None = None, checkpoint_every: int = 100,
-               on_phase_end: Callable[[str, torch.nn.Module], None] | None = None) -> torch.nn.Module:
-    """Train the demo CLIP; deterministic for a given config and thread count.
+               on_phase_end: Callable[[str, torch.nn.Module], None] | None = None,
+               device: torch.device | str = "cpu", precision: str = "fp32") -> torch.nn.Module:
+    """Train the demo CLIP on ``device`` (forward passes and losses under ``precision``,
+    ``pipeline.precision``); deterministic for a given config, device and thread count.
+    Initialisation and data sampling run on the CPU, so every device starts from the same
+    weights and sees the same views.
 
     With ``state_dir``, the run writes ``STATE_FILE`` there every ``checkpoint_every`` steps and
     at each phase end, and a rerun with the same config continues from it (same result as an
     uninterrupted run); a state of another config is an error. ``on_phase_end(name, model)`` runs
     after each phase (evaluation curves).
     """
-    trainer = _Trainer(cfg, data if data is not None else training_images(cfg))
+    trainer = _Trainer(cfg, data if data is not None else training_images(cfg), device, precision)
     path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     state = load_resume_state(path, asdict(cfg))
     if state is not None:
@@ -557,20 +574,19 @@ def train_clip(cfg: ClipTrainingConfig, data=None, progress: Callable[[int, dict
 
 
 def load_resume_state(path: Path | None, config: dict) -> dict | None:
-    """The resume state at ``path`` (None: no path or no file); one of another config is refused."""
+    """The resume state at ``path`` (None: no path or no file), read as data only; one of another
+    config, or one holding anything but tensors and plain data, is refused (TensorFileError)."""
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = tensorfile.load_dict(path, "demo training resume state", f"delete it (rm {path}) to "
+                                 "train from the start", ("config",))
     if state["config"] != config:
-        raise ValueError(f"{path} is the resume state of another configuration; delete it to start over")
+        raise tensorfile.TensorFileError(f"{path} is the resume state of another configuration; "
+                                         "delete it to start over")
     return state
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then renamed over it (resume states)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+save_atomic = tensorfile.save_atomic
 
 # -- evaluation -----------------------------------------------------------------------------------
 
@@ -587,14 +603,17 @@ EVAL_BG_POWERS = (0.25, 0.5, 0.75, *range(1, 11))
 """Background powers swept by :func:`evaluate_clip` (below 1: narrower CAMs)."""
 
 
-def evaluate_clip(model, samples: list[WorldImage], bg_powers=EVAL_BG_POWERS) -> dict:
+def evaluate_clip(model, samples: list[WorldImage], bg_powers=EVAL_BG_POWERS, precision: str = "fp32") -> dict:
     """Held-out quality of a demo CLIP through the pipeline's own inference code (percent).
 
     Hand-written prompts ("a photo of a car.", the 25 VOC background names) stand in for the
     learned ones: classification mAP of the image features, and the mIoU of the Softmax-GradCAMs
-    of the labelled classes (best background power), next to the all-background score.
+    of the labelled classes (best background power), next to the all-background score. The
+    model runs on its device under ``precision`` (``pipeline.precision``).
     """
     import copy
+
+    from pipeline.precision import autocast
 
     from pipeline.cams.score import cam_score
     from pipeline.clip.model import FrozenClip, inference_resize
@@ -604,25 +623,27 @@ def evaluate_clip(model, samples: list[WorldImage], bg_powers=EVAL_BG_POWERS) ->
     from pipeline.prompts.training import batched_gradcam
 
     clip = FrozenClip(copy.deepcopy(model).float(), untrained=False)
+    device = clip.visual.proj.device
     encoder = CaptionEncoder()
     texts = [f"a photo of a {c}." for c in DEMO_CLASSES] + [f"a photo of the {b}." for b in VOC_BACKGROUND_NAMES]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         text = encoder(clip.model, texts)
     cams = CamEvaluator(N_CLASSES + 1, bg_powers)
     background = ConfusionAccumulator(N_CLASSES + 1)
     scores, targets = [], []
     for s in samples:
         image = inference_resize(jpeg_roundtrip(s.image))
-        x = clip.encode_to_last_block(to_model_input(image[None]))
         gh, gw = image.shape[0] // PATCH, image.shape[1] // PATCH
-        with torch.no_grad():
-            logits = clip_logits(clip.last_block_tail(x)[1], text, clip.logit_scale)[0, :N_CLASSES]
         y = np.zeros(N_CLASSES, np.float32)
         y[list(s.classes)] = 1
-        scores.append(logits.numpy())
+        with autocast(device, precision):
+            x = clip.encode_to_last_block(to_model_input(image[None]).to(device))
+            with torch.no_grad():
+                logits = clip_logits(clip.last_block_tail(x)[1], text, clip.logit_scale)[0, :N_CLASSES]
+            cam = batched_gradcam(clip, text, x, torch.from_numpy(y)[None], N_CLASSES, (gh, gw), create_graph=False)
+        scores.append(logits.float().cpu().numpy())
         targets.append(y)
-        cam = batched_gradcam(clip, text, x, torch.from_numpy(y)[None], N_CLASSES, (gh, gw), create_graph=False)
-        cams.add(cam_score(cam.detach().numpy(), s.label.shape), np.array(s.classes), s.label)
+        cams.add(cam_score(cam.detach().float().cpu().numpy(), s.label.shape), np.array(s.classes), s.label)
         background.add(np.zeros_like(s.label), s.label)
     return {"cam_miou": cams.results()["best_miou"], "cam_best_power": cams.results()["best_power"],
             "all_background_miou": percent(background.scores().miou),

@@ -211,19 +211,21 @@ def _lr_factor(step: int, cfg: SamTrainingConfig) -> float:
 
 class _Trainer:
     def __init__(self, cfg: SamTrainingConfig, items: list[_Item], clip_state: dict | None,
-                 spec: SamSpec | None):
+                 spec: SamSpec | None, device: torch.device | str = "cpu", precision: str = "fp32"):
         from pipeline.sam.clip_encoder import load_clip_visual
 
         self.cfg, self.items = cfg, items
+        self.device, self.precision = torch.device(device), precision
         torch.manual_seed(cfg.seed)
+        # built and initialised on the CPU whatever the device: the same initial weights everywhere
         self.sam = build_demo_sam(cfg.seed, spec)
         if cfg.init == "clip":
             if clip_state is None:
                 raise ValueError("init='clip' needs the demo CLIP's state dict")
-            load_clip_visual(self.sam.image_encoder, clip_state)
+            load_clip_visual(self.sam.image_encoder, {k: v.cpu() for k, v in clip_state.items()})
         elif cfg.init != "random":
             raise ValueError(f"unknown init {cfg.init!r} (clip, random)")
-        self.sam.train()
+        self.sam.to(self.device).train()
         self.size = self.sam.image_encoder.img_size
         self.low = 4 * self.sam.prompt_encoder.image_embedding_size[0]
         self.transform = ResizeLongestSide(self.size)
@@ -271,44 +273,49 @@ class _Trainer:
         return crop, level_maps(item.whole[sl], item.part[sl], item.subpart[sl]), item.objects[sl]
 
     def train_step(self) -> dict:
-        cfg, sam = self.cfg, self.sam
+        from pipeline.precision import autocast
+
+        cfg, sam, device = self.cfg, self.sam, self.device
         picks = self.rng.choice(len(self.items), size=min(cfg.batch_size, len(self.items)), replace=False)
         inputs, prompts = [], []
         for i in picks:
             crop, maps, objects = self._view(self.items[int(i)])
             resized = self.transform.apply_image(crop)
-            inputs.append(sam.preprocess(torch.as_tensor(resized).permute(2, 0, 1).float()))
+            inputs.append(sam.preprocess(torch.as_tensor(resized).permute(2, 0, 1).float().to(device)))
             pts = sample_points(finest_regions(maps), objects, cfg.points_per_image, cfg.region_point_frac,
                                 cfg.object_point_frac, self.rng)
             target, valid = lowres_targets(maps, pts, resized.shape[:2], self.size, self.low)
             coords = self.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, crop.shape[:2])
-            prompts.append((torch.as_tensor(coords, dtype=torch.float32), target, valid))
-        emb = sam.image_encoder(torch.stack(inputs))
-        pe = sam.prompt_encoder.get_dense_pe()
-        losses, ious = [], []
-        for b, (coords, target, valid) in enumerate(prompts):
-            labels = torch.ones(coords.shape[0], 1, dtype=torch.int)
-            sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-            logits, iou_pred = sam.mask_decoder(image_embeddings=emb[b:b + 1], image_pe=pe,
-                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                                multimask_output=True)
-            v = valid[None, None]
-            with torch.no_grad():
-                pred = (logits > 0).float() * v
-                inter = (pred * target).flatten(2).sum(-1)
-                union = ((pred + target) > 0).float().flatten(2).sum(-1)
-                iou = inter / union.clamp_min(1)
-            alpha_max = cfg.alpha_max if self.step < cfg.late_from_step else cfg.late_alpha_max
-            mask_loss = balanced_bce(logits, target, v, alpha_max) + dice_loss(logits, target, v)  # (P, 3)
-            losses.append(mask_loss.sum(-1).mean() + F.mse_loss(iou_pred, iou, reduction="none").sum(-1).mean())
-            ious.append(iou)
-        loss = torch.stack(losses).mean()
+            prompts.append((torch.as_tensor(coords, dtype=torch.float32).to(device), target.to(device),
+                            valid.to(device)))
+        with autocast(device, self.precision):
+            emb = sam.image_encoder(torch.stack(inputs))
+            pe = sam.prompt_encoder.get_dense_pe()
+            losses, ious = [], []
+            for b, (coords, target, valid) in enumerate(prompts):
+                labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=device)
+                sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+                logits, iou_pred = sam.mask_decoder(image_embeddings=emb[b:b + 1], image_pe=pe,
+                                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                                    multimask_output=True)
+                logits, iou_pred = logits.float(), iou_pred.float()  # the losses in fp32 (no-op in fp32)
+                v = valid[None, None]
+                with torch.no_grad():
+                    pred = (logits > 0).float() * v
+                    inter = (pred * target).flatten(2).sum(-1)
+                    union = ((pred + target) > 0).float().flatten(2).sum(-1)
+                    iou = inter / union.clamp_min(1)
+                alpha_max = cfg.alpha_max if self.step < cfg.late_from_step else cfg.late_alpha_max
+                mask_loss = balanced_bce(logits, target, v, alpha_max) + dice_loss(logits, target, v)  # (P, 3)
+                losses.append(mask_loss.sum(-1).mean() + F.mse_loss(iou_pred, iou, reduction="none").sum(-1).mean())
+                ious.append(iou)
+            loss = torch.stack(losses).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
-        iou = torch.cat(ious).mean(0).numpy()
+        iou = torch.cat(ious).mean(0).cpu().numpy()
         self.iou_ema = iou if self.step == 0 else 0.95 * self.iou_ema + 0.05 * iou
         self.step += 1
         return {"loss": float(loss.detach()), **{f"iou_{k}": float(x) for k, x in zip(LEVELS, self.iou_ema)}}
@@ -318,8 +325,12 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
               progress: Callable[[int, dict], None] | None = None, state_dir: str | Path | None = None,
               checkpoint_every: int = 100, evaluate_every: int = 0,
               on_evaluate: Callable[[int, float, dict, torch.nn.Module], None] | None = None,
-              spec: SamSpec | None = None) -> torch.nn.Module:
-    """Train the demo SAM; deterministic for a given config, CLIP state and thread count.
+              spec: SamSpec | None = None, device: torch.device | str = "cpu",
+              precision: str = "fp32") -> torch.nn.Module:
+    """Train the demo SAM on ``device`` (forward passes under ``precision``, ``pipeline.precision``;
+    the losses in fp32); deterministic for a given config, CLIP state, device and thread count.
+    Initialisation and data sampling run on the CPU, so every device starts from the same weights
+    and sees the same batches.
 
     ``clip_state``: the demo CLIP's open_clip state dict (``init="clip"``). With ``state_dir``,
     the run writes ``STATE_FILE`` there every ``checkpoint_every`` steps and a rerun with the same
@@ -328,7 +339,7 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
     ``evaluate_every`` steps and after the last (held-out curves); it must not touch the
     training's random streams (it gets the model in eval mode, training resumes after it).
     """
-    trainer = _Trainer(cfg, data if data is not None else training_items(cfg), clip_state, spec)
+    trainer = _Trainer(cfg, data if data is not None else training_items(cfg), clip_state, spec, device, precision)
     path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     state = load_resume_state(path, asdict(cfg))
     if state is not None:
@@ -352,27 +363,32 @@ def train_sam(cfg: SamTrainingConfig, clip_state: dict | None = None, data: list
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-def point_iou(sam, samples: list[WorldImage], points_per_image: int = 24, seed: int = 0) -> dict:
+def point_iou(sam, samples: list[WorldImage], points_per_image: int = 24, seed: int = 0,
+              precision: str = "fp32") -> dict:
     """Single positive point prompts through ``SamPredictor`` at each image's own size: the mean
     IoU, per level, of the best of the three outputs against the level's mask under the point
     (``point_masks``; a missing level repeats the coarser mask). Points are region-balanced:
     a random finest region of the image (sub-part, else part, else whole), then a random pixel of
-    it. Also the same on object points only, and the per-output IoU of slot k against level k."""
+    it. Also the same on object points only, and the per-output IoU of slot k against level k.
+    The model runs on its device under ``precision`` (``pipeline.precision``)."""
     from segment_anything import SamPredictor
+
+    from pipeline.precision import autocast
 
     predictor = SamPredictor(sam.eval())
     rng = np.random.default_rng([seed, 99])
     rows, on_object = [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(predictor.device, precision):
         for s in samples:
             image = jpeg_roundtrip(s.image)
             predictor.set_image(image)
             pts = sample_points(finest_regions(level_maps(s.whole, s.part, s.subpart)), None,
                                 points_per_image, 1.0, 0.0, rng)
             coords = predictor.transform.apply_coords(pts[:, ::-1].astype(np.float64) + 0.5, image.shape[:2])
-            masks, _, _ = predictor.predict_torch(torch.as_tensor(coords, dtype=torch.float32)[:, None],
-                                                  torch.ones(len(pts), 1, dtype=torch.int), multimask_output=True)
-            masks = masks.numpy()
+            masks, _, _ = predictor.predict_torch(
+                torch.as_tensor(coords, dtype=torch.float32).to(predictor.device)[:, None],
+                torch.ones(len(pts), 1, dtype=torch.int, device=predictor.device), multimask_output=True)
+            masks = masks.cpu().numpy()
             for j, (y, x) in enumerate(pts):
                 truth = point_masks(s, int(y), int(x))
                 m = masks[j]
@@ -391,15 +407,16 @@ def point_iou(sam, samples: list[WorldImage], points_per_image: int = 24, seed: 
             "slot_k": {name: round(float(iou[:, lv, lv].mean()), 4) for lv, name in enumerate(LEVELS)}}
 
 
-def evaluate_sam(sam, samples: list[WorldImage], **generator_settings) -> dict:
+def evaluate_sam(sam, samples: list[WorldImage], precision: str = "fp32", **generator_settings) -> dict:
     """Quasi-superpixels of a demo SAM on held-out world images (``QuasiSuperpixelGenerator``
     with ``generator_settings``): masks per image, the percentage of images with all three
-    levels, and of object instances matched by some mask at IoU >= 0.5."""
+    levels, and of object instances matched by some mask at IoU >= 0.5. The model runs on its
+    device, the generator's forward passes under ``precision``."""
     from segment_anything import SamPredictor
 
     from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
 
-    generator = QuasiSuperpixelGenerator(SamPredictor(sam.eval()), **generator_settings)
+    generator = QuasiSuperpixelGenerator(SamPredictor(sam.eval()), precision=precision, **generator_settings)
     counts, three, matched, objects = [], 0, 0, 0
     with torch.no_grad():
         for s in samples:

@@ -150,8 +150,10 @@ class PromptLearner(torch.nn.Module):
             layout = layout[:, : int(eos.max()) + 1]
         # (G, n_ctx) position of context vector j in each prompt (both layouts keep j ascending)
         positions = (layout < 0).nonzero()[:, 1].reshape(len(self.names), n_ctx)
+        # The tokenizer's ids are CPU tensors; the embedding lookup runs where CLIP lives.
         with torch.no_grad():
-            fixed = clip_model.token_embedding(layout.clamp_min(0)).float()
+            weight = clip_model.token_embedding.weight
+            fixed = clip_model.token_embedding(layout.clamp_min(0).to(weight.device)).float()
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("layout", layout, persistent=False)
         self.register_buffer("fixed_embeds", fixed, persistent=False)

@@ -10,6 +10,7 @@ import math
 import torch
 
 from pipeline.cams.gradcam import cams_from_weights, gradcam_copies, gradcam_weights
+from pipeline.precision import training_autocast
 from pipeline.prompts.losses import IGNORE_INDEX, cam_activation_loss, multilabel_contrastive_loss
 from pipeline.prompts.learner import clip_logits
 
@@ -39,10 +40,14 @@ def batched_gradcam(
     n_bg = text_features.shape[0] - n_fg
     image_idx, target, mask = gradcam_copies(labels, n_bg)
     image_idx, target, mask = image_idx.to(x.device), target.to(x.device), mask.to(x.device)
-    acts, feats = clip.last_block_tail(x[image_idx], requires_grad=True)
-    logits = clip_logits(feats, text_features, clip.logit_scale)
-    weights = gradcam_weights(acts, logits, target, mask, create_graph=create_graph)
-    cams = cams_from_weights(acts, weights, grid_hw)
+    # The Grad-CAM runs in fp32 whatever autocast surrounds it: its inner gradient ∂p/∂A is not
+    # the loss a GradScaler scales, so in fp16 it would underflow (and bf16 keeps 8 bits of it).
+    # One block over the copies; the text encoder that made text_features keeps the autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        acts, feats = clip.last_block_tail(x[image_idx].float(), requires_grad=True)
+        logits = clip_logits(feats, text_features.float(), clip.logit_scale)
+        weights = gradcam_weights(acts, logits, target, mask, create_graph=create_graph)
+        cams = cams_from_weights(acts, weights, grid_hw)
     return (cams, weights) if with_weights else cams
 
 
@@ -139,14 +144,15 @@ def sub_batches(n: int, k: int) -> list[slice]:
 
 
 def optimizer_iteration(which: str, cfg, clip, learner, batch, device,
-                        optimizer, scheduler, scaler, use_amp: bool) -> float:
+                        optimizer, scheduler, scaler, precision: str = "fp32") -> float:
     """One training iteration on ``batch`` = (x, labels, crops or None): gradients by
     :func:`batch_step`, the optimizer step (skipped for a segmentation batch without any class),
-    the scheduler step. Returns the batch loss."""
+    the scheduler step. ``precision``: one of ``pipeline.precision.TRAINING_PRECISIONS``, with
+    ``scaler`` from ``pipeline.precision.grad_scaler``. Returns the batch loss."""
     x, labels, crops = batch
     optimizer.zero_grad(set_to_none=True)
     loss, stepped = batch_step(which, cfg, clip, learner, x.to(device), labels.to(device),
-                               None if crops is None else crops.to(device), scaler, use_amp)
+                               None if crops is None else crops.to(device), scaler, precision)
     if stepped:
         scaler.step(optimizer)
         scaler.update()
@@ -155,7 +161,8 @@ def optimizer_iteration(which: str, cfg, clip, learner, batch, device,
 
 
 def batch_step(which: str, cfg, clip, learner, x: torch.Tensor,
-               labels: torch.Tensor, crops: torch.Tensor | None, scaler, use_amp: bool) -> tuple[float, bool]:
+               labels: torch.Tensor, crops: torch.Tensor | None, scaler,
+               precision: str = "fp32") -> tuple[float, bool]:
     """Gradient of one batch into ``learner.ctx.grad`` (sub-batch by sub-batch); returns
     (full-batch loss, whether the optimizer should step). ``cfg`` carries ``sub_batches`` and
     ``loss_classes`` (the stage's ``prompts.<which>`` config).
@@ -180,7 +187,7 @@ def batch_step(which: str, cfg, clip, learner, x: torch.Tensor,
         if which == "seg" and w == 0:
             continue
         share = w / total if total else 0.0
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=use_amp):
+        with training_autocast(x.device, precision):
             if which == "cls":
                 loss = classification_loss(clip, learner, x[p], l)
             else:

@@ -19,7 +19,8 @@ module computes the same numbers with less work, all of it exact:
 Numerics are SAM's own, operation by operation, in the same memory layouts, so the results are
 the bits stock produces (tests/test_point_decoder.py checks IoU predictions and logits against
 ``predict_torch``). Three details make that hold however the prompts are batched, which lets the
-caller choose the batch from a memory budget (:func:`prompts_per_batch`):
+caller choose the batch from a memory budget (:func:`prompts_per_batch`; on CUDA the budget
+defaults to a share of the free device memory, :func:`batch_memory_bytes`):
 
 * a GEMM with few rows can take another kernel, hence other rounding, than the same GEMM with
   many rows (MKL: fewer than 12 rows), so token-side projections with few rows are zero-padded
@@ -56,6 +57,12 @@ PROMPT_ALIGN = 4
 TRANSFORMER_TOKEN_TENSORS = 5
 #: The same for the output upscaling, in upscaled embeddings (C/8 x 4h x 4w floats).
 UPSCALING_TENSORS = 2
+#: Share of a CUDA device's free memory that an automatic prompt batch may plan for: the
+#: estimate of :func:`prompt_bytes` is not a bound, and the batch's masks, their post-processing
+#: and the allocator's fragmentation need the rest.
+AUTO_MEMORY_FRACTION = 0.5
+#: Prompt-batch budget (MiB) where free memory is not measured (CPU and other devices).
+DEFAULT_BATCH_MEMORY_MB = 1024
 
 
 def has_sam(predictor) -> bool:
@@ -98,6 +105,28 @@ def prompt_bytes(sam: Sam, original_size: tuple[int, int]) -> int:
     masks = (h * w * c + UPSCALING_TENSORS * (c // 8) * (4 * h) * (4 * w)
              + slots * (side * side + original_size[0] * original_size[1]))
     return 4 * max(transformer, masks)
+
+
+def batch_memory_bytes(max_batch_memory_mb: float | str | None, device) -> int:
+    """The working-memory budget of one prompt batch, in bytes.
+
+    A number is a budget in MiB. ``None`` or ``"auto"``: on a CUDA device,
+    :data:`AUTO_MEMORY_FRACTION` of the memory free for new tensors (the device's free memory
+    plus what PyTorch's caching allocator holds unused), measured now, after the image encoder
+    ran; elsewhere :data:`DEFAULT_BATCH_MEMORY_MB` (a CPU's free memory is shared with other
+    processes and says little about what a batch may take).
+    """
+    if max_batch_memory_mb is not None and max_batch_memory_mb != "auto":
+        if isinstance(max_batch_memory_mb, str) or max_batch_memory_mb <= 0:
+            raise ValueError(f"max_batch_memory_mb must be a positive number of MiB, None or "
+                             f"'auto', got {max_batch_memory_mb!r}")
+        return int(max_batch_memory_mb * 2**20)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_BATCH_MEMORY_MB * 2**20
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int((free + cached) * AUTO_MEMORY_FRACTION)
 
 
 def prompts_per_batch(budget_bytes: int, sam: Sam, original_size: tuple[int, int],

@@ -10,12 +10,21 @@ matches it exactly. Three changes make the masks usable as quasi-superpixels:
 3. after the clean-up, :func:`occupation_filter` drops parts and sub-parts that mostly lie inside
    an already selected mask.
 
-Unlike the stock generator, masks stay dense boolean tensors throughout (no RLE round trips),
-which is what makes the post-processing faster than stock on the same predictor. When the
-predictor holds a real segment-anything ``Sam``, the network side runs through
+Unlike the stock generator, masks never go through RLE, and none is image-sized before the last
+filter: each is cut to its bounding box when its logits are thresholded and travels as that box
+crop (a boolean tensor on the predictor's device) through NMS, uncropping (a box shift) and the
+small-region clean-up (OpenCV in the box grown by one pixel, the whole image only where that
+could differ). The masks left are pasted at image size once, for the occupation filter, which
+counts intersections inside each candidate's box with the selected masks whose boxes meet it.
+Every step gives the integers and bits the whole-image computation gives; skipping the
+image-sized work is what makes the post-processing faster than stock on the same predictor
+(``benchmarks/sam_masks.py``).
+
+When the predictor holds a real segment-anything ``Sam``, the network side runs through
 :class:`pipeline.sam.point_decoder.PointDecoder` (the same numbers with less work: shared first
-block, IoU test before the mask upscaling) in prompt batches chosen from a memory budget; any
-other object with ``SamPredictor``'s interface goes through its ``predict_torch``.
+block, IoU test before the mask upscaling) in prompt batches chosen from a memory budget (by
+default half the free memory of a CUDA device); any other object with ``SamPredictor``'s
+interface goes through its ``predict_torch``.
 """
 from __future__ import annotations
 
@@ -26,21 +35,23 @@ import cv2
 import numpy as np
 import torch
 from segment_anything.utils.amg import (
-    MaskData,
     batch_iterator,
     batched_mask_to_box,
     build_all_layer_point_grids,
-    calculate_stability_score,
     generate_crop_boxes,
     is_box_near_crop_edge,
     uncrop_boxes_xyxy,
-    uncrop_masks,
     uncrop_points,
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
 from pipeline.precision import autocast
-from pipeline.sam.point_decoder import PointDecoder, has_sam, prompts_per_batch
+from pipeline.sam.point_decoder import (
+    PointDecoder,
+    batch_memory_bytes,
+    has_sam,
+    prompts_per_batch,
+)
 
 #: Level ids: SAM's multimask output index (0 sub-part, 1 part, 2 whole).
 SUB_PART, PART, WHOLE = 0, 1, 2
@@ -71,6 +82,13 @@ class QuasiSuperpixels:
         "crop_box_xywh": np.int64,
     }
 
+    STORE_ARRAYS = {
+        "masks": ("bool", 3), "levels": ("uint8", 1), "predicted_iou": ("float32", 1),
+        "stability_score": ("float32", 1), "bbox_xywh": ("int64", 2), "point_coords": ("float64", 2),
+        "crop_box_xywh": ("int64", 2),
+    }
+    """(dtype, ndim) of each array of a ``sam_masks.zarr`` group (``ImageStore(path, arrays=...)``)."""
+
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 
@@ -98,8 +116,26 @@ class QuasiSuperpixels:
         )
 
 
+def _box_from_profiles(in_height: torch.Tensor, in_width: torch.Tensor) -> torch.Tensor:
+    """(N, 4) int64 XYXY boxes (inclusive max) from per-mask row and column occupancy (N, H) and
+    (N, W) bool; [0, 0, 0, 0] for an empty mask. segment-anything's ``batched_mask_to_box``
+    after its two max reductions, so the boxes are its boxes."""
+    h, w = in_height.shape[-1], in_width.shape[-1]
+    rows = torch.arange(h, device=in_height.device)
+    cols = torch.arange(w, device=in_width.device)
+    in_height_coords = in_height * rows[None, :]
+    bottom = in_height_coords.amax(-1)
+    top = (in_height_coords + h * (~in_height)).amin(-1)
+    in_width_coords = in_width * cols[None, :]
+    right = in_width_coords.amax(-1)
+    left = (in_width_coords + w * (~in_width)).amin(-1)
+    empty = (right < left) | (bottom < top)
+    return torch.stack([left, top, right, bottom], -1) * (~empty).unsqueeze(-1)
+
+
 def occupation_filter(masks: torch.Tensor | np.ndarray, levels: torch.Tensor | np.ndarray,
-                      thresh: float) -> torch.Tensor:
+                      thresh: float, boxes: torch.Tensor | np.ndarray | None = None,
+                      ) -> torch.Tensor:
     """Indices of the masks kept by the occupation filter, in output order (§1, change 3).
 
     ``masks`` (S, H, W) bool, ``levels`` (S,). All wholes are selected; then for level 1 and then
@@ -110,50 +146,159 @@ def occupation_filter(masks: torch.Tensor | np.ndarray, levels: torch.Tensor | n
 
     ``thresh`` is the paper's t_r (0.3): the largest fraction of a candidate that may already be
     covered by any one selected mask.
+
+    ``boxes`` (S, 4) XYXY with inclusive max (``batched_mask_to_box``'s, computed when absent)
+    must hold every pixel of each non-empty mask; an empty mask's box may be anything. Each
+    candidate is intersected only within its box and only with the selected masks whose boxes
+    overlap it: the same integer counts as over the whole image, at a fraction of the work.
     """
     masks = torch.as_tensor(masks)
-    levels = torch.as_tensor(levels).to(device=masks.device, dtype=torch.int64)
-    # Pixel counts are exact in float32 below 2**24 pixels per mask; the matmul does every
-    # candidate-selected intersection of a level at once.
-    flat = masks.flatten(1).to(torch.float32)
-    area = flat.sum(1, dtype=torch.float64)
-    selected = torch.nonzero(levels == WHOLE).flatten()
+    device = masks.device
+    levels = torch.as_tensor(levels).to(torch.int64).cpu().numpy()
+    if boxes is None:
+        boxes = batched_mask_to_box(masks)
+    boxes = torch.as_tensor(boxes).to(torch.int64).cpu().numpy().reshape(-1, 4)
+    selected = np.flatnonzero(levels == WHOLE)
     for level in (PART, SUB_PART):
-        candidates = torch.nonzero(levels == level).flatten()
+        candidates = np.flatnonzero(levels == level)
         if len(selected) and len(candidates):
-            inter = (flat[candidates] @ flat[selected].T).to(torch.float64)
-            occupation = (inter / area[candidates, None]).amax(1)
-            candidates = candidates[occupation < thresh]
-        selected = torch.cat([selected, candidates])
-    return selected
+            sel_boxes = boxes[selected]
+            max_inter, area = [], []
+            for c in candidates.tolist():
+                x0, y0, x1, y1 = boxes[c].tolist()
+                window = masks[c, y0:y1 + 1, x0:x1 + 1]
+                area.append(window.sum())
+                hits = selected[(sel_boxes[:, 0] <= x1) & (sel_boxes[:, 2] >= x0)
+                                & (sel_boxes[:, 1] <= y1) & (sel_boxes[:, 3] >= y0)]
+                if len(hits):
+                    others = masks[torch.as_tensor(hits, device=device), y0:y1 + 1, x0:x1 + 1]
+                    max_inter.append((others & window).sum((1, 2)).amax())
+                else:
+                    max_inter.append(area[-1] * 0)
+            # max_s(|c ∩ s| / |c|) = max_s|c ∩ s| / |c| (division is monotonic); an empty
+            # candidate gives 0/0 = nan and is dropped, as the per-pair ratio would be.
+            occupation = (torch.stack(max_inter).to(torch.float64)
+                          / torch.stack(area).to(torch.float64))
+            candidates = candidates[(occupation < thresh).cpu().numpy()]
+        selected = np.concatenate([selected, candidates])
+    return torch.as_tensor(selected, dtype=torch.int64, device=device)
+
+
+def _clean_window(window: np.ndarray, min_area: int, exterior: tuple[bool, bool, bool, bool],
+                  exact_ties: bool) -> tuple[np.ndarray, bool] | None:
+    """Holes then islands of one mask seen through a window of the image (bool (h, w)).
+
+    ``exterior`` (top, bottom, left, right): the window sides beyond which the image goes on;
+    the mask is empty along those sides, and every background region touching one of them
+    continues outside the window and is known to be at least ``min_area`` pixels there (the
+    caller checks), so it is never a hole. Returns the cleaned window and whether it changed, or
+    None when every island is small and several share the largest area: which one survives then
+    depends on OpenCV's label order over the whole image (unless ``exact_ties``: the window is
+    the whole image).
+    """
+    changed = False
+    for holes in (True, False):
+        n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(
+            (window ^ holes).astype(np.uint8), connectivity=8)
+        small = stats[1:, cv2.CC_STAT_AREA] < min_area
+        if holes and any(exterior) and small.any():
+            outside = np.zeros(n_labels, bool)
+            top, bottom, left, right = exterior
+            for side, edge in ((top, regions[0]), (bottom, regions[-1]), (left, regions[:, 0]),
+                               (right, regions[:, -1])):
+                if side:
+                    outside[edge] = True
+            small &= ~outside[1:]
+        if not small.any():
+            continue
+        changed = True
+        if holes:
+            lut = np.concatenate([[True], small])  # label 0 is the mask itself
+        else:
+            lut = np.concatenate([[False], ~small])
+            if not lut.any():
+                areas = stats[1:, cv2.CC_STAT_AREA]
+                if not exact_ties and np.count_nonzero(areas == areas.max()) > 1:
+                    return None
+                lut[int(np.argmax(areas)) + 1] = True
+        window = lut[regions]
+    return window, changed
+
+
+def _remove_small_regions_boxed(crops: Sequence[np.ndarray], boxes: np.ndarray, min_area: int,
+                                height: int, width: int,
+                                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """segment-anything's holes-then-islands clean-up of masks given as box crops.
+
+    ``crops[i]`` is mask i inside ``boxes[i]`` (XYXY, inclusive max; for an empty mask any
+    box, its crop all False). Each mask is cleaned in its box grown by one pixel (the ring is
+    background, so every region that leaves the window touches it), unless a piece of the image
+    outside that window is smaller than ``min_area`` (a region through it could then be a small
+    hole) or a tie needs OpenCV's whole-image label order: then in the whole image.
+
+    Returns the cleaned crops, their boxes (``batched_mask_to_box``'s: [0, 0, 0, 0] when empty)
+    and ``changed`` (S,) bool.
+    """
+    out_crops, out_boxes, changed = [], boxes.copy(), np.zeros(len(crops), bool)
+    for i, crop in enumerate(crops):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        if not crop.any():
+            x0 = y0 = x1 = y1 = 0
+        wy0, wy1, wx0, wx1 = max(y0 - 1, 0), min(y1 + 2, height), max(x0 - 1, 0), min(x1 + 2, width)
+        exterior = (wy0 > 0, wy1 < height, wx0 > 0, wx1 < width)
+        # The image outside the window, in bands: above and below (full width), left and right
+        # (window rows). 8-connected, a band above or below meets the side bands at the window's
+        # corners; the bands above and below, or left and right, meet only through another.
+        top, bottom = wy0 * width, (height - wy1) * width
+        left, right = wx0 * (wy1 - wy0), (width - wx1) * (wy1 - wy0)
+        if (left or right) and (top or bottom):
+            pieces = [top + bottom + left + right]
+        else:
+            pieces = [top, bottom, left, right]
+        result = None
+        if all(p == 0 or p >= min_area for p in pieces):
+            window = np.zeros((wy1 - wy0, wx1 - wx0), bool)
+            window[y0 - wy0:y1 - wy0 + 1, x0 - wx0:x1 - wx0 + 1] = crop
+            result = _clean_window(window, min_area, exterior, exact_ties=False)
+        if result is None:
+            wy0, wy1, wx0, wx1 = 0, height, 0, width
+            window = np.zeros((height, width), bool)
+            window[y0:y1 + 1, x0:x1 + 1] = crop
+            result = _clean_window(window, min_area, (False,) * 4, exact_ties=True)
+        window, changed[i] = result
+        if not changed[i]:
+            out_crops.append(crop)
+            out_boxes[i] = (x0, y0, x1, y1)
+            continue
+        rows, cols = np.flatnonzero(window.any(1)), np.flatnonzero(window.any(0))
+        if not len(rows):
+            out_crops.append(np.zeros((1, 1), bool))
+            out_boxes[i] = 0
+            continue
+        out_crops.append(window[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+        out_boxes[i] = (wx0 + cols[0], wy0 + rows[0], wx0 + cols[-1], wy0 + rows[-1])
+    return out_crops, out_boxes, changed
 
 
 def remove_small_regions(masks: torch.Tensor, min_area: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill holes, then drop islands, smaller than ``min_area`` pixels (8-connectivity).
 
     Same result as segment-anything's ``amg.remove_small_regions`` (mode "holes", then
-    "islands"; an all-small mask keeps its largest island), with a label lookup table instead of
-    its per-label Python lists. Returns the cleaned masks (S, H, W) bool and ``changed`` (S,) bool.
+    "islands"; an all-small mask keeps its largest island), computed in each mask's box (see
+    :func:`_remove_small_regions_boxed`). Returns the cleaned masks (S, H, W) bool and
+    ``changed`` (S,) bool, on the masks' device.
     """
-    out = masks.cpu().numpy().copy()
-    changed = np.zeros(len(out), bool)
-    # Connected components have no tensor op: two OpenCV calls per mask (holes, islands).
-    for i in range(len(out)):
-        for holes in (True, False):
-            n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(
-                (out[i] ^ holes).astype(np.uint8), connectivity=8)
-            small = stats[1:, cv2.CC_STAT_AREA] < min_area
-            if not small.any():
-                continue
-            changed[i] = True
-            if holes:
-                lut = np.concatenate([[True], small])  # label 0 is the mask itself
-            else:
-                lut = np.concatenate([[False], ~small])
-                if not lut.any():
-                    lut[int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1] = True
-            out[i] = lut[regions]
-    return torch.from_numpy(out).to(masks.device), torch.from_numpy(changed)
+    height, width = masks.shape[-2:]
+    boxes = batched_mask_to_box(masks).to(torch.int64).cpu().numpy().reshape(-1, 4)
+    host = masks.cpu().numpy()
+    crops = [host[i, y0:y1 + 1, x0:x1 + 1] for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())]
+    crops, boxes, changed = _remove_small_regions_boxed(crops, boxes, min_area, height, width)
+    out = masks.clone()
+    for i in np.flatnonzero(changed).tolist():
+        x0, y0, x1, y1 = boxes[i].tolist()
+        out[i] = False
+        out[i, y0:y1 + 1, x0:x1 + 1] = torch.from_numpy(crops[i]).to(masks.device)
+    return out, torch.from_numpy(changed).to(masks.device)
 
 
 class QuasiSuperpixelGenerator:
@@ -183,7 +328,7 @@ class QuasiSuperpixelGenerator:
         score_nms_offset: Sequence[float] = (0.0, 0.0, 1.0),
         stability_score_bias: Sequence[float] = (0.0, 0.0, 0.0),
         occupation_thresh: float = 0.3,
-        max_batch_memory_mb: float = 1024,
+        max_batch_memory_mb: float | str | None = None,
         precision: str = "fp32",
     ) -> None:
         """
@@ -211,9 +356,11 @@ class QuasiSuperpixelGenerator:
           occupation_thresh: the occupation filter's t_r (strict ``<``), see
             :func:`occupation_filter`.
           max_batch_memory_mb: working memory (MiB) of one prompt batch through a real SAM's
-            decoder: the batch is the largest that fits (at least 1, at most
-            ``points_per_batch``). Results do not depend on it. Predictors without a ``Sam``
-            always use ``points_per_batch``.
+            decoder: the batch is the largest that fits (at least 4, at most
+            ``points_per_batch``). None or ``"auto"``: half the free memory of a CUDA device,
+            1024 MiB elsewhere (:func:`~pipeline.sam.point_decoder.batch_memory_bytes`).
+            Results do not depend on it. Predictors without a ``Sam`` always use
+            ``points_per_batch``.
           precision: ``fp32`` or ``bf16``: autocast of SAM's image encoder and mask decoder
             (:func:`pipeline.precision.autocast`); filters, NMS and clean-up stay float32.
         """
@@ -248,18 +395,20 @@ class QuasiSuperpixelGenerator:
 
         if len(crop_boxes) > 1:
             # Prefer masks from smaller crops (segment-anything's rule; level plays no part).
-            scores = (1 / box_area(data["crop_boxes"])).to(data["boxes"].device)
-            data.filter(_nms(data["boxes"], scores, self.crop_nms_thresh))
+            scores = 1 / box_area(data["crop_boxes"])
+            data = _take(data, _nms(data["boxes"], scores, self.crop_nms_thresh))
 
         if self.min_mask_region_area > 0 and len(data["levels"]):
-            self._clean_small_regions(data)
+            data = self._clean_small_regions(data, orig_size)
 
         if not len(data["levels"]):
             return QuasiSuperpixels.empty(*orig_size)
-        data.filter(occupation_filter(data["masks"], data["levels"], self.occupation_thresh))
-        return _to_quasi_superpixels(data)
+        masks = _paste(data["crops"], data["boxes"], orig_size, data["levels"].device)
+        keep = occupation_filter(masks, data["levels"], self.occupation_thresh,
+                                 boxes=data["boxes"])
+        return _to_quasi_superpixels(_take(data, keep), masks[keep])
 
-    def _process_crop(self, image, crop_box, layer_idx, orig_size) -> MaskData:
+    def _process_crop(self, image, crop_box, layer_idx, orig_size) -> dict:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
@@ -268,8 +417,9 @@ class QuasiSuperpixelGenerator:
             decoder = PointDecoder(self.predictor) if has_sam(self.predictor) else None
         batch_size = self.points_per_batch
         if decoder is not None:
-            batch_size = prompts_per_batch(int(self.max_batch_memory_mb * 2**20),
-                                           self.predictor.model, crop_size, self.points_per_batch)
+            budget = batch_memory_bytes(self.max_batch_memory_mb, decoder.device)
+            batch_size = prompts_per_batch(budget, self.predictor.model, crop_size,
+                                           self.points_per_batch)
         points_for_image = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         batches = [self._process_batch(points, crop_size, crop_box, orig_size, decoder)
                    for (points,) in batch_iterator(batch_size, points_for_image)]
@@ -278,14 +428,14 @@ class QuasiSuperpixelGenerator:
         data = _concat(batches)
 
         # Whole-first NMS (change 2): the level offset only ranks, it is not stored.
-        nms_scores = data["iou_preds"] + self.score_nms_offset.to(data["iou_preds"].device)[
-            data["levels"]]
-        data.filter(_nms(data["boxes"], nms_scores, self.box_nms_thresh))
+        device = data["iou_preds"].device
+        nms_scores = data["iou_preds"] + self.score_nms_offset.to(device)[data["levels"]]
+        data = _take(data, _nms(data["boxes"], nms_scores, self.box_nms_thresh))
 
+        # Crops are box-relative: uncropping moves the boxes only.
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["masks"] = uncrop_masks(data["masks"], crop_box, *orig_size)
-        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64, device=device).repeat(
             len(data["levels"]), 1)
         return data
 
@@ -296,8 +446,10 @@ class QuasiSuperpixelGenerator:
         return iou_preds + self.score_thresh_offset.to(iou_preds.device) > self.pred_iou_thresh
 
     def _predict(self, points, crop_size, decoder):
-        """IoU predictions (B, levels) float32 and the logits of the IoU survivors: their flat
-        indices (point-major, level-minor) and (K, H, W) float32 logits in that order."""
+        """IoU predictions (B, levels) float32, the IoU survivors' flat indices (point-major,
+        level-minor), and float32 logits: (K, H, W) of the survivors in that order, or
+        (B * levels, H, W) of every mask (the survivors are then read at their indices, not
+        copied out)."""
         transformed = self.predictor.transform.apply_coords(points, crop_size)
         in_points = torch.as_tensor(transformed, device=self.predictor.device)
         with autocast(self.predictor.device, self.precision):
@@ -310,13 +462,9 @@ class QuasiSuperpixelGenerator:
                 return_logits=True)
         iou_preds = iou_preds.float()
         index = torch.nonzero(self._iou_survivors(iou_preds).flatten()).flatten()
-        # The per-mask filters commute, so the float logits are gathered once (IoU survivors)
-        # and only boolean masks are filtered afterwards.
-        logits = logits.flatten(0, 1)
-        logits = logits if len(index) == len(logits) else logits[index]
-        return iou_preds, index, logits.float()
+        return iou_preds, index, logits.flatten(0, 1).float()
 
-    def _process_batch(self, points, crop_size, crop_box, orig_size, decoder) -> MaskData:
+    def _process_batch(self, points, crop_size, crop_box, orig_size, decoder) -> dict:
         orig_h, orig_w = orig_size
         iou_preds, index, logits = self._predict(points, crop_size, decoder)
         n_levels = iou_preds.shape[1]
@@ -325,41 +473,104 @@ class QuasiSuperpixelGenerator:
         iou_preds = iou_preds.flatten(0, 1)
         levels = torch.arange(n_levels, device=device).repeat(len(points))
         mask_threshold = self.predictor.model.mask_threshold
-        stability = calculate_stability_score(logits, mask_threshold,
-                                              self.stability_score_offset)
-        masks = logits > mask_threshold
-        del logits
+        rows = index if len(logits) != len(index) else torch.arange(len(index), device=device)
+        stability, boxes, crops = threshold_logits(logits, rows, mask_threshold,
+                                                   self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
             keep = stability + self.stability_score_bias.to(device)[levels[index]] >= \
                 self.stability_score_thresh
-        index, masks, stability = index[keep], masks[keep], stability[keep]
-        # batched_mask_to_box returns float zeros for an empty batch; keep boxes integral.
-        boxes = batched_mask_to_box(masks).to(torch.int64)
-        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-        if not torch.all(keep):
-            index, masks, stability, boxes = index[keep], masks[keep], stability[keep], boxes[keep]
-        return MaskData(
-            masks=masks, iou_preds=iou_preds[index], levels=levels[index], boxes=boxes,
-            stability_score=stability,
-            points=torch.as_tensor(points.repeat(n_levels, axis=0))[index.cpu()],
-        )
+        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        keep = torch.nonzero(keep).flatten()
+        index = index[keep]
+        points = torch.as_tensor(points, device=device)
+        return dict(iou_preds=iou_preds[index], levels=levels[index], boxes=boxes[keep],
+                    stability_score=stability[keep],
+                    points=points[torch.div(index, n_levels, rounding_mode="floor")],
+                    crops=crops(keep.tolist()))
 
-    def _clean_small_regions(self, data: MaskData) -> None:
-        masks, changed = remove_small_regions(data["masks"], self.min_mask_region_area)
-        boxes = batched_mask_to_box(masks)
+    def _clean_small_regions(self, data: dict, orig_size) -> dict:
+        device = data["boxes"].device
+        crops, boxes, changed = _remove_small_regions_boxed(
+            _to_host(data["crops"]), data["boxes"].cpu().numpy(), self.min_mask_region_area,
+            *orig_size)
+        changed_rows = np.flatnonzero(changed).tolist()
+        data["crops"] = list(data["crops"])
+        for i, crop in zip(changed_rows, _to_device([crops[i] for i in changed_rows], device)):
+            data["crops"][i] = crop
+        data["boxes"] = torch.as_tensor(boxes, device=device)
         # Unchanged masks win the re-NMS over changed ones (segment-anything's scoring).
-        scores = (~changed).to(torch.float32)
-        keep = _nms(boxes, scores, max(self.box_nms_thresh, self.crop_nms_thresh))
-        data["masks"] = masks
-        data["boxes"] = boxes
-        data.filter(keep)
+        scores = torch.as_tensor(~changed, device=device).to(torch.float32)
+        return _take(data, _nms(data["boxes"], scores,
+                                max(self.box_nms_thresh, self.crop_nms_thresh)))
 
 
-def _concat(parts) -> MaskData:
-    """One concatenation of all parts (MaskData.cat would copy the growing data per part)."""
-    keys = [key for key, _ in parts[0].items()]
-    return MaskData(**{key: torch.cat([part[key] for part in parts]) for key in keys})
+def threshold_logits(logits: torch.Tensor, rows: torch.Tensor, mask_threshold: float,
+                     offset: float):
+    """Stability scores, boxes and box crops of the masks ``logits[rows] > mask_threshold``.
+
+    ``logits`` (N, H, W) float, ``rows`` (K,) the planes to read. Returns ``stability`` (K,)
+    float32 (segment-anything's ``calculate_stability_score``), ``boxes`` (K, 4) int64
+    (``batched_mask_to_box`` of the masks) and ``crops``, a function of a list of positions in
+    ``rows`` giving each one's mask inside its box ((1, 1) False for an empty mask), so that
+    only the masks that pass the filters are cut out.
+
+    Each plane is read in full once (its row maxima); its column maxima are taken over the rows
+    of ``logits > mask_threshold - |offset|`` (which holds all three thresholded masks), and
+    each stability count and the crop inside the box of its own thresholded mask. The counts
+    are the same integers, hence the same scores.
+    """
+    device = logits.device
+    height, width = logits.shape[-2:]
+    rows = rows.tolist()
+    if not rows:
+        return (torch.zeros(0, device=device), torch.zeros((0, 4), dtype=torch.int64,
+                                                           device=device), lambda keep: [])
+    row_max = torch.stack([logits[r].amax(-1) for r in rows])
+    if bool(torch.isnan(row_max).any()):
+        # A NaN is never above a threshold but wins a max: take it out of the maxima.
+        logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+        row_max = torch.stack([logits[r].amax(-1) for r in rows])
+    outer = mask_threshold - abs(offset)
+    in_rows = row_max > outer
+    ys = torch.arange(height, device=device)
+    bands = torch.stack([torch.where(in_rows, ys, height).amin(-1),
+                         torch.where(in_rows, ys, -1).amax(-1)], 1).tolist()
+    col_max = torch.stack([logits[r, y0:y1 + 1].amax(0) if y0 <= y1
+                           else logits.new_full((width,), float("-inf"))
+                           for r, (y0, y1) in zip(rows, bands)])
+    boxes = _box_from_profiles(row_max > mask_threshold, col_max > mask_threshold)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    counts = []
+    # Each count is taken in the box of its own mask (an empty one counts 0).
+    for threshold in (mask_threshold + offset, mask_threshold - offset):
+        above = row_max > threshold
+        windows = _box_from_profiles(above, col_max > threshold).tolist()
+        counts.append(torch.stack([
+            (logits[r, y0:y1 + 1, x0:x1 + 1] > threshold).sum() if filled else zero
+            for r, filled, (x0, y0, x1, y1) in zip(rows, above.any(-1).tolist(), windows)]))
+    stability = counts[0].to(torch.int32) / counts[1].to(torch.int32)
+
+    def crops(keep: list[int]) -> list[torch.Tensor]:
+        kept_boxes = boxes[keep].tolist() if keep else []
+        return [logits[rows[i], y0:y1 + 1, x0:x1 + 1] > mask_threshold
+                for i, (x0, y0, x1, y1) in zip(keep, kept_boxes)]
+
+    return stability, boxes, crops
+
+
+def _take(data: dict, keep: torch.Tensor) -> dict:
+    """``data`` (columns: tensors with one row per mask, or lists) at the rows ``keep``."""
+    rows = keep.tolist() if any(isinstance(v, list) for v in data.values()) else None
+    return {key: [value[i] for i in rows] if isinstance(value, list)
+            else value[keep.to(value.device)] for key, value in data.items()}
+
+
+def _concat(parts: Sequence[dict]) -> dict:
+    """One concatenation of all parts (concatenating part by part would copy per part)."""
+    return {key: ([item for part in parts for item in part[key]] if isinstance(value, list)
+                  else torch.cat([part[key] for part in parts]))
+            for key, value in parts[0].items()}
 
 
 def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -368,13 +579,41 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tor
                        iou_threshold=iou_threshold)
 
 
-def _to_quasi_superpixels(data: MaskData) -> QuasiSuperpixels:
+def _to_host(crops: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Box crops as numpy arrays, in one device-to-host copy."""
+    if not crops or crops[0].device.type == "cpu":
+        return [crop.numpy() for crop in crops]
+    flat = torch.cat([crop.flatten() for crop in crops]).cpu().numpy()
+    sizes = np.cumsum([crop.numel() for crop in crops])[:-1]
+    return [part.reshape(crop.shape) for part, crop in zip(np.split(flat, sizes), crops)]
+
+
+def _to_device(crops: Sequence[np.ndarray], device) -> list[torch.Tensor]:
+    """Numpy box crops as tensors on ``device``, in one host-to-device copy."""
+    if not crops:
+        return []
+    if torch.device(device).type == "cpu":
+        return [torch.from_numpy(np.ascontiguousarray(crop)) for crop in crops]
+    flat = torch.from_numpy(np.concatenate([crop.ravel() for crop in crops])).to(device)
+    sizes = np.cumsum([crop.size for crop in crops])[:-1].tolist()
+    return [part.view(crop.shape) for part, crop in zip(torch.tensor_split(flat, sizes), crops)]
+
+
+def _paste(crops: Sequence[torch.Tensor], boxes: torch.Tensor, size, device) -> torch.Tensor:
+    """(S, H, W) bool masks from their box crops."""
+    masks = torch.zeros((len(crops), *size), dtype=torch.bool, device=device)
+    for mask, crop, (x0, y0, x1, y1) in zip(masks, crops, boxes.tolist()):
+        mask[y0:y1 + 1, x0:x1 + 1] = crop
+    return masks
+
+
+def _to_quasi_superpixels(data: dict, masks: torch.Tensor) -> QuasiSuperpixels:
     def xywh(xyxy: torch.Tensor) -> np.ndarray:
         xyxy = xyxy.to(torch.int64).cpu()
         return torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).numpy()
 
     return QuasiSuperpixels(
-        masks=data["masks"].cpu().numpy(),
+        masks=masks.cpu().numpy(),
         levels=data["levels"].cpu().numpy().astype(np.uint8),
         predicted_iou=data["iou_preds"].cpu().numpy().astype(np.float32),
         stability_score=data["stability_score"].cpu().numpy().astype(np.float32),

@@ -14,7 +14,6 @@ is :func:`pipeline.seeds.sams.sams_postprocess`. Forward passes run under
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import tensorfile
 from pipeline.precision import autocast
 from pipeline.weights import CheckpointError, load_torch_file, resolve_checkpoint
 
@@ -212,12 +212,9 @@ def _load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` of tensors and plain data to a temporary name, then rename: readers never
+    see half a file, and every file reads back with ``weights_only=True``."""
+    tensorfile.save_atomic(obj, path)
 
 
 def save_segmenter(
@@ -252,7 +249,10 @@ def load_segmenter(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no trained segmenter at {path} (run `wsss train-segmenter`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = tensorfile.load(path, "segmenter checkpoint", "rerun `wsss train-segmenter`")
+    except tensorfile.TensorFileError as exc:
+        raise CheckpointError(str(exc)) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not a segmenter checkpoint (format 1 to {CHECKPOINT_FORMAT})")
     # Format 1 did not record the stride; every format-1 file was trained at 16. The weights
@@ -345,3 +345,22 @@ def predict_probs(
         total = probs.sum(0) if total is None else total + probs.sum(0)
         n_views += probs.shape[0]
     return (total / n_views).float().cpu()
+
+
+
+@torch.no_grad()
+def predict_labels(net: torch.nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Single-scale argmax labels (B, H, W) int64 on the CPU of a batch of equal-size images,
+    normalised by :func:`to_input` on the CPU (B, 3, H, W): per image the argmax of
+    ``predict_probs(net, image, (1.0,), flip=False)``, computed the same way (normalised on the
+    CPU, softmax in fp32, then argmax: ties go to the lower class), in one forward pass.
+
+    On the CPU each image's labels equal its batch-1 labels exactly (tested); a GPU library may
+    choose another kernel for another batch size, which changes logits at rounding level only.
+    A pinned ``x`` is copied to the device without blocking.
+    """
+    device = next(net.parameters()).device
+    x = x.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits = forward_padded(net, x)
+    return logits.float().softmax(dim=1).argmax(dim=1).cpu()

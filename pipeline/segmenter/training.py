@@ -93,10 +93,14 @@ def train_step(
     sub_batches: int = 1,
     precision: str = "fp32",
     ignore_index: int = IGNORE_INDEX,
-) -> float:
-    """One SGD step at learning rate ``lr`` on a batch; returns its mean cross-entropy.
+) -> torch.Tensor:
+    """One SGD step at learning rate ``lr`` on a batch; returns its mean cross-entropy as a
+    0-dim float64 tensor on the network's device, without waiting for it (no host sync: read
+    it with ``float()`` or ``.tolist()`` when it is needed, e.g. once per logging interval).
 
     Args:
+        images, labels: the batch on the CPU (pinned memory lets the copies overlap the
+            previous step's work) or already on the device.
         sub_batches: run the batch as this many consecutive forward/backward passes (split along
             the batch axis, sizes differing by at most one) and step once: the effective batch
             is unchanged, activation memory shrinks by about this factor, BatchNorm sees only
@@ -106,25 +110,28 @@ def train_step(
 
     The loss is the sum over labelled pixels divided by the batch's labelled pixel count, so
     sub-batches are weighted by their labelled pixels, as in one undivided pass. A batch whose
-    pixels are all ignored gives no update (loss 0) instead of NaN.
+    pixels are all ignored gives no update (loss 0) instead of NaN. The labelled pixels are
+    counted on ``labels`` where they are, so CPU labels cost no device sync. The sub-batch losses
+    add up in float64, as Python floats did.
     """
     if not 1 <= sub_batches <= len(images):
         raise ValueError(f"sub_batches must be in [1, batch size {len(images)}], got {sub_batches}")
     device = next(net.parameters()).device
-    images, labels = images.to(device), labels.to(device)
     n_valid = int((labels != ignore_index).sum())
     if n_valid == 0:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64, device=device)
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
     for group in optimizer.param_groups:
         group["lr"] = lr
     net.train()
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in zip(torch.tensor_split(images, sub_batches), torch.tensor_split(labels, sub_batches)):
         with autocast(device, precision):
             logits = forward_padded(net, x)
         loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum") / n_valid
         loss.backward()
-        total += float(loss.detach())
+        total += loss.detach().double()
     optimizer.step()
     return total
