@@ -20,7 +20,7 @@ a :class:`CachedPredictor`), then both generators are timed over the cache, so t
 everything a generator does besides the network (filters, NMS, crops, clean-up, encoding).
 Repeats are interleaved and the best of each is kept. A third column times our generator with its
 three changes switched off (it then outputs exactly the stock masks), which separates the
-dense-tensor speed-up from the effect of keeping fewer masks. ``RATIO sam_postprocess`` is
+box-crop speed-up from the effect of keeping fewer masks. ``RATIO sam_postprocess`` is
 stock/ours with the paper's changes on.
 
 Storage (:func:`bench_storage`): bytes per image of the ``sam_masks`` zarr group vs the same
@@ -175,7 +175,7 @@ def bench_postprocess(images, points_per_side: int = 16, repeats: int = 3):
         n_ours, n_stock = len(ours.generate(image)), len(stock.generate(image))  # fills the cache
         misses = predictor.misses
         # Same generator with the three changes switched off: it then keeps exactly the stock
-        # masks, so this isolates the dense-tensor post-processing from the smaller output.
+        # masks, so this isolates the box-crop post-processing from the smaller output.
         neutral = QuasiSuperpixelGenerator(predictor, points_per_side=points_per_side,
                                            **SETTINGS, **NEUTRAL)
         # Interleaved repeats, so that load from other processes hits all three alike.

@@ -28,7 +28,8 @@ module calls per unit, on stores and files laid out as the stage reads them:
   seed/CAM scoring against the ground truth that VOC train_aug has);
 - ``train_segmenter``, per iteration of ``--segmenter-batch`` samples (default 2, reported per
   sample too) at 512² crops, output stride 8, ``compute.precision`` fp32: the loop body of
-  ``stages.train_segmenter`` (``load_pair`` + ``SegmentationAugment`` + ``collate`` + ``train_step``);
+  ``stages.train_segmenter`` at ``loader_workers: 0`` (a ``TrainingSamples`` batch: ``load_pair`` +
+  ``SegmentationAugment`` + collate; ``train_step``, its loss read);
   ``train_segmenter (val)``, per val image: its single-scale ``evaluate`` pass;
 - ``predict``, per val image: ``stages.predict.predict_image`` (multi-scale 0.5-1.5 + flip, raw
   PNG, SAMS post-processing for alpha 3 and the 1-5 sweep from stored masks (SAM is not run),
@@ -305,6 +306,7 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
     from pipeline.prompts.training import segmentation_labels, warmup_cosine_factor
     from pipeline.store import write_group
     from stages.clip_features import VIEWS_STORE, sample_views, view_rng
+    from pipeline.precision import grad_scaler, training_precision
     from pipeline.prompts.training import optimizer_iteration
     from stages.train_prompts import BatchSource, build_learner
 
@@ -331,8 +333,8 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
                                 weight_decay=pcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_cosine_factor(
         it, pcfg.iterations, pcfg.warmup_iterations, pcfg.warmup_lr, pcfg.lr))
-    use_amp = pcfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = training_precision("fp32", pcfg.amp, device)
+    scaler = grad_scaler(device, precision)
     state = {"it": 0, "pairs": []}
 
     def one_step():  # the body of train()'s loop
@@ -340,12 +342,12 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
         _, labels, crops = batch
         if crops is not None:
             state["pairs"].append(int(segmentation_labels(labels, crops, pcfg.loss_classes).sum()))
-        optimizer_iteration(which, pcfg, clip, learner, batch, device, optimizer, scheduler, scaler, use_amp)
+        optimizer_iteration(which, pcfg, clip, learner, batch, device, optimizer, scheduler, scaler, precision)
         state["it"] += 1
 
     r = measure(one_step, args.repeats, args.warmup, device, PeakMemory(device))
     detail = (f"batch {pcfg.batch_size} cached views, {len(learner.names)} prompts x 77 positions, "
-              f"amp {use_amp}")
+              f"precision {precision}")
     if which == "seg":
         detail += f", mean {statistics.mean(state['pairs']):.1f} Grad-CAM pairs/step"
     return [{**r, "stage": f"train_prompts@{which}", "unit": "step", "detail": detail}]
@@ -429,9 +431,10 @@ def _segmenter(cfg, device):
 
 
 def bench_train_segmenter(cfg, tmp: Path, hw, device, args) -> list[dict]:
-    from pipeline.segmenter.training import (
-        SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
-    )
+    from functools import partial
+
+    from pipeline.segmenter.data import IterationSampler, TrainingSamples, collate_training
+    from pipeline.segmenter.training import SegmentationAugment, build_optimizer, poly_lr, train_step
     from stages.train_segmenter import load_pair
 
     s = cfg["segmenter"]
@@ -439,15 +442,16 @@ def bench_train_segmenter(cfg, tmp: Path, hw, device, args) -> list[dict]:
     net = _segmenter(cfg, device)
     optimizer = build_optimizer(net, s.lr, s.momentum, s.weight_decay)
     augment = SegmentationAugment(s.crop_size, s.scale_range, s.flip_prob)
-    rng = np.random.default_rng(s.seed)
     batch = args.segmenter_batch
+    samples = TrainingSamples(split.records, partial(load_pair, seeds_dir=tmp / "seeds"), augment, s.seed)
+    keys = iter(IterationSampler(len(split.records), batch, s.seed, 0, 10**9))
     state = {"step": 0}
 
-    def one_iteration():  # the body of the stage's loop (without the val pass)
-        picks = rng.choice(len(split.records), size=batch, replace=len(split.records) < batch)
-        pairs = [augment(*load_pair(split.records[i], tmp / "seeds"), rng) for i in picks]
+    def one_iteration():  # the body of the stage's loop at loader_workers 0 (without the val pass)
+        b = collate_training([samples[k] for k in next(keys)])
         lr = poly_lr(s.lr, state["step"], s.iterations, s.poly_power)
-        train_step(net, optimizer, *collate(pairs), lr, sub_batches=1, precision=cfg["compute"].precision)
+        float(train_step(net, optimizer, b.images, b.labels, lr, sub_batches=1,
+                         precision=cfg["compute"].precision))  # the loss read each time: a full step
         state["step"] += 1
 
     r = measure(one_iteration, args.repeats, args.warmup, device, PeakMemory(device))
@@ -463,7 +467,7 @@ def bench_predict(cfg, tmp: Path, hw, device, args) -> list[dict]:
     from pipeline.segmenter.model import save_segmenter
     from pipeline.store import write_group
     from stages.predict import load_resources, predict_image
-    from stages.train_segmenter import evaluate
+    from stages.train_segmenter import eval_loader, evaluate
 
     p = cfg["predict"]
     split = _split(tmp, hw, 1, seeds=False)
@@ -482,7 +486,8 @@ def bench_predict(cfg, tmp: Path, hw, device, args) -> list[dict]:
              "detail": f"scales {p.scales} x flip {p.flip}, SAMS post-processing "
                        f"({args.masks} stored masks, alphas {sorted(set([p.alpha, *p.alpha_sweep]))}), "
                        f"output stride {res['meta']['output_stride']}"}]
-    v = measure(lambda: evaluate(res["net"], [record], 21, cfg["compute"].precision), args.repeats,
+    val = eval_loader([record], record.height * record.width)
+    v = measure(lambda: evaluate(res["net"], val, 21, cfg["compute"].precision), args.repeats,
                 args.warmup, device, PeakMemory(device))
     rows.append({**v, "stage": "train_segmenter (val)", "unit": "val image",
                  "detail": "single scale, no flip: train_segmenter's val pass (evaluate)"})
