@@ -155,3 +155,20 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(SPECS, "tiny_other", dataclasses.replace(SPECS["tiny"], checkpoint_name="other.pth"))
     with pytest.raises(CheckpointError, match="does not fit the tiny_other architecture"):
         build_sam_predictor("tiny_other", str(path), sha256sum(path))
+
+
+def test_positional_encoding_stays_float32_under_bf16_autocast():
+    sam = build_sam_predictor("tiny", None, None, device="cpu").model
+    pe = sam.prompt_encoder.pe_layer
+    coords = torch.rand(1, 37, 2, generator=torch.Generator().manual_seed(0)) * 256
+    size = (256, 256)
+    reference_points = pe.forward_with_coords(coords, size)
+    reference_dense = sam.prompt_encoder.get_dense_pe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        points = pe.forward_with_coords(coords, size)
+        dense = sam.prompt_encoder.get_dense_pe()
+        # what stock's encoding gives under the same autocast: the matmul in bfloat16
+        stock = torch.matmul(2 * (coords / 256) - 1, pe.positional_encoding_gaussian_matrix)
+    assert stock.dtype == torch.bfloat16  # the autocast does reach this matmul
+    assert points.dtype == dense.dtype == torch.float32
+    assert torch.equal(points, reference_points) and torch.equal(dense, reference_dense)

@@ -22,6 +22,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 from pipeline.weights import (
     CheckpointError, check_file, load_torch_file, mismatch_message, sha256sum,
@@ -120,8 +121,26 @@ def _image_encoder(spec: SamSpec) -> tuple[torch.nn.Module, list[float], list[fl
     ), SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 
+class Fp32PositionEmbedding(PositionEmbeddingRandom):
+    """SAM's random Fourier positional encoding, computed in float32 whatever the autocast.
+
+    ``sin``/``cos`` of ``2π · coords @ G`` (the dense image PE and every point prompt's PE):
+    under bfloat16 autocast the matmul would run in bfloat16 (8-bit mantissa), an error of up to
+    a few hundredths of a radian in every angle. Outside autocast it is stock's computation,
+    bit for bit (float32 coordinates are not copied).
+    """
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(coords.device.type, enabled=False):
+            return super()._pe_encoding(coords.float())
+
+
 def build_sam(spec: SamSpec) -> Sam:
-    """A randomly initialised :class:`Sam` of the given architecture, in eval mode."""
+    """A randomly initialised :class:`Sam` of the given architecture, in eval mode.
+
+    The prompt encoder's positional encoding is :class:`Fp32PositionEmbedding` (the same module
+    and buffer, so random weights and checkpoints are unchanged; its class is swapped rather
+    than the module rebuilt, which would draw its random matrix again)."""
     embedding_size = spec.image_size // spec.patch_size
     encoder, pixel_mean, pixel_std = _image_encoder(spec)
     sam = Sam(
@@ -147,6 +166,7 @@ def build_sam(spec: SamSpec) -> Sam:
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
     )
+    sam.prompt_encoder.pe_layer.__class__ = Fp32PositionEmbedding
     return sam.eval()
 
 
