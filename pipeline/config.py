@@ -8,6 +8,7 @@ dotted key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -88,6 +89,11 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""Numbers in exponent notation that YAML 1.2 (and DVC's ``-S``) reads as floats but PyYAML's
+YAML 1.1 reads as strings unless they have a dot (``1e-3``, ``5E+4``)."""
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -126,6 +132,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+            return float(value)  # `lr: 1e-3`: YAML 1.1 (PyYAML) reads it as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"parameter {key!r} must be a number, got {value!r}")
         return float(value)

@@ -166,3 +166,15 @@ def test_sam_segmenter_and_cam_params_are_range_checked(tmp_path, args, edit, me
     res = CliRunner().invoke(main, [args[0], "--params", str(tmp_path / "params.yaml"), *args[1:]])
     assert res.exit_code == 1
     assert len(res.output.strip().splitlines()) == 1 and message in res.output, res.output
+
+
+def test_exponent_notation_without_a_dot_is_a_number():
+    import yaml
+
+    mapping = yaml.safe_load("name: x\ninner: {alpha: 1e-3, levels: [5E+1, -2e0, .5e1]}\n")
+    assert mapping["inner"]["alpha"] == "1e-3"  # PyYAML (YAML 1.1) gives a string
+    cfg = from_mapping(Outer, mapping, "sec")
+    assert cfg.inner.alpha == 1e-3 and cfg.inner.levels == (50.0, -2.0, 5.0)
+    for bad in ("1e", "e-3", "1e-3x"):
+        with pytest.raises(ConfigError, match="'sec.inner.alpha' must be a number"):
+            from_mapping(Outer, {"name": "x", "inner": {"alpha": bad}}, "sec")
