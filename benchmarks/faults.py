@@ -10,11 +10,15 @@ run's time on two cores); the faulted one is killed as follows. A kill is ``SIGK
 die-with-parent watchdog, ``stages.common.die_with_parent``). The script watches the store's
 file count and kills when about half the images are written: at that count it stops dvc's process
 group (``SIGSTOP``, so that the kill lands at the count on a fast or loaded machine), kills ``dvc``,
-and lets the stage continue (``SIGCONT``) to find its parent gone.
+and lets the stage continue (``SIGCONT``) to find its parent gone. DVC runs each stage command as
+``$SHELL -c CMD``; ``--shell`` (default ``/bin/sh``, DVC's choice when SHELL is unset, as under cron,
+SLURM and in containers) sets SHELL for the faulted project, and a shell that does not exec the
+command (dash) stays between DVC and the stage, outliving the kill.
 
 Checks (each printed as ``ok`` or ``FAIL``, and the script exits non-zero on any ``FAIL``):
 
-- the stage process (and anything else under ``dvc``) is gone within 15 s of the kill;
+- the stage process (and anything else under ``dvc``) is gone within 15 s of the kill, and it
+  stopped before its store was complete (it did not run on to the end as an orphan);
 - the rerun recomputes nothing that was complete: every image file present after a kill keeps
   its inode and mtime through the reruns (DVC's commit moves it into the cache and hardlinks it
   back, which keeps both), and the stage's log says how many images it resumed;
@@ -24,7 +28,7 @@ Checks (each printed as ``ok`` or ``FAIL``, and the script exits non-zero on any
   the rest; every object in the remote hashes to its name; a fresh ``git clone`` + ``dvc pull``
   gives every output file byte-identical and a clean ``dvc status``.
 
-    python benchmarks/faults.py --images 1000 [--val 8] [--workdir DIR]
+    python benchmarks/faults.py --images 1000 [--val 8] [--shell /bin/sh] [--workdir DIR]
 
 Ends with ``RATIO faults_ok=<checks passed / checks>`` (1.00: every check passed).
 """
@@ -204,6 +208,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the projects here")
     ap.add_argument("--push-kill-at", type=float, default=0.5,
                     help="kill dvc push when this fraction of the objects is in the remote")
+    ap.add_argument("--shell", default="/bin/sh",
+                    help="SHELL for dvc (it runs each stage as SHELL -c CMD); '' keeps the environment's")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsss-faults-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -211,11 +217,14 @@ def main() -> None:
     n, n_all = args.images, args.images + args.val
     t0 = time.time()
     print(f"projects and logs under {work}; {n} train + {args.val} val images; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"stages run by {args.shell or os.environ.get('SHELL') or '/bin/sh'} -c", flush=True)
     try:
         env_ref = bench_env(work / "ref" / "home")
         ref = build(work / "ref", env_ref, n, args.val)
         env = bench_env(work / "faulted" / "home")
+        if args.shell:
+            env["SHELL"] = args.shell
         repo = build(work / "faulted", env, n, args.val)
         ref_log = open(work / "ref.log", "w")
         ref_proc = subprocess.Popen(["dvc", "repro"], cwd=ref, env=env_ref, stdout=ref_log,
@@ -227,8 +236,9 @@ def main() -> None:
             kill_midway(["dvc", "repro"], repo, env, lambda: count_files(sam, ".zip"), n_all // 2,
                         "repro in sam_masks", log, total=n_all)
             sam_before = snapshot(sam)
-            print(f"  sam_masks.zarr: {len(sam_before)} of {n_all} images complete after the kill "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            check("repro in sam_masks: the orphaned stage stopped before its store was complete",
+                  len(sam_before) < n_all, f"{len(sam_before)} of {n_all} images complete after the kill "
+                  f"({time.time() - t0:.0f} s)")
             # 2. dvc repro again, kill -9 half-way through cams@cls
             kill_midway(["dvc", "repro"], repo, env, lambda: count_files(cls, ".zip"), n // 2,
                         "repro in cams@cls", log, total=n)
@@ -241,8 +251,9 @@ def main() -> None:
                   not changed, f"{len(sam_before) - len(changed)} of {len(sam_before)} unchanged"
                   + (f", e.g. {changed[:3]}" if changed else ""))
             cls_before = snapshot(cls)
-            print(f"  cams/cls.zarr: {len(cls_before)} of {n} images complete after the kill "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            check("repro in cams@cls: the orphaned stage stopped before its store was complete",
+                  len(cls_before) < n, f"{len(cls_before)} of {n} images complete after the kill "
+                  f"({time.time() - t0:.0f} s)")
             # 3. dvc repro to the end
             with open(log, "a") as out:
                 done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, stdout=out,

@@ -549,12 +549,57 @@ def log_to_file(log_dir: str | os.PathLike, stage: str, argv: list[str]) -> Path
 _WATCHING_PARENT = False
 
 
-def die_with_parent(poll_seconds: float = 1.0) -> None:
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "fish"}
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live process from /proc, None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ..., starttime (field 22 of stat)
+    return None if fields[0] in "ZX" else (int(fields[1]), fields[19])
+
+
+def _is_shell_wrapper(pid: int) -> bool:
+    """Whether ``pid`` is a shell running one command line (``sh -c CMD``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.path.basename(argv[0].decode(errors="replace")) in _SHELLS and b"-c" in argv[1:]
+
+
+def _dvc_ancestors(parent: int) -> list[tuple[int, str]]:
+    """Under ``dvc repro`` (which sets DVC_STAGE), the shells between this process and DVC and DVC
+    itself, as (pid, start time). DVC runs a stage as ``$SHELL -c CMD`` (``/bin/sh`` when SHELL is
+    unset, as under cron, SLURM batch scripts and many containers); dash does not exec the command,
+    so the stage's parent is a shell that outlives a killed DVC. Linux only (reads /proc)."""
+    if "DVC_STAGE" not in os.environ or not Path("/proc/self/stat").exists():
+        return []
+    chain, pid = [], parent
+    for _ in range(8):
+        if not _is_shell_wrapper(pid):
+            break
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] <= 1:
+            break
+        pid = stat[0]
+        above = _proc_stat(pid)
+        if above is None:
+            break
+        chain.append((pid, above[1]))
+    return chain
+
+
+def die_with_parent(poll_seconds: float = 0.5) -> None:
     """End this process (SIGTERM, which exits through Python's cleanup) when its parent dies.
 
     ``dvc repro`` runs each stage as a child; if DVC is SIGKILLed, an orphaned stage would go on
     computing into the same store as the rerun. Linux delivers the signal at the parent's death
-    (prctl PR_SET_PDEATHSIG); a watchdog thread that notices the re-parenting covers other systems.
+    (prctl PR_SET_PDEATHSIG); a watchdog thread that notices the re-parenting covers other systems,
+    and under DVC it also watches DVC itself through the ``sh -c`` that DVC may put in between.
     """
     import signal
 
@@ -563,6 +608,7 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
         return
     _WATCHING_PARENT = True
     parent = os.getppid()
+    ancestors = _dvc_ancestors(parent)
 
     def _terminate(signum, frame):
         raise SystemExit(128 + signum)
@@ -577,12 +623,23 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
         except (OSError, AttributeError):
             pass
 
+    def _gone() -> int | None:
+        if os.getppid() != parent:
+            return parent
+        for pid, started in ancestors:
+            stat = _proc_stat(pid)
+            if stat is None or stat[1] != started:  # gone, or its pid taken by another process
+                return pid
+        return None
+
     def _watch():
         import time
 
         while True:
-            if os.getppid() != parent:
-                log.error("the parent process (pid %d) is gone: stopping", parent)
+            gone = _gone()
+            if gone is not None:
+                log.error("the %s (pid %d) is gone: stopping",
+                          "parent process" if gone == parent else "dvc process that runs this stage", gone)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(poll_seconds)

@@ -3,6 +3,7 @@ stage that stops when its parent dies."""
 import errno
 import importlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -101,6 +102,61 @@ def test_a_stage_stops_when_its_parent_is_killed():
     while time.time() < deadline and _state(pid) not in (None, "Z"):
         time.sleep(0.1)
     assert _state(pid) in (None, "Z"), "the orphaned stage kept running"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("under_dvc", [True, False])
+def test_a_stage_behind_a_shell_stops_when_dvc_is_killed(under_dvc):
+    """DVC runs a stage as ``$SHELL -c CMD``, /bin/sh when SHELL is unset; a shell that does not exec
+    (dash, or any shell given two commands) outlives a killed DVC, and the stage's parent with it.
+    Under DVC (DVC_STAGE set) the stage watches DVC itself; elsewhere (``nohup sh -c``) only its
+    parent, so a detached run goes on."""
+    child = ("from stages.common import die_with_parent; die_with_parent(0.2); "
+             "import time; time.sleep(120)")
+    shell_cmd = f"{sys.executable} -c {shlex.quote(child)}; true"  # '; true': no shell execs this
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    if under_dvc:
+        env["DVC_STAGE"] = "sam_masks"
+    parent = (f"import subprocess, time; p = subprocess.Popen(['/bin/sh', '-c', {shell_cmd!r}]); "
+              "print(p.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, start_new_session=True, env=env)
+    shell = int(proc.stdout.readline())
+    deadline = time.time() + 10
+    stage = None
+    while time.time() < deadline and stage is None:
+        kids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                and (Path("/proc") / p.name / "stat").exists()
+                and _ppid(int(p.name)) == shell]
+        stage = kids[0] if kids else None
+        time.sleep(0.05)
+    assert stage is not None, "the shell started no stage"
+    time.sleep(1.5)  # the stage is running and has armed its watch
+    assert _state(stage) not in (None, "Z")
+    os.kill(proc.pid, signal.SIGKILL)  # dvc is killed; the shell in between lives on
+    proc.wait()
+    try:
+        deadline = time.time() + (10 if under_dvc else 3)
+        while time.time() < deadline and _state(stage) not in (None, "Z"):
+            time.sleep(0.1)
+        if under_dvc:
+            assert _state(stage) in (None, "Z"), "the stage behind the shell kept running after dvc died"
+        else:
+            assert _state(stage) not in (None, "Z"), "a stage run outside dvc stopped with its grandparent"
+    finally:
+        for pid in (stage, shell):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 def test_a_full_disk_stops_the_stage_in_one_line_and_the_rerun_cleans_up(tmp_path):

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_faults_benchmark_small_run_passes_every_check(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--images", "10", "--val", "2", "--push-kill-at", "0.02",
+                           "--shell", "/bin/sh",
                            "--workdir", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=1500)
     out = proc.stdout
@@ -25,6 +26,8 @@ def test_faults_benchmark_small_run_passes_every_check(tmp_path):
     assert "ok   repro in cams@cls: a stage process was running under dvc at the kill" in out
     assert "ok   repro in sam_masks: the kill landed mid-way" in out
     assert "ok   repro in cams@cls: the kill landed mid-way" in out
+    assert "ok   repro in sam_masks: the orphaned stage stopped before its store was complete" in out
+    assert "ok   repro in cams@cls: the orphaned stage stopped before its store was complete" in out
     m = re.search(r"ok   sam_masks resumed: .*: (\d+) images computed, (\d+) already", out)
     assert m and int(m[1]) > 0 and int(m[2]) > 0, out
     m = re.search(r"ok   cams@cls resumed: .*: cams@cls: (\d+) images computed, (\d+) resumed", out)
