@@ -632,7 +632,17 @@ def die_with_parent(poll_seconds: float = 0.5) -> None:
                 return pid
         return None
 
+    # A pidfd (Linux 5.3+) turns readable the moment its process exits: the watch then wakes at
+    # DVC's death instead of at its next poll, so a fast stage does not write on as an orphan.
+    pidfds = []
+    for pid, _ in ancestors:
+        try:
+            pidfds.append(os.pidfd_open(pid))
+        except (AttributeError, OSError):
+            pass
+
     def _watch():
+        import select
         import time
 
         while True:
@@ -642,6 +652,9 @@ def die_with_parent(poll_seconds: float = 0.5) -> None:
                           "parent process" if gone == parent else "dvc process that runs this stage", gone)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            time.sleep(poll_seconds)
+            if not pidfds:
+                time.sleep(poll_seconds)
+            elif select.select(pidfds, [], [], poll_seconds)[0]:
+                time.sleep(0.01)  # it exited: /proc shows it as a zombie, or not at all, on the next look
 
     threading.Thread(target=_watch, name="die-with-parent", daemon=True).start()
