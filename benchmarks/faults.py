@@ -7,7 +7,7 @@ Two git + DVC projects of the embedded default are built as ``benchmarks/scale.p
 runs ``dvc repro`` uninterrupted (concurrently with the other, so the script takes about one
 run's time on two cores); the faulted one is killed as follows. A kill is ``SIGKILL`` of the
 ``dvc`` process only (not its process group): the stage it runs must stop by itself (its
-die-with-parent watchdog, ``stages.common.die_with_parent``). The script watches the store's
+die-with-parent watchdog, ``stages.watch.die_with_parent``). The script watches the store's
 file count and kills when about half the images are written: at that count it stops dvc's process
 group (``SIGSTOP``, so that the kill lands at the count on a fast or loaded machine), kills ``dvc``,
 and lets the stage continue (``SIGCONT``) to find its parent gone. DVC runs each stage command as

@@ -13,7 +13,7 @@ Per stage and size it prints:
 - ``wall``: seconds of ``dvc repro -s <stage>`` (DVC's hashing, linking and committing included);
 - ``wall/u``: wall seconds per unit (an image for per-image stages; a step for training stages);
 - ``loop/img``: seconds per image of the stage's own per-image loop, from the line
-  ``stages.common.run_per_image`` logs (process start, model loading and DVC excluded: the
+  ``stages.execution.run_per_image`` logs (process start, model loading and DVC excluded: the
   per-image cost without the fixed costs that flatter ``wall/u`` at small sizes);
 - ``marg/img``: the marginal wall seconds per image since the previous size,
   ``(wall(N_i) - wall(N_i-1)) / (n_i - n_i-1)`` (DVC's per-file work is in it, the fixed
@@ -351,7 +351,9 @@ def same_images(work: Path, small: int, large: int, n_ids: int = 50) -> dict[str
     else runs on the machine matters less. Returns {stage: CPU ratio large/small}."""
     from pipeline.data.datasets import load_split
     from stages import sam_masks as S, seeds as D
-    from stages.common import image_inputs, labelled_inputs, load_params, section
+    from pipeline.provenance import image_inputs, labelled_inputs
+    from stages.params import load_params
+    from pipeline.params import section
 
     ids = [f"demo_{i:04d}" for i in range(0, min(small, 2 * n_ids), 2)]
     tasks: dict[str, dict[int, list]] = {"sam_masks": {}, "seeds@coarse": {}}

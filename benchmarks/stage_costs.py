@@ -79,7 +79,7 @@ IMAGE_LABELS = ((4, 14), (11,))  # bottle + person, dog: images alternate 2 and 
 
 def paper_params(device: str, clip_checkpoint: str | None, resnet: str | None, tiny: bool) -> dict:
     """params.yaml with what ``wsss configure voc`` writes (tiny: the embedded models, short)."""
-    from stages.common import load_params
+    from stages.params import load_params
     from stages.configure import PROFILES, _set
 
     params = load_params(REPO / "params.yaml")
@@ -100,13 +100,13 @@ def paper_params(device: str, clip_checkpoint: str | None, resnet: str | None, t
 
 def configs(params: dict):
     """The typed sections, read the way the stages read them."""
-    from stages.cams import CamsConfig
-    from stages.clip_features import ClipConfig, ClipFeaturesConfig
-    from stages.common import ComputeConfig, section
-    from stages.predict import PredictConfig
-    from stages.seeds import SeedsConfig
-    from stages.train_prompts import PromptsConfig
-    from stages.train_segmenter import SegmenterConfig
+    from pipeline.params import CamsConfig
+    from pipeline.params import ClipConfig, ClipFeaturesConfig
+    from pipeline.params import ComputeConfig, section
+    from pipeline.params import PredictConfig
+    from pipeline.params import SeedsConfig
+    from pipeline.params import PromptsConfig
+    from pipeline.params import SegmenterConfig
 
     return {
         "compute": section(params, "compute", ComputeConfig),
@@ -510,7 +510,7 @@ BENCHES = {
 def run_stage(stage: str, args) -> list[dict]:
     import torch
 
-    from stages.common import torch_device
+    from pipeline.device import torch_device
 
     params = paper_params(args.device, args.clip_checkpoint, args.resnet, args.tiny)
     cfg = configs(params)

@@ -13,10 +13,12 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from pipeline.errors import PipelineError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A parameter is unknown, missing or of the wrong type; the message names the key."""
 
 

@@ -29,6 +29,9 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.storage import MemoryStore, ZipStore
 
+from pipeline.atomic import atomic_path, write_bytes_atomic
+from pipeline.errors import PipelineError
+
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 # Below this size an array is stored raw: a compressor's header and its metadata cost more than
 # it saves on per-mask vectors of a few dozen entries.
@@ -53,7 +56,7 @@ def with_inputs(attrs: Mapping[str, Any], inputs: str | None) -> dict:
     return {**attrs, INPUTS_KEY: inputs} if inputs is not None else dict(attrs)
 
 
-class StoreError(RuntimeError):
+class StoreError(PipelineError, RuntimeError):
     """A store exists but cannot be used as asked (wrong producer, unreadable, busy)."""
 
 
@@ -375,15 +378,9 @@ def write_group(
     store_path = Path(store_path)
     final = store_path / f"{_check_id(image_id)}{IMAGE_SUFFIX}"
     members = _encode_group(arrays, attrs, chunks or {})
-    tmp = _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}{IMAGE_SUFFIX}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    # Disk full, read-only, killed: nothing half-written stays behind.
+    with atomic_path(final, _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}{IMAGE_SUFFIX}") as tmp:
         _write_zip(tmp, members)
-    except BaseException:
-        # Disk full, read-only, killed: nothing half-written stays behind.
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)
 
 
 def _encode_group(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None,
@@ -448,13 +445,7 @@ def _write_root(path: Path, attrs: Mapping[str, Any]) -> None:
     doc = {"zarr_format": 3, "node_type": "group",
            "attributes": {**attrs, _LAYOUT_KEY: LAYOUT}}
     tmp = _partial_dir(path) / f"zarr.json.{uuid.uuid4().hex}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_text(json.dumps(doc))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path / "zarr.json")
+    write_bytes_atomic(path / "zarr.json", json.dumps(doc).encode(), tmp)
     try:
         tmp.parent.rmdir()  # nothing of the store's temporary folder stays when it is empty
     except OSError:

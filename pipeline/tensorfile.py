@@ -13,16 +13,18 @@ import os
 import pickle
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import PipelineError
 
 PLAIN_TYPES = (str, int, float, bool, type(None))
 """Leaf values besides tensors that the weights-only unpickler accepts and these files hold."""
 
 
-class TensorFileError(ValueError):
+class TensorFileError(PipelineError, ValueError):
     """A torch file cannot be read as data (truncated, foreign, or holding other objects); one line."""
 
 
@@ -87,15 +89,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` of plain data (:func:`check_plain`) to a temporary name beside ``path``,
     then renamed over it: readers never see half a file."""
     check_plain(obj)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # Through a file object: torch names the zip's top folder after a path's file name, so
         # saving to the temporary name would make equal states differ in bytes (and in DVC).
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        torch.save(obj, f)

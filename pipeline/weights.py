@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 
-class CheckpointError(FileNotFoundError):
+
+class CheckpointError(PipelineError, FileNotFoundError):
     """A checkpoint is missing or does not match its expected checksum."""
 
 

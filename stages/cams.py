@@ -12,28 +12,51 @@ cached last-8-block attention (stored fp16, computed in f32). Group arrays (docs
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import click
 import numpy as np
 import torch
 
-from pipeline.config import param, to_dict
+from pipeline.config import to_dict
+from pipeline.errors import PipelineError
+from pipeline.params import (
+    CaaConfig,
+    CamsConfig,
+    ClipConfig,
+    ComputeConfig,
+    DatasetConfig,
+    PromptsConfig,
+    section,
+)
+from pipeline.provenance import (
+    check_inputs,
+    code_digest,
+    fingerprint,
+    image_inputs,
+    labelled_inputs,
+    package_version,
+)
 from pipeline.store import ImageStore, StoreError, finish, with_inputs, write_group
 from pipeline.weights import sha256sum
 from stages.clip_features import (
-    INFERENCE_ARRAYS, INFERENCE_STORE, ClipConfig, build_clip, clip_provenance, clip_resource_kwargs,
-    train_records, verify_clip,
+    INFERENCE_ARRAYS,
+    INFERENCE_STORE,
+    build_clip,
+    clip_provenance,
+    clip_resource_kwargs,
+    train_records,
+    verify_clip,
 )
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    check_inputs, check_stage_device, fingerprint, image_inputs, labelled_inputs, load_params,
-    package_version, run_per_image, section, worker_path,
+from stages.execution import (
+    WorkerResource,
+    check_stage_device,
+    run_per_image,
+    worker_path,
 )
-from stages.prepare import DatasetConfig
-from stages.train_prompts import PromptsConfig, read_prompts
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
+from stages.train_prompts import read_prompts
 
 log = logging.getLogger("wsss.cams")
 # Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
@@ -42,28 +65,6 @@ CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.learner", "pipeline.pro
                 "pipeline.precision")
 STAGE = "cams"
 
-
-@dataclass(frozen=True)
-class CaaConfig:
-    """Class-aware attention affinity (§4) settings of one CAM set."""
-
-    enabled: bool = True
-    """COCO segmentation CAMs run without CAA."""
-    n_sinkhorn: int = param(1, ge=0)
-    """Alternating column/row normalisations of the attention (CLIP-ES: 3)."""
-    n_power: int = param(2, ge=0)
-    """Matrix power of the symmetrised affinity."""
-    t_box: float = param(0.4, ge=0, le=1)
-    """Box threshold as a fraction of the 8-bit score maximum (VOC cls 0.4, seg 0.5, COCO cls 0.6)."""
-    propagate: Literal["score", "cam"] = "score"
-    """Propagate the min–max score (VOC cls) or the raw CAM (VOC seg, COCO cls)."""
-
-
-@dataclass(frozen=True)
-class CamsConfig:
-    """Section ``cams.cls`` / ``cams.seg`` of params.yaml."""
-
-    caa: CaaConfig = field(default_factory=CaaConfig)
 
 
 class Resource(NamedTuple):
@@ -151,7 +152,7 @@ def _check_context(prompts: str, cam_iteration: int | None) -> None:
     if cam_iteration is None:
         return
     if cam_iteration not in state.get("contexts", {}):
-        raise StageError(f"prompts checkpoint {prompts} holds no context of iteration {cam_iteration} "
+        raise PipelineError(f"prompts checkpoint {prompts} holds no context of iteration {cam_iteration} "
                          f"(prompts.*.cam_iteration); rerun train-prompts with this cam_iteration")
 
 
@@ -177,7 +178,7 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     prompts = prompts or f"cache/prompts/{which}.pt"
     out = out or f"cache/cams/{which}.zarr"
     if not Path(prompts).is_file():
-        raise StageError(f"prompts not found: {prompts} (run train-prompts --which {which})")
+        raise PipelineError(f"prompts not found: {prompts} (run train-prompts --which {which})")
     _check_context(prompts, cam_iteration)
     sha = verify_clip(clip_cfg)
     check_stage_device(compute)
@@ -187,10 +188,10 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     try:
         inference = ImageStore(features_store, arrays=INFERENCE_ARRAYS)
     except StoreError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     missing = [r.id for r in records if r.id not in inference]
     if missing:
-        raise StageError(f"{features_store} lacks image {missing[0]!r} ({len(missing)} missing; "
+        raise PipelineError(f"{features_store} lacks image {missing[0]!r} ({len(missing)} missing; "
                          "rerun `wsss clip-features`)")
     provenance = clip_provenance(clip_cfg, sha)
     prompts_sha = sha256sum(prompts)

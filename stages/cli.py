@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
 import os
-import sys
 
 import click
 
-from stages.common import StageError, configure_logging, die_with_parent, log_to_file
+from pipeline.errors import PipelineError
+from stages.logs import configure_logging, log_to_file
+from stages.watch import die_with_parent
 
 # command name -> (module under stages/ that defines ``command``, its short help)
 COMMANDS = {
@@ -38,6 +38,14 @@ COMMANDS = {
     "report": ("report", "The method's numbers stage by stage (percent), from the stored metrics."),
     "demo-models": ("demo_models", "Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."),
 }
+
+class StageError(click.ClickException):
+    """A user-facing failure: one clear line, non-zero exit (what every :class:`PipelineError`
+    of a command becomes)."""
+
+    def format_message(self) -> str:
+        return self.message
+
 
 # OS errors that mean "the output location cannot take the write": reported in one line.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
@@ -67,12 +75,11 @@ class LazyGroup(click.Group):
             die_with_parent()
         try:
             return super().invoke(ctx)
-        except Exception as exc:
-            for module, name in (("pipeline.store", "StoreError"), ("pipeline.weights", "CheckpointError"),
-                                 ("pipeline.tensorfile", "TensorFileError")):
-                if module in sys.modules and isinstance(exc, getattr(sys.modules[module], name)):
-                    raise StageError(str(exc)) from exc
-            if not isinstance(exc, OSError) or exc.errno not in _WRITE_ERRNOS:
+        except PipelineError as exc:
+            # Every error of the library and the stages that a user can act on: one line.
+            raise StageError(str(exc)) from exc
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
                 raise
             where = exc.filename or "the output"
             raise StageError(f"cannot write {where}: {exc.strerror or exc} "

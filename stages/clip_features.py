@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,17 +29,36 @@ import click
 import numpy as np
 import torch
 
-from pipeline.config import param, to_dict
+from pipeline.config import to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
+from pipeline.device import torch_device
+from pipeline.errors import PipelineError
+from pipeline.params import (
+    CLIP_SOURCE,
+    AugmentConfig,
+    ClipConfig,
+    ClipFeaturesConfig,
+    ComputeConfig,
+    DatasetConfig,
+    section,
+)
+from pipeline.provenance import (
+    code_digest,
+    fingerprint,
+    image_inputs,
+    labelled_inputs,
+    package_version,
+)
 from pipeline.store import ImageStore, finish, with_inputs, write_group
 from pipeline.weights import CheckpointError, resolve_checkpoint, sha256sum
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    check_stage_device, fingerprint, image_inputs, labelled_inputs, load_params, package_version,
-    run_per_image, section, torch_device, worker_path,
+from stages.execution import (
+    WorkerResource,
+    check_stage_device,
+    run_per_image,
+    worker_path,
 )
-from stages.prepare import DatasetConfig
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 # Modules whose code decides the cached features (code deps of the stage in dvc.yaml).
 CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.augment", "pipeline.data.imageio",
@@ -53,51 +71,7 @@ log = logging.getLogger("wsss.clip_features")
 STAGE = "clip_features"
 VIEWS_STORE = "train_views.zarr"
 INFERENCE_STORE = "inference.zarr"
-CLIP_SOURCE = (
-    "https://huggingface.co/timm/vit_base_patch16_clip_224.openai (open_clip_pytorch_model.bin, "
-    "open_clip's conversion of OpenAI's ViT-B/16)"
-)
 
-
-@dataclass(frozen=True)
-class ClipConfig:
-    """Section ``clip`` of params.yaml: the frozen CLIP model (algorithms.md §2)."""
-
-    model: str = "ViT-B-16"
-    """open_clip architecture (``ViT-B-16`` in the paper) or ``tiny`` (random, embedded default)."""
-    checkpoint: str | None = None
-    """Local file with the OpenAI weights for ``model`` (verified by SHA-256 when pinned)."""
-    checkpoint_sha256: str | None = None
-    """Expected SHA-256 of ``checkpoint``; null: not pinned."""
-    pretrained_tag: str | None = None
-    """Instead of a file, an open_clip pretrained tag (``openai``); open_clip may download it,
-    so only set it where downloads are allowed."""
-    seed: int = 0
-    """Seed of the random initialisation (tiny model)."""
-    attention_blocks: int = param(8, ge=1)
-    """How many final blocks the CAA attention is averaged over (8 in the paper)."""
-    max_side: int | None = param(512, ge=16)
-    """Inference images whose long side exceeds this are scaled down to it before CLIP (then
-    each side up to a multiple of 16); CAMs are mapped back to the original size downstream.
-    Not in the reference (which ran VOC at native size, long side <= 500: unaffected by 512);
-    memory and the cache grow with the square of the pixel count without it. null: native."""
-
-    def __post_init__(self):
-        if self.model != "tiny" and self.checkpoint is None and self.pretrained_tag is None:
-            raise StageError(
-                f"params.yaml: clip.checkpoint is null for clip.model {self.model!r}; set it to the "
-                f"OpenAI weights file (get it from {CLIP_SOURCE}) or use clip.model: tiny"
-            )
-
-    def result_identity(self) -> dict:
-        """What results depend on, for fingerprints: everything but the checkpoint's location
-        (its checksum is fingerprinted separately; teammates keep weights in different places)."""
-        return {k: v for k, v in to_dict(self).items() if k != "checkpoint"}
-
-    def model_identity(self) -> dict:
-        """The model alone (not the inference settings): what prompt training depends on."""
-        return {k: v for k, v in self.result_identity().items()
-                if k not in ("attention_blocks", "max_side")}
 
 
 def verify_clip(cfg: ClipConfig) -> str | None:
@@ -116,7 +90,7 @@ def verify_clip(cfg: ClipConfig) -> str | None:
         path = resolve_checkpoint(cfg.checkpoint, expected, f"CLIP {cfg.model}", CLIP_SOURCE,
                                   "clip.checkpoint")
     except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     if expected:
         return expected.lower()
     actual = sha256sum(path)
@@ -147,40 +121,6 @@ def clip_resource_kwargs(cfg: ClipConfig, device: str) -> dict:
     return dict(model=cfg.model, checkpoint=worker_path(cfg.checkpoint), pretrained_tag=cfg.pretrained_tag,
                 seed=cfg.seed, device=device)
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """§7 augmentation of a training view (``pipeline.prompts.augment.sample_view`` arguments)."""
-
-    long_side_range: tuple[int, int] = param((288, 480), ge=1)
-    """Random long side (VOC 288–480, COCO 318–530)."""
-    crop: int = param(224, ge=16)
-    """Side of the square crop; a multiple of the patch size (16), so the view is a token grid."""
-    flip_p: float = param(0.5, ge=0, le=1)
-    jitter_p: float = param(0.5, ge=0, le=1)
-    brightness: float = param(25.0, ge=0)
-    contrast: tuple[float, float] = param((0.6, 1.4), ge=0)
-    saturation: tuple[float, float] = param((0.5, 1.5), ge=0)
-    hue: float = param(25.0, ge=0)
-    """Max |hue offset| on OpenCV's 0–255 (HSV_FULL) hue scale."""
-
-    def __post_init__(self):
-        if self.crop % 16:
-            raise StageError(f"params.yaml: clip_features.augment.crop must be a multiple of the "
-                             f"patch size 16, got {self.crop}")
-
-
-@dataclass(frozen=True)
-class ClipFeaturesConfig:
-    """Section ``clip_features`` of params.yaml."""
-
-    n_views: int = 16
-    """Augmented views cached per train image. The authors drew a fresh view every step
-    (cls: 1,800 × 16 ≈ 2.7 views per VOC image, seg: 17,000 × 16 ≈ 26); K views make the cached
-    path sample from K per image."""
-    seed: int = 0
-    """Seed of the view sampling (combined with each image id)."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def view_rng(seed: int, image_id: str, *extra: int) -> np.random.Generator:
@@ -252,7 +192,7 @@ def features_for_image(clip, item: Item) -> str:
     try:
         image = read_rgb(item.image)
     except ImageReadError as exc:
-        raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
+        raise PipelineError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
     if item.views_store is not None:
         views = sample_views(view_rng(item.seed, item.image_id), (h, w), item.n_views, item.augment)
@@ -299,7 +239,7 @@ def train_records(index_dir: str, dataset: DatasetConfig):
     try:
         split = load_split(index_dir, dataset.train_split)
     except DatasetError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     return split
 
 
@@ -316,7 +256,7 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
     if cfg.n_views < 1:
-        raise StageError(f"params.yaml: clip_features.n_views must be >= 1, got {cfg.n_views}")
+        raise PipelineError(f"params.yaml: clip_features.n_views must be >= 1, got {cfg.n_views}")
     sha = verify_clip(clip_cfg)
     check_stage_device(compute)
     split = train_records(index_dir, dataset)

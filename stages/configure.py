@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from stages.common import StageError
+from pipeline.errors import PipelineError
 
 
 def epochs_to_iterations(epochs: int, images: int, batch_size: int) -> int:
@@ -172,13 +172,13 @@ def _set(tree, dotted: str, value) -> None:
 
 def _require_file(path: str | None, option: str) -> str | None:
     if path is not None and not Path(path).is_file():
-        raise StageError(f"{option}: file not found: {path}")
+        raise PipelineError(f"{option}: file not found: {path}")
     return path
 
 
 def _sha256(value: str | None, option: str) -> str | None:
     if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
-        raise StageError(f"{option}: a SHA-256 is 64 hex digits, got {value!r}")
+        raise PipelineError(f"{option}: a SHA-256 is 64 hex digits, got {value!r}")
     return value.lower() if value else None
 
 
@@ -196,19 +196,19 @@ def plan(profile: str, root: str | None, models: str = "real", sam_model: str = 
     params' ``sam.model`` now (``--models demo`` replaces the demo world's oracle).
     """
     if root is None or not Path(root).is_dir():
-        raise StageError(f"--root: dataset folder not found: {root}")
+        raise PipelineError(f"--root: dataset folder not found: {root}")
     changes = dict(METHOD[profile]) if models == "demo" else dict(PROFILES[profile])
     changes["dataset.root"] = str(root)
     if profile == "custom":
         if class_names is None or labels_file is None:
-            raise StageError("custom data needs --class-names and --labels-file")
+            raise PipelineError("custom data needs --class-names and --labels-file")
         changes["dataset.class_names"] = _require_file(class_names, "--class-names")
         changes["dataset.labels_file"] = _require_file(labels_file, "--labels-file")
     if models == "demo":
         given = [o for o, v in (("--sam-checkpoint", sam_checkpoint), ("--clip-checkpoint", clip_checkpoint),
                                 ("--backbone-weights", backbone_weights)) if v is not None]
         if given:
-            raise StageError(f"{given[0]} is for --models real; --models demo keeps the embedded models")
+            raise PipelineError(f"{given[0]} is for --models real; --models demo keeps the embedded models")
         from pipeline.demo.sam_oracle import WORLD_ORACLE
 
         if current_sam_model == WORLD_ORACLE:
@@ -221,7 +221,7 @@ def plan(profile: str, root: str | None, models: str = "real", sam_model: str = 
         (backbone_weights, "segmenter.encoder_weights", "--backbone-weights"),
     ):
         if value is None:
-            raise StageError(f"{option} is required with --models real: runs load local weights only "
+            raise PipelineError(f"{option} is required with --models real: runs load local weights only "
                              "(see README, or --models demo to try the embedded models)")
         changes[key] = _require_file(value, option)
     # Empty: the published checksum of the official file (SAM), or the file's name rule / its
@@ -272,7 +272,7 @@ def command(profile, params_path, root, models, sam_model, sam_checkpoint, sam_s
 
     path = Path(params_path)
     if not path.is_file():
-        raise StageError(f"parameter file not found: {path}")
+        raise PipelineError(f"parameter file not found: {path}")
     yaml = YAML()
     yaml.preserve_quotes = True
     tree = yaml.load(path.read_text())
@@ -287,7 +287,7 @@ def command(profile, params_path, root, models, sam_model, sam_checkpoint, sam_s
         try:
             old = _get(tree, key)
         except (KeyError, TypeError):
-            raise StageError(f"{path} has no key {key!r}; is it from another version of the pipeline?")
+            raise PipelineError(f"{path} has no key {key!r}; is it from another version of the pipeline?")
         if old != value:
             click.echo(f"{key}: {old} -> {value}")
             _set(tree, key, value)

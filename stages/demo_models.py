@@ -23,9 +23,12 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.atomic import write_json_atomic
+from pipeline.errors import PipelineError
+from pipeline.params import section
 from pipeline.tensorfile import TensorFileError
 from pipeline.weights import sha256sum
-from stages.common import PARAMS_OPTION, StageError, load_params, section, write_json_atomic
+from stages.params import PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.demo_models")
 CLIP_FILE = "clip_demo.pt"
@@ -58,19 +61,19 @@ def _cpu_state(state: dict) -> dict:
 
 def demo_device(name: str) -> torch.device:
     """``--device`` (cpu, cuda, cuda:N, auto) as a torch device; a bad name or a missing CUDA
-    device is a one-line :class:`StageError`."""
-    from stages.common import torch_device
+    device is a one-line :class:`PipelineError`."""
+    from pipeline.device import torch_device
 
     try:
         dev = torch_device(name)
-    except StageError:
-        raise StageError(f"demo-models: --device is {name!r} but no CUDA device is available") from None
+    except PipelineError:
+        raise PipelineError(f"demo-models: --device is {name!r} but no CUDA device is available") from None
     except RuntimeError:
-        raise StageError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+        raise PipelineError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise StageError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}")
+        raise PipelineError(f"demo-models: --device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise StageError(f"demo-models: --device is {name!r} but only {torch.cuda.device_count()} "
+        raise PipelineError(f"demo-models: --device is {name!r} but only {torch.cuda.device_count()} "
                          "CUDA device(s) are visible")
     return dev
 
@@ -111,7 +114,7 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_fil
     from pipeline.demo.clip_training import evaluation_images
 
     if n < 1:
-        raise StageError(f"--n must be >= 1, got {n}")
+        raise PipelineError(f"--n must be >= 1, got {n}")
     samples = evaluation_images(world_seed, n)
     out = {"world_seed": world_seed, "n_images": n}
     if only in (None, "clip"):
@@ -125,13 +128,19 @@ def evaluate_demo_models(world_seed: int, n: int, clip_file: str | None, sam_fil
 
 
 def _evaluate_clip(samples, clip_file: str | None, device="cpu", precision: str = "fp32") -> dict:
-    from pipeline.demo.clip_training import DEMO_CLIP_FILE, DEMO_CLIP_MODEL, DEMO_CLIP_SHA256, evaluate_clip
-    from stages.clip_features import ClipConfig, build_clip, verify_clip
+    from pipeline.demo.clip_training import (
+        DEMO_CLIP_FILE,
+        DEMO_CLIP_MODEL,
+        DEMO_CLIP_SHA256,
+        evaluate_clip,
+    )
+    from pipeline.params import ClipConfig
+    from stages.clip_features import build_clip, verify_clip
 
     cfg = ClipConfig(model=DEMO_CLIP_MODEL, checkpoint=str(clip_file or DEMO_CLIP_FILE),
                      checkpoint_sha256=None if clip_file else DEMO_CLIP_SHA256)
     if not Path(cfg.checkpoint).is_file():
-        raise StageError(f"demo CLIP weights not found: {cfg.checkpoint} (make them with "
+        raise PipelineError(f"demo CLIP weights not found: {cfg.checkpoint} (make them with "
                          "`wsss demo-models --only clip --out DIR`)")
     sha = verify_clip(cfg)
     clip = build_clip(cfg.model, cfg.checkpoint, None, 0, str(device))
@@ -151,7 +160,7 @@ def _evaluate_sam(samples, sam_file: str | None, settings: dict, required: bool,
     path = Path(sam_file) if sam_file else DEMO_SAM_FILE
     if not path.is_file():
         if required or sam_file:
-            raise StageError(f"demo SAM weights not found: {path} (make them with "
+            raise PipelineError(f"demo SAM weights not found: {path} (make them with "
                              "`wsss demo-models --only sam --out DIR`)")
         return None
     # the committed file is verified against the pinned checksum; a given one is recorded
@@ -207,10 +216,10 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
             evaluate, world_seed, n_eval, clip_file, sam_file, sam_iou_thresh, sam_stability_thresh,
             sam_evaluate_every, device_name, precision) -> None:
     """Train the demo CLIP and SAM on the procedural world, or evaluate them (--evaluate)."""
-    from stages.sam_masks import SamConfig
+    from pipeline.params import SamConfig
 
     if threads < 1:
-        raise StageError(f"--threads must be >= 1, got {threads}")
+        raise PipelineError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     device = demo_device(device_name)
     # the held-out SAM reports run the quasi-superpixel generator with the pipeline's settings
@@ -223,12 +232,21 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
                                                    device, precision)))
         return
     if out is None:
-        raise StageError("demo-models: --out is required to train (or pass --evaluate)")
+        raise PipelineError("demo-models: --out is required to train (or pass --evaluate)")
     from pipeline.demo.clip_training import (
-        DEMO_CLIP_FILE, ClipTrainingConfig, evaluate_clip, evaluation_images, train_clip,
+        DEMO_CLIP_FILE,
+        ClipTrainingConfig,
+        evaluate_clip,
+        evaluation_images,
+        train_clip,
     )
     from pipeline.demo.sam_training import STATE_FILE as SAM_STATE_FILE
-    from pipeline.demo.sam_training import SamTrainingConfig, evaluate_sam, point_iou, train_sam
+    from pipeline.demo.sam_training import (
+        SamTrainingConfig,
+        evaluate_sam,
+        point_iou,
+        train_sam,
+    )
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +272,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
             model = train_clip(cfg, progress=_bar(cfg.steps, "demo CLIP"), state_dir=out_dir,
                                on_phase_end=evaluate_phase, device=device, precision=precision)
         except TensorFileError as exc:
-            raise StageError(str(exc)) from exc
+            raise PipelineError(str(exc)) from exc
         seconds = time.perf_counter() - start
         sha = _save({k: v.cpu().half() for k, v in model.state_dict().items()}, out_dir / CLIP_FILE)
         model.load_state_dict(torch.load(out_dir / CLIP_FILE, map_location="cpu", weights_only=True))
@@ -270,7 +288,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
         if cfg.init == "clip" and clip_state is None:
             init_from = Path(clip_file) if clip_file else DEMO_CLIP_FILE
             if not init_from.is_file():
-                raise StageError(f"the demo SAM starts from the demo CLIP, not found: {init_from} (train it with "
+                raise PipelineError(f"the demo SAM starts from the demo CLIP, not found: {init_from} (train it with "
                                  "`wsss demo-models --only clip --out DIR`, then pass --clip DIR/clip_demo.pt)")
             clip_state = torch.load(init_from, map_location="cpu", weights_only=True)
         # the held-out curve survives interruptions (a resumed run appends to it)
@@ -299,7 +317,7 @@ def command(params_path, out, seed, threads, only, clip_steps, sam_steps, n_imag
                             state_dir=out_dir, evaluate_every=sam_evaluate_every,
                             on_evaluate=evaluate_step, device=device, precision=precision)
         except TensorFileError as exc:
-            raise StageError(str(exc)) from exc
+            raise PipelineError(str(exc)) from exc
         seconds = time.perf_counter() - start
         sha = _save(_cpu_state(sam.state_dict()), out_dir / SAM_FILE)
         report["sam"] = {"file": SAM_FILE, "sha256": sha, "config": asdict(cfg), "seconds": round(seconds, 1),

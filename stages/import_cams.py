@@ -16,8 +16,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.data.datasets import DatasetError, Record, load_split
+from pipeline.errors import PipelineError
+from pipeline.provenance import fingerprint, package_version
 from pipeline.store import ImageStore, finish
-from stages.common import INDEX_OPTION, StageError, fingerprint, package_version
+from stages.params import INDEX_OPTION
 
 log = logging.getLogger("wsss.import_cams")
 STAGE = "import_cams"
@@ -27,14 +29,14 @@ def _index_records(index_dir: Path, splits: tuple[str, ...]) -> tuple[dict[str, 
     """Usable records of the given splits (default: every split of the index) and class count."""
     names = splits or tuple(sorted(p.stem for p in index_dir.glob("*.json")))
     if not names:
-        raise StageError(f"no split index in {index_dir} (run `wsss prepare` first)")
+        raise PipelineError(f"no split index in {index_dir} (run `wsss prepare` first)")
     records: dict[str, Record] = {}
     n_classes = None
     for name in names:
         try:
             split = load_split(index_dir, name)
         except (DatasetError, ValueError, KeyError) as exc:
-            raise StageError(f"cannot read index {name!r}: {exc}") from exc
+            raise PipelineError(f"cannot read index {name!r}: {exc}") from exc
         n_classes = len(split.class_names)
         for r in split.good():
             records.setdefault(r.id, r)
@@ -46,41 +48,41 @@ EXPECTED_FORMAT = ("a numpy .npz archive with arrays 'cam' (P, h, w) float and '
 
 
 def load_cam_file(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(cam float32 (P, h, w), fg_cls int64 (P,))`` of one file; StageError names the problem."""
+    """``(cam float32 (P, h, w), fg_cls int64 (P,))`` of one file; PipelineError names the problem."""
     import zipfile
 
     # np.load guesses the format from the first bytes and reports anything that is not an array
     # file as "pickled data"; an .npz is a zip archive, so ask that first.
     if not zipfile.is_zipfile(path):
         kind = "a single .npy array" if path.read_bytes()[:6] == b"\x93NUMPY" else "not an .npz archive"
-        raise StageError(f"{path}: {kind}; expected {EXPECTED_FORMAT}")
+        raise PipelineError(f"{path}: {kind}; expected {EXPECTED_FORMAT}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("cam", "fg_cls") if k not in data.files]
             if missing:
-                raise StageError(f"{path}: missing array {missing[0]!r} (has {', '.join(data.files) or 'none'}); "
+                raise PipelineError(f"{path}: missing array {missing[0]!r} (has {', '.join(data.files) or 'none'}); "
                                  f"expected {EXPECTED_FORMAT}")
             cam, fg_cls = data["cam"], data["fg_cls"]
         if not isinstance(cam, np.ndarray) or not isinstance(fg_cls, np.ndarray):
             raise ValueError("members are not .npy arrays")
-    except StageError:
+    except PipelineError:
         raise
     except Exception as exc:  # a corrupt archive or object arrays: one line, not a traceback
-        raise StageError(f"{path}: unreadable .npz ({type(exc).__name__}); expected {EXPECTED_FORMAT}") from exc
+        raise PipelineError(f"{path}: unreadable .npz ({type(exc).__name__}); expected {EXPECTED_FORMAT}") from exc
     if cam.ndim != 3 or min(cam.shape[1:], default=0) < 1:
-        raise StageError(f"{path}: 'cam' must be (P, h, w) with h, w >= 1, got {cam.shape}")
+        raise PipelineError(f"{path}: 'cam' must be (P, h, w) with h, w >= 1, got {cam.shape}")
     if not np.issubdtype(cam.dtype, np.floating):
-        raise StageError(f"{path}: 'cam' must be floating point, got {cam.dtype}")
+        raise PipelineError(f"{path}: 'cam' must be floating point, got {cam.dtype}")
     if not np.isfinite(cam).all():
-        raise StageError(f"{path}: 'cam' holds NaN or infinite values")
+        raise PipelineError(f"{path}: 'cam' holds NaN or infinite values")
     if fg_cls.ndim != 1 or fg_cls.shape[0] != cam.shape[0]:
-        raise StageError(f"{path}: 'fg_cls' must be ({cam.shape[0]},) to match 'cam', "
+        raise PipelineError(f"{path}: 'fg_cls' must be ({cam.shape[0]},) to match 'cam', "
                          f"got {fg_cls.shape}")
     if fg_cls.size and not np.issubdtype(fg_cls.dtype, np.integer):
-        raise StageError(f"{path}: 'fg_cls' must be integer class indices, got {fg_cls.dtype}")
+        raise PipelineError(f"{path}: 'fg_cls' must be integer class indices, got {fg_cls.dtype}")
     fg_cls = fg_cls.astype(np.int64)
     if fg_cls.size and (np.any(np.diff(fg_cls) <= 0) or fg_cls[0] < 0 or fg_cls[-1] >= n_classes):
-        raise StageError(f"{path}: 'fg_cls' must be strictly ascending 0-based classes below "
+        raise PipelineError(f"{path}: 'fg_cls' must be strictly ascending 0-based classes below "
                          f"{n_classes}, got {fg_cls.tolist()}")
     return cam.astype(np.float32), fg_cls
 
@@ -96,14 +98,14 @@ def command(cam_dir: str, index_dir: str, splits: tuple[str, ...], out: str) -> 
     """Import external CAMs (``<id>.npz`` with ``cam`` and ``fg_cls``) into a CAM store."""
     src = Path(cam_dir)
     if not src.is_dir():
-        raise StageError(f"CAM directory not found: {src}")
+        raise PipelineError(f"CAM directory not found: {src}")
     files = sorted(src.glob("*.npz"))
     if not files:
-        raise StageError(f"no <id>.npz files in {src}")
+        raise PipelineError(f"no <id>.npz files in {src}")
     records, n_classes = _index_records(Path(index_dir), splits)
     unknown = [p.stem for p in files if p.stem not in records]
     if unknown:
-        raise StageError(f"{len(unknown)} CAM file(s) name images not in the index, e.g. "
+        raise PipelineError(f"{len(unknown)} CAM file(s) name images not in the index, e.g. "
                          f"{unknown[0]!r} ({src / (unknown[0] + '.npz')})")
     for path in tqdm(files, desc="validate cams", unit="img", dynamic_ncols=True):
         load_cam_file(path, n_classes)

@@ -14,53 +14,47 @@ quasi-superpixels are computed on the fly with the ``sam`` params when post-proc
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 import numpy as np
 
-from pipeline.config import param, to_dict
+from pipeline.atomic import write_json_atomic
+from pipeline.config import to_dict
 from pipeline.data.datasets import DatasetError, load_split
-from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_palette_png
-from pipeline.metrics import confusion_matrix, percent, scores_from_confusion
+from pipeline.data.imageio import (
+    ImageReadError,
+    read_label,
+    read_rgb,
+    write_palette_png,
+)
+from pipeline.device import torch_device
+from pipeline.errors import PipelineError
+from pipeline.metrics import confusion_matrix, scores_from_confusion
+from pipeline.params import (
+    ComputeConfig,
+    DatasetConfig,
+    PredictConfig,
+    SamConfig,
+    section,
+)
+from pipeline.provenance import check_inputs, image_inputs
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
 from pipeline.seeds.sams import sams_postprocess
 from pipeline.segmenter.model import load_segmenter, predict_probs
 from pipeline.store import ImageStore, StoreError
 from pipeline.weights import CheckpointError
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, check_inputs,
-    check_stage_device, image_inputs, load_params, run_per_image, section, worker_path,
-    write_json_atomic, torch_device,
+from stages.execution import (
+    WorkerResource,
+    check_stage_device,
+    run_per_image,
+    worker_path,
 )
-from stages.prepare import IMAGE_EXTS, DatasetConfig
-from stages.sam_masks import SamConfig
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
+from stages.prepare import IMAGE_EXTS
 
 log = logging.getLogger("wsss.predict")
-
-@dataclass(frozen=True)
-class PredictConfig:
-    checkpoint: Literal["best", "last"] = "best"
-    """Which trained segmenter: ``best`` (highest single-scale val mIoU during training, §9) or
-    ``last`` (the final iteration). Note that §9's best is chosen on the split it is scored on."""
-    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
-    """Multi-scale inference factors (§9)."""
-    flip: bool = True
-    """Also average horizontally flipped views."""
-    postprocess: bool = True
-    """Apply SAMS post-processing (§5) to the prediction."""
-    alpha: float = param(3.0, gt=0)
-    """Background exponent of the post-processing (§9: swept 1-5 on val, 3 used for test)."""
-    alpha_sweep: list[float] = param([], gt=0)
-    """Extra alphas evaluated in the metrics (empty: none)."""
-
-    def __post_init__(self):
-        if not self.scales or min(self.scales) <= 0:
-            raise StageError(
-                f"params.yaml: predict.scales must be a non-empty list of positive factors, got {self.scales}"
-            )
 
 
 # -- per-image work (module level, so dask workers can run it) ----------------------------------
@@ -109,7 +103,7 @@ def predict_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
                 check_inputs(store, image_id, item["sam_inputs"], "wsss sam-masks")
             qs = QuasiSuperpixels.from_arrays(store.read(image_id))
         if qs.masks.shape[1:] != image.shape[:2]:
-            raise StageError(f"image {image_id}: SAM masks are {qs.masks.shape[1:]}, image is {image.shape[:2]}")
+            raise PipelineError(f"image {image_id}: SAM masks are {qs.masks.shape[1:]}, image is {image.shape[:2]}")
         no_masks = len(qs) == 0
         alphas = [item["alpha"]] + (item["alpha_sweep"] if item["label"] else [])
         for a in dict.fromkeys(alphas):
@@ -133,14 +127,14 @@ def predict_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
 
 def _folder_items(images_dir: Path) -> list[dict[str, Any]]:
     if not images_dir.is_dir():
-        raise StageError(f"--images: folder not found: {images_dir}")
+        raise PipelineError(f"--images: folder not found: {images_dir}")
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
-        raise StageError(f"--images: no image files ({', '.join(IMAGE_EXTS)}) in {images_dir}")
+        raise PipelineError(f"--images: no image files ({', '.join(IMAGE_EXTS)}) in {images_dir}")
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
-        raise StageError(f"--images: several files share the id {dupes[0]!r} in {images_dir}")
+        raise PipelineError(f"--images: several files share the id {dupes[0]!r} in {images_dir}")
     return [{"id": p.stem, "image": worker_path(p), "label": None} for p in files]
 
 
@@ -226,7 +220,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
     try:
         _, meta = load_segmenter(model_path)
     except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     info = meta["info"]
     checkpoint = {"which": cfg.checkpoint, "file": str(model_path), **info,
                   "output_stride": meta["output_stride"]}
@@ -242,9 +236,9 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
         try:
             split = load_split(index_dir, data.eval_split)
         except DatasetError as exc:
-            raise StageError(str(exc)) from exc
+            raise PipelineError(str(exc)) from exc
         if list(split.class_names) != meta["class_names"]:
-            raise StageError(
+            raise PipelineError(
                 f"the segmenter was trained on classes {meta['class_names']}, the index has {split.class_names}"
             )
         items = [{"id": r.id, "image": worker_path(r.image), "label": worker_path(r.label),
@@ -254,10 +248,10 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
             try:
                 store = ImageStore(sam_masks, arrays=QuasiSuperpixels.STORE_ARRAYS)
             except StoreError as exc:
-                raise StageError(str(exc)) from exc
+                raise PipelineError(str(exc)) from exc
             missing = [it["id"] for it in items if it["id"] not in store]
             if missing:
-                raise StageError(
+                raise PipelineError(
                     f"no SAM masks for image {missing[0]} in {sam_masks} ({len(missing)} missing; "
                     "run `wsss sam-masks`)"
                 )
@@ -272,7 +266,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
         totals = PredictTotals()
         run_per_image(predict_image, items, compute, resource, desc="predict", collect=totals.add)
     except (ImageReadError, CheckpointError) as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     metrics = summarise(totals, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
     # Random upstream models (the seeds' CLIP/SAM, or the post-processing's SAM) make the scores a
     # plumbing check: every metrics file says so.

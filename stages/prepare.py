@@ -13,51 +13,39 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.config import param
 from pipeline.data.datasets import (
-    COCO_CLASSES, VOC_CLASSES, DatasetError, Record, SplitIndex, labels_from_mask,
-    parse_class_list, parse_labels_file, split_path,
+    COCO_CLASSES,
+    VOC_CLASSES,
+    DatasetError,
+    Record,
+    SplitIndex,
+    labels_from_mask,
+    parse_class_list,
+    parse_labels_file,
+    split_path,
 )
-from pipeline.demo.world import DEMO_CLASSES, render as render_demo
-from pipeline.data.imageio import ImageReadError, image_size_and_digest, read_label, write_palette_png
-from stages.common import PARAMS_OPTION, StageError, load_params, section
+from pipeline.data.imageio import (
+    ImageReadError,
+    image_size_and_digest,
+    read_label,
+    write_palette_png,
+)
+from pipeline.demo.world import DEMO_CLASSES
+from pipeline.demo.world import render as render_demo
+from pipeline.errors import PipelineError
+from pipeline.params import DatasetConfig, DemoConfig, section
+from stages.params import PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.prepare")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    n_train: int = param(32, ge=1)
-    n_val: int = param(24, ge=1)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = "demo"
-    """demo | voc | coco | custom"""
-    root: str = "pipeline/data"
-    train_split: str = "train"
-    eval_split: str = "val"
-    on_bad_image: str = "fail"
-    """fail: stop with the id and path; skip: record the image as skipped and go on."""
-    class_names: str | None = None
-    labels_file: str | None = None
-    demo: DemoConfig = field(default_factory=DemoConfig)
-
-    def __post_init__(self):
-        if self.name not in ("demo", "voc", "coco", "custom"):
-            raise StageError(f"params.yaml: dataset.name must be demo, voc, coco or custom, got {self.name!r}")
-        if self.on_bad_image not in ("fail", "skip"):
-            raise StageError(f"params.yaml: dataset.on_bad_image must be fail or skip, got {self.on_bad_image!r}")
 
 
 def _check_image(image_id: str, path: Path, cfg: DatasetConfig) -> tuple[int, int, str | None, str | None]:
@@ -67,7 +55,7 @@ def _check_image(image_id: str, path: Path, cfg: DatasetConfig) -> tuple[int, in
         return h, w, None, digest
     except ImageReadError as exc:
         if cfg.on_bad_image == "fail":
-            raise StageError(f"image {image_id}: {exc} (set dataset.on_bad_image: skip to record and go on)") from exc
+            raise PipelineError(f"image {image_id}: {exc} (set dataset.on_bad_image: skip to record and go on)") from exc
         log.warning("skipping image %s: %s", image_id, exc)
         return 0, 0, str(exc), None
 
@@ -80,10 +68,10 @@ def _records_from_masks(ids, image_of, mask_of, n_classes, cfg, desc) -> list[Re
         labels: tuple[int, ...] = ()
         if error is None:
             if not mask_path.is_file():
-                raise StageError(f"image {image_id}: ground-truth mask not found: {mask_path}")
+                raise PipelineError(f"image {image_id}: ground-truth mask not found: {mask_path}")
             mask = read_label(mask_path)
             if mask.shape != (h, w):
-                raise StageError(f"image {image_id}: mask {mask_path} is {mask.shape}, image is {(h, w)}")
+                raise PipelineError(f"image {image_id}: mask {mask_path} is {mask.shape}, image is {(h, w)}")
             labels = labels_from_mask(mask, n_classes)
         records.append(Record(image_id, str(image_path), str(mask_path), h, w, labels, error, digest))
     return records
@@ -91,7 +79,7 @@ def _records_from_masks(ids, image_of, mask_of, n_classes, cfg, desc) -> list[Re
 
 def _read_ids(path: Path) -> list[str]:
     if not path.is_file():
-        raise StageError(f"split list not found: {path}")
+        raise PipelineError(f"split list not found: {path}")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     # SBD-style lists may hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs.
     return [Path(i).stem for i in ids]
@@ -110,7 +98,7 @@ def _coco_split(root: Path, split: str, cfg) -> SplitIndex:
     folder = f"{split}2014" if not split.endswith("2014") else split
     image_dir, mask_dir = root / "images" / folder, root / "masks" / folder
     if not image_dir.is_dir():
-        raise StageError(f"COCO image folder not found: {image_dir}")
+        raise PipelineError(f"COCO image folder not found: {image_dir}")
     list_file = root / f"{split}.txt"
     ids = _read_ids(list_file) if list_file.is_file() else sorted(p.stem for p in image_dir.glob("*.jpg"))
     records = _records_from_masks(
@@ -122,23 +110,23 @@ def _coco_split(root: Path, split: str, cfg) -> SplitIndex:
 
 def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
     if not cfg.class_names or not cfg.labels_file:
-        raise StageError("params.yaml: a custom dataset needs dataset.class_names and dataset.labels_file")
+        raise PipelineError("params.yaml: a custom dataset needs dataset.class_names and dataset.labels_file")
     class_file, labels_file = Path(cfg.class_names), Path(cfg.labels_file)
     for p, key in ((class_file, "dataset.class_names"), (labels_file, "dataset.labels_file")):
         if not p.is_file():
-            raise StageError(f"{key}: file not found: {p}")
+            raise PipelineError(f"{key}: file not found: {p}")
         if not p.resolve().is_relative_to(root.resolve()):
             log.warning("%s %s is outside dataset.root %s: DVC tracks the root folder, so it will "
                         "not rerun prepare when this file changes; keep it inside the root", key, p, root)
     try:
         class_names = parse_class_list(class_file.read_text())
     except (DatasetError, ValueError) as exc:
-        raise StageError(f"{class_file}: {exc}") from exc
+        raise PipelineError(f"{class_file}: {exc}") from exc
     fmt = "json" if labels_file.suffix.lower() == ".json" else "csv"
     try:
         labels = parse_labels_file(labels_file.read_text(), fmt, class_names, source=str(labels_file))
     except (DatasetError, ValueError) as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     images = {p.stem: p for p in sorted((root / "images").glob("*")) if p.suffix.lower() in IMAGE_EXTS}
     list_file = root / "splits" / f"{split}.txt"
     if list_file.is_file():
@@ -150,9 +138,9 @@ def _custom_split(root: Path, split: str, cfg: DatasetConfig) -> SplitIndex:
     records = []
     for image_id in tqdm(ids, desc=f"index {split}", unit="img", dynamic_ncols=True):
         if image_id not in labels:
-            raise StageError(f"image {image_id} of split {split!r} has no entry in {labels_file}")
+            raise PipelineError(f"image {image_id} of split {split!r} has no entry in {labels_file}")
         if image_id not in images:
-            raise StageError(f"image {image_id}: no file {root / 'images'}/{image_id}.* with an image extension")
+            raise PipelineError(f"image {image_id}: no file {root / 'images'}/{image_id}.* with an image extension")
         h, w, error, digest = _check_image(image_id, images[image_id], cfg)
         mask = root / "masks" / f"{image_id}.png"
         records.append(Record(image_id, str(images[image_id]), str(mask) if mask.is_file() else None,
@@ -200,7 +188,7 @@ def build_split(cfg: DatasetConfig, split: str, out: Path) -> SplitIndex:
         return _voc_split(out / "demo", split, cfg, DEMO_CLASSES, "demo")
     root = Path(cfg.root)
     if not root.is_dir():
-        raise StageError(f"dataset.root not found: {root}")
+        raise PipelineError(f"dataset.root not found: {root}")
     if cfg.name == "voc":
         return _voc_split(root, split, cfg)
     if cfg.name == "coco":
@@ -225,7 +213,7 @@ def command(params_path: str, out: str) -> None:
     for split in splits:
         index = build_split(cfg, split, tmp)
         if not index.good():
-            raise StageError(f"split {split!r} of dataset {cfg.name!r} has no usable images")
+            raise PipelineError(f"split {split!r} of dataset {cfg.name!r} has no usable images")
         indexes.append(index)
     for index in indexes:
         if cfg.name == "demo":  # the demo tree moves with the index: store paths where it will live

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from stages.common import StageError
+from pipeline.errors import PipelineError
 
 METRICS_DIR = "cache/metrics"
 ORACLE_NOTE = ("SAM: world-oracle stand-in (the demo world's own whole/part/sub-part masks through "
@@ -55,7 +55,7 @@ def collect(metrics_dir: Path) -> dict[str, Any]:
             try:
                 files[name] = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
-                raise StageError(f"{path}: not valid JSON ({exc})") from exc
+                raise PipelineError(f"{path}: not valid JSON ({exc})") from exc
     values: dict[str, Any] = {key: _dig(files.get(name), path) for key, _, _, name, path in ROWS}
     values["untrained"] = any(bool(data.get("untrained")) for data in files.values())
     values["sam_oracle"] = bool((files.get("sam_masks.json") or {}).get("sam_oracle"))

@@ -12,33 +12,41 @@ Its store and metrics say ``sam_oracle: true``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import click
 
-from pipeline.config import param, to_dict
-from pipeline.metrics import quasi_superpixel_stats
+from pipeline.atomic import write_json_atomic
+from pipeline.config import to_dict
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_rgb
 from pipeline.demo.sam_oracle import WORLD_ORACLE
-from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance, verify_checkpoint
+from pipeline.device import torch_device
+from pipeline.errors import PipelineError
+from pipeline.metrics import quasi_superpixel_stats
+from pipeline.params import ComputeConfig, DatasetConfig, SamConfig, section
+from pipeline.provenance import code_digest, fingerprint, image_inputs, package_version
+from pipeline.sam.models import (
+    build_sam_predictor,
+    sam_provenance,
+    verify_checkpoint,
+)
 from pipeline.store import ImageStore, finish, with_inputs, write_group
 from pipeline.weights import CheckpointError
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, code_digest,
-    check_stage_device, fingerprint, image_inputs, load_params, package_version, run_per_image,
-    section, torch_device, worker_path, write_json_atomic,
+from stages.execution import (
+    WorkerResource,
+    check_stage_device,
+    run_per_image,
+    worker_path,
 )
-from stages.prepare import DatasetConfig, demo_index
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
+from stages.prepare import demo_index
 
 log = logging.getLogger("wsss.sam_masks")
 STAGE = "sam_masks"
 
-# Params that choose the model rather than configure the generator.
-_MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
 # Params that change how the work is done but never its result (like compute.*): left out of the
 # store fingerprint and of the stage's params in dvc.yaml.
 RESULT_NEUTRAL_KEYS = ("max_batch_memory_mb",)
@@ -52,56 +60,13 @@ CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.point_decoder",
 ORACLE_CODE_MODULES = ("pipeline.demo.sam_oracle", "pipeline.demo.world")
 
 
-@dataclass(frozen=True)
-class SamConfig:
-    """Section ``sam`` of params.yaml (algorithms.md §1); generator settings map 1:1."""
-
-    model: str = "vit_h"
-    """vit_h | vit_l | vit_b | demo (trained on the demo world) | tiny (random weights, offline
-    demo) | world-oracle (the demo world's own masks, a stand-in for a trained demo SAM)."""
-    checkpoint: str | None = None
-    """Path of the official checkpoint (ignored by tiny and world-oracle)."""
-    checkpoint_sha256: str | None = None
-    """Expected SHA-256; None: the published checksum of the official file."""
-    points_per_side: int = param(32, ge=1)
-    points_per_batch: int = param(256, ge=1)
-    pred_iou_thresh: float = param(0.86, ge=0)
-    stability_score_thresh: float = param(0.92, ge=0, le=1)
-    stability_score_offset: float = param(1.0, ge=0)
-    mask_threshold: float = 0.0
-    """Logit threshold that binarises SAM's masks."""
-    box_nms_thresh: float = param(0.7, gt=0, le=1)
-    crop_n_layers: int = param(1, ge=0)
-    crop_nms_thresh: float = param(0.7, gt=0, le=1)
-    crop_overlap_ratio: float = param(512 / 1500, ge=0, lt=1)
-    crop_n_points_downscale_factor: int = param(2, ge=1)
-    min_mask_region_area: int = param(100, ge=0)
-    score_thresh_offset: tuple[float, float, float] = (0.0, 0.0, 0.1)
-    score_nms_offset: tuple[float, float, float] = (0.0, 0.0, 1.0)
-    stability_score_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    occupation_thresh: float = param(0.3, ge=0, le=1)
-    max_batch_memory_mb: int | Literal["auto"] | None = param("auto", ge=1)
-    """Working memory (MiB) of one prompt batch through SAM's mask decoder: the batch is the
-    largest that fits, at most points_per_batch. ``auto`` (or empty): half the free memory of a
-    CUDA device, measured per crop after the image encoder, else 1024 MiB. Results do not
-    depend on it (not in the store fingerprint, not a DVC param of the stage); peak memory and
-    speed do."""
-
-    def __post_init__(self):
-        if self.model not in (*SPECS, WORLD_ORACLE):
-            raise StageError(f"params.yaml: sam.model must be one of "
-                             f"{', '.join((*SPECS, WORLD_ORACLE))}, got {self.model!r}")
-
-    def generator_settings(self) -> dict:
-        return {k: v for k, v in to_dict(self).items() if k not in _MODEL_KEYS}
-
 
 class Item(NamedTuple):
     image_id: str
     image: str
     store: str
     inputs: str | None = None
-    """Digest of the image's content (``stages.common.image_inputs``), recorded with its masks."""
+    """Digest of the image's content (``pipeline.provenance.image_inputs``), recorded with its masks."""
 
 
 def _build_generator(model, checkpoint, checkpoint_sha256, mask_threshold, device, precision,
@@ -139,10 +104,10 @@ def _world_oracle_masks(generator, world_seed: int, image_id: str, image):
     try:
         sample = render(world_seed, demo_index(image_id))
     except ValueError as exc:
-        raise StageError(f"image {image_id}: {exc}; sam.model {WORLD_ORACLE} "
+        raise PipelineError(f"image {image_id}: {exc}; sam.model {WORLD_ORACLE} "
                          "knows only the demo world") from exc
     if sample.image.shape != image.shape:
-        raise StageError(
+        raise PipelineError(
             f"image {image_id} is {image.shape[0]}x{image.shape[1]} but demo world "
             f"{world_seed} renders it {sample.image.shape[0]}x{sample.image.shape[1]}: "
             "is the index from another dataset.demo.seed? (rerun prepare)")
@@ -154,7 +119,7 @@ def masks_for_image(masker, item: Item) -> str:
     try:
         image = read_rgb(item.image)
     except ImageReadError as exc:
-        raise StageError(f"image {item.image_id} ({item.image}): {exc}") from exc
+        raise PipelineError(f"image {item.image_id} ({item.image}): {exc}") from exc
     h, w = image.shape[:2]
     write_masks(item.store, item.image_id, masker(item.image_id, image), h, w, item.inputs)
     return item.image_id
@@ -206,7 +171,7 @@ def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[Item]:
         try:
             records = load_split(index_dir, split).good()
         except DatasetError as exc:
-            raise StageError(str(exc)) from exc
+            raise PipelineError(str(exc)) from exc
         for r in records:
             items.setdefault(r.id, Item(r.id, worker_path(r.image), store, image_inputs(r)))
     return list(items.values())
@@ -227,13 +192,13 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
     compute = section(params, "compute", ComputeConfig)
     oracle = cfg.model == WORLD_ORACLE
     if oracle and dataset.name != "demo":
-        raise StageError(f"sam.model {WORLD_ORACLE} is the demo world's stand-in; "
+        raise PipelineError(f"sam.model {WORLD_ORACLE} is the demo world's stand-in; "
                          "it needs dataset.name: demo")
     try:
         if not oracle:
             verify_checkpoint(cfg.model, cfg.checkpoint, cfg.checkpoint_sha256)
     except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     check_stage_device(compute)  # here with `local`, else on each worker before its first image
     world_seed = dataset.demo.seed if oracle else None
     items = _items(index_dir, dataset, worker_path(out))

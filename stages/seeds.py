@@ -12,51 +12,33 @@ untrained, for the stages downstream.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import click
 import numpy as np
 
-from pipeline.config import param
+from pipeline.atomic import write_json_atomic
 from pipeline.data.datasets import DatasetError, load_split
 from pipeline.data.imageio import ImageReadError, read_label, write_palette_png
-from pipeline.metrics import CamEvaluator, ConfusionAccumulator, cam_confusions, confusion_matrix
+from pipeline.errors import PipelineError
+from pipeline.metrics import (
+    CamEvaluator,
+    ConfusionAccumulator,
+    cam_confusions,
+    confusion_matrix,
+)
+from pipeline.params import ComputeConfig, DatasetConfig, SeedsConfig, section
+from pipeline.provenance import check_inputs, image_inputs, labelled_inputs
 from pipeline.seeds.sams import image_scores, seed_or_fallback
 from pipeline.store import ImageStore, StoreError
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, WorkerResource, check_inputs,
-    image_inputs, labelled_inputs, load_params, run_per_image, section, worker_path,
-    write_json_atomic,
-)
-from stages.prepare import DatasetConfig
+from stages.execution import WorkerResource, run_per_image, worker_path
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.seeds")
 PROVENANCE = "provenance.json"
 """Written beside the seed PNGs: where they came from, and whether any model was untrained."""
 
-
-@dataclass(frozen=True)
-class SeedVariant:
-    """One seed set (``seeds.coarse`` or ``seeds.fine``)."""
-
-    alpha: float = param(gt=0)
-    """Background exponent of ``(1 - max score) ** alpha`` (§5). Paper runs: VOC coarse 0.6,
-    VOC fine 0.7 (the paper's text says 0.6), COCO coarse 0.3-0.5, COCO fine 1.0."""
-
-
-@dataclass(frozen=True)
-class SeedsConfig:
-    """Section ``seeds`` of params.yaml."""
-
-    coarse: SeedVariant
-    fine: SeedVariant
-    cam_bg_powers: tuple[float, ...] = param(gt=0)
-    """Background powers p of ``(1 - max score) ** p`` tried when scoring the CAMs (§8)."""
-    fallback_thresh: float = param(0.5, ge=0, le=1)
-    """Images without quasi-superpixels: background where the best CAM score is below this.
-    Not in the reference (which paints nothing there); a project deviation."""
 
 
 class Item(NamedTuple):
@@ -100,21 +82,21 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
     cams, sam = stores
     hw = (item.height, item.width)
     if item.image_id not in cams:
-        raise StageError(f"image {item.image_id} is not in the CAM store {cams.path} "
+        raise PipelineError(f"image {item.image_id} is not in the CAM store {cams.path} "
                          "(run the cams stage, or import-cams, for this split)")
     if item.cam_inputs is not None:
         check_inputs(cams, item.image_id, item.cam_inputs, "wsss cams")
     arrays = cams.read(item.image_id)
     cam_key = "cam_caa" if "cam_caa" in arrays else "cam"
     if cam_key not in arrays or "fg_cls" not in arrays:
-        raise StageError(f"image {item.image_id} in {cams.path} lacks 'cam' or 'fg_cls'")
+        raise PipelineError(f"image {item.image_id} in {cams.path} lacks 'cam' or 'fg_cls'")
     cam, fg_cls = arrays[cam_key].astype(np.float32), arrays["fg_cls"].astype(np.int64)
     if cam.ndim != 3 or cam.shape[0] != fg_cls.shape[0]:
-        raise StageError(f"image {item.image_id}: {cam_key} {cam.shape} does not match "
+        raise PipelineError(f"image {item.image_id}: {cam_key} {cam.shape} does not match "
                          f"fg_cls {fg_cls.shape}")
     attrs = cams.read_attrs(item.image_id)
     if "height" in attrs and (attrs["height"], attrs["width"]) != hw:
-        raise StageError(f"image {item.image_id}: CAM store says {attrs['height']}x"
+        raise PipelineError(f"image {item.image_id}: CAM store says {attrs['height']}x"
                          f"{attrs['width']}, the index {hw[0]}x{hw[1]}")
     missing = item.image_id not in sam
     if missing:
@@ -125,7 +107,7 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
         qs = sam.read(item.image_id)
         masks, levels = qs["masks"], qs["levels"]
         if tuple(masks.shape[1:]) != hw:
-            raise StageError(f"image {item.image_id}: quasi-superpixels are "
+            raise PipelineError(f"image {item.image_id}: quasi-superpixels are "
                              f"{masks.shape[1]}x{masks.shape[2]}, the image {hw[0]}x{hw[1]}")
     result = seed_or_fallback(cam, fg_cls, masks, levels, item.alpha, hw, item.fallback_thresh)
     write_palette_png(item.out_png, result.seed)
@@ -134,9 +116,9 @@ def seed_image(stores: tuple[ImageStore, ImageStore], item: Item) -> Outcome:
         try:
             gt = read_label(item.label)
         except (ImageReadError, OSError) as exc:
-            raise StageError(f"image {item.image_id}: cannot read ground truth: {exc}") from exc
+            raise PipelineError(f"image {item.image_id}: cannot read ground truth: {exc}") from exc
         if gt.shape != hw:
-            raise StageError(f"image {item.image_id}: ground truth is {gt.shape}, image {hw}")
+            raise PipelineError(f"image {item.image_id}: ground truth is {gt.shape}, image {hw}")
         seed_conf = confusion_matrix(result.seed, gt, item.num_classes)
         cam_conf = {
             key: cam_confusions(image_scores(arrays[key].astype(np.float32), hw), fg_cls, gt,
@@ -251,19 +233,19 @@ def command(which: Literal["coarse", "fine"], params_path: str, index_dir: str, 
     params = load_params(params_path)
     cfg = section(params, "seeds", SeedsConfig)
     if not cfg.cam_bg_powers:
-        raise StageError("params.yaml: seeds.cam_bg_powers must list at least one power")
+        raise PipelineError("params.yaml: seeds.cam_bg_powers must list at least one power")
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
     try:
         split = load_split(index_dir, dataset.train_split)
         stores = _open_stores(cams, sam_masks)
     except (DatasetError, StoreError) as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     records = split.good()
     # Every image needs its CAMs: checked before the first seed is written, not half-way through.
     missing = [r.id for r in records if r.id not in stores[0]]
     if missing:
-        raise StageError(f"{len(missing)} of {len(records)} images of split {split.split!r} have no CAMs "
+        raise PipelineError(f"{len(missing)} of {len(records)} images of split {split.split!r} have no CAMs "
                          f"in {cams} (e.g. {missing[0]}); run the cams stage or import CAMs for them")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

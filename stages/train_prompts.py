@@ -19,99 +19,50 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import click
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import tensorfile
+from pipeline.atomic import write_text_atomic
+from pipeline.config import to_dict
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb
+from pipeline.device import torch_device
+from pipeline.errors import PipelineError
+from pipeline.params import (
+    ClipConfig,
+    ClipFeaturesConfig,
+    ComputeConfig,
+    DatasetConfig,
+    PromptsConfig,
+    section,
+)
+from pipeline.precision import grad_scaler, training_precision
 from pipeline.prompts.augment import ViewParams, apply_view_label
 from pipeline.prompts.class_names import background_names, prompt_names
-from pipeline import tensorfile
-from pipeline.config import param, to_dict
-from pipeline.data.imageio import ImageReadError, read_label, read_rgb
-from pipeline.precision import grad_scaler, training_precision
 from pipeline.prompts.learner import PromptLearner, warm_start_context
 from pipeline.prompts.training import optimizer_iteration, warmup_cosine_factor
+from pipeline.provenance import fingerprint, labelled_inputs, package_version
 from pipeline.store import ImageStore, StoreError
 from stages.clip_features import (
-    VIEWS_ARRAYS, VIEWS_STORE, ClipConfig, ClipFeaturesConfig, build_clip, clip_provenance,
-    encode_views, sample_views, train_records, verify_clip, view_rng,
+    VIEWS_ARRAYS,
+    VIEWS_STORE,
+    build_clip,
+    clip_provenance,
+    encode_views,
+    sample_views,
+    train_records,
+    verify_clip,
+    view_rng,
 )
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, fingerprint, labelled_inputs,
-    load_params, package_version, section, write_text_atomic, torch_device,
-)
-from stages.prepare import DatasetConfig
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.train_prompts")
 STAGE = "train_prompts"
 
-
-@dataclass(frozen=True)
-class PromptsConfig:
-    """Section ``prompts.cls`` / ``prompts.seg`` of params.yaml (§2 prompt layout, §7 recipe)."""
-
-    n_ctx: int = param(16, ge=1)
-    """Learned context tokens per prompt."""
-    shared_context: bool = True
-    """One context for all prompts (cls; COCO seg) or one per prompt (VOC seg)."""
-    class_position: Literal["end", "front"] = "end"
-    """Class name after the context (cls) or before it (VOC seg)."""
-    background: Literal["names", "empty"] = "names"
-    """Background prompts with the real names, or context + "." only (VOC seg)."""
-    init_std: float = param(0.015, ge=0)
-    """Std of the context initialisation (cls 0.015, VOC seg 0.0125)."""
-    init: Literal["random", "cls"] = "random"
-    """seg only: start from N(0, init_std²) contexts (the reference) or from the trained
-    classification context (a warm start, not in the paper; needs the cls prompts' layout:
-    shared context, class at the end, the same background names, as COCO's seg prompts have)."""
-    iterations: int = param(1800, ge=1)
-    """Optimizer steps, one per iteration (VOC cls 1,800, seg 17,000; COCO 20,500 / 75,000)."""
-    warmup_iterations: int = param(500, ge=0)
-    """Iterations at the constant ``warmup_lr`` before the cosine schedule."""
-    warmup_lr: float = param(1e-5, ge=0)
-    lr: float = param(1e-3, gt=0)
-    momentum: float = param(0.9, ge=0)
-    weight_decay: float = param(5e-4, ge=0)
-    batch_size: int = param(16, ge=1)
-    """Samples per optimizer step (16: the effective batch of every reference run)."""
-    sub_batches: int = param(1, ge=1)
-    """Pieces each batch is split into, for memory; their gradients are accumulated into one
-    step and equal the full-batch gradient (COCO: cls 4, seg 8, as the reference splits)."""
-    cam_iteration: int | None = param(None, ge=1)
-    """Also keep the context after this iteration; ``cams`` uses it instead of the final one
-    (COCO: cls 6,150 of 20,500, seg 45,000 of 75,000; VOC: null = final). Training still runs
-    to ``iterations`` (the cosine schedule depends on it)."""
-    loss_classes: Literal["crop", "image"] = "crop"
-    """seg only: the classes L_CAL explains per view: present in the augmented seed crop (VOC,
-    the reference default) or the image-level labels (COCO)."""
-    truncate_text: bool = False
-    """Run the text encoder only up to the last EOS while training (exact in mathematics, ~1e-6
-    relative rounding; see pipeline.prompts.learner). False: all 77 positions, the reference.
-    CAMs always use all 77 positions."""
-    path: Literal["cached", "exact"] = "cached"
-    """cached: last block on cached views; exact: full encoder, fresh views each step."""
-    amp: bool = False
-    """The reference's mixed precision on CUDA: fp16 autocast with a GradScaler (precision
-    ``fp16-amp``). False: ``compute.precision`` decides (fp32, or bf16 autocast, which needs no
-    scaler). Only with ``compute.precision: fp32``; a CPU run ignores it (fp32), with a log line."""
-    checkpoint_every: int = param(500, ge=1)
-    """Iterations between resumable checkpoints."""
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.warmup_iterations > self.iterations:
-            raise StageError("params.yaml: prompts.*.warmup_iterations must be in [0, iterations]")
-        if self.sub_batches > self.batch_size:
-            raise StageError(f"params.yaml: prompts.*.sub_batches ({self.sub_batches}) must be <= "
-                             f"batch_size ({self.batch_size})")
-        if self.cam_iteration is not None and self.cam_iteration > self.iterations:
-            raise StageError(f"params.yaml: prompts.*.cam_iteration ({self.cam_iteration}) must be "
-                             f"<= iterations ({self.iterations}) or null")
 
 
 def build_learner(clip, class_names, dataset: str, cfg: PromptsConfig) -> PromptLearner:
@@ -139,13 +90,13 @@ def load_learner(clip, path: str | os.PathLike, iteration: int | None = None) ->
     elif iteration in state.get("contexts", {}):
         ctx = state["contexts"][iteration]
     else:
-        raise StageError(f"prompts checkpoint {path} holds no context of iteration {iteration} "
+        raise PipelineError(f"prompts checkpoint {path} holds no context of iteration {iteration} "
                          f"(it has {sorted(state.get('contexts', {}))}); rerun train-prompts with "
                          "this cam_iteration")
     learner = PromptLearner(clip.model, spec["names"], spec["n_fg"], spec["n_ctx"],
                             spec["shared_context"], spec["class_position"], truncate=False)
     if learner.ctx.shape != ctx.shape:
-        raise StageError(f"prompts checkpoint {path} does not fit the CLIP model (context "
+        raise PipelineError(f"prompts checkpoint {path} does not fit the CLIP model (context "
                          f"{tuple(ctx.shape)} vs {tuple(learner.ctx.shape)})")
     with torch.no_grad():
         learner.ctx.copy_(ctx)
@@ -162,18 +113,18 @@ def read_prompts(path: str | os.PathLike) -> dict:
         return tensorfile.load_dict(path, "prompts checkpoint", "rerun train-prompts (`dvc repro`) "
                                     "to rewrite it", PROMPTS_KEYS)
     except tensorfile.TensorFileError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
 
 
 def warm_start(learner: PromptLearner, clip, path: Path) -> None:
     """Copy the trained classification context at ``path`` into ``learner`` (``init: cls``)."""
     if not path.is_file():
-        raise StageError(f"prompts.seg.init is cls but there are no classification prompts at {path} "
+        raise PipelineError(f"prompts.seg.init is cls but there are no classification prompts at {path} "
                          "(run train-prompts --which cls)")
     try:
         ctx = warm_start_context(learner, load_learner(clip, path)[0])
     except ValueError as exc:
-        raise StageError(f"prompts.seg.init is cls but the seg prompts differ from {path} in "
+        raise PipelineError(f"prompts.seg.init is cls but the seg prompts differ from {path} in "
                          f"{exc} (a warm start needs the same prompt layout)") from exc
     with torch.no_grad():
         learner.ctx.copy_(ctx)
@@ -189,7 +140,7 @@ class BatchSource:
         self.features_cfg = features_cfg
         self.records = split.good()
         if not self.records:
-            raise StageError("the train split has no usable image")
+            raise PipelineError("the train split has no usable image")
         self.n_classes = len(split.class_names)
         self.views = None
         self._view_params: dict[str, np.ndarray] = {}  # (K, 18) per image, read once
@@ -197,20 +148,20 @@ class BatchSource:
             try:
                 self.views = ImageStore(features / VIEWS_STORE, arrays=VIEWS_ARRAYS)
             except StoreError as exc:
-                raise StageError(str(exc)) from exc
+                raise PipelineError(str(exc)) from exc
             missing = [r.id for r in self.records if r.id not in self.views]
             if missing:
-                raise StageError(f"{features / VIEWS_STORE} lacks image {missing[0]!r} "
+                raise PipelineError(f"{features / VIEWS_STORE} lacks image {missing[0]!r} "
                                  f"({len(missing)} missing; rerun `wsss clip-features`)")
             # (an image that records no inputs was written by other tools: taken as it is)
             stale = [r.id for r in self.records
                      if self.views.recorded_inputs(r.id) not in (None, labelled_inputs(r))]
             if stale:
-                raise StageError(f"{features / VIEWS_STORE} holds image {stale[0]!r} computed from "
+                raise PipelineError(f"{features / VIEWS_STORE} holds image {stale[0]!r} computed from "
                                  f"another version of the image or its labels ({len(stale)} such; "
                                  "rerun `wsss clip-features`)")
             if list(self.views.attrs.get("class_names", [])) != list(split.class_names):
-                raise StageError(f"{features / VIEWS_STORE} was built for other classes; rerun clip-features")
+                raise PipelineError(f"{features / VIEWS_STORE} was built for other classes; rerun clip-features")
 
     def batch(self, iteration: int):
         rng = np.random.default_rng([self.cfg.seed, iteration])
@@ -246,7 +197,7 @@ class BatchSource:
         try:
             return read_rgb(record.image)
         except ImageReadError as exc:
-            raise StageError(f"image {record.id} ({record.image}): {exc}") from exc
+            raise PipelineError(f"image {record.id} ({record.image}): {exc}") from exc
 
     def _fresh_view(self, record, iteration: int, row: int):
         # the row keeps an image drawn twice into one batch from getting the same view
@@ -258,7 +209,7 @@ class BatchSource:
         try:
             return read_label(path)
         except (ImageReadError, OSError) as exc:
-            raise StageError(f"coarse seed of {image_id} unreadable at {path}: {exc} (run seeds@coarse)") from exc
+            raise PipelineError(f"coarse seed of {image_id} unreadable at {path}: {exc} (run seeds@coarse)") from exc
 
 
 RESUME_KEYS = ("fingerprint", "iteration", "ctx", "optimizer", "scheduler", "torch_rng", "rows",
@@ -272,7 +223,7 @@ def read_resume(path: Path) -> dict:
         return tensorfile.load_dict(path, "prompts resume state", f"delete it (rm {path}) to train "
                                     "from the start", RESUME_KEYS)
     except tensorfile.TensorFileError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
 
 
 def _write_csv(rows, path: Path) -> None:
@@ -366,14 +317,14 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     dataset = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
     if which == "cls" and "loss_classes" in params["prompts"]["cls"]:
-        raise StageError("params.yaml: prompts.cls.loss_classes has no effect (classification prompts "
+        raise PipelineError("params.yaml: prompts.cls.loss_classes has no effect (classification prompts "
                          "learn from the image labels); it belongs to prompts.seg")
     if which == "cls" and cfg.init != "random":
-        raise StageError("params.yaml: prompts.cls.init must be random (cls is what seg can start from)")
+        raise PipelineError("params.yaml: prompts.cls.init must be random (cls is what seg can start from)")
     if which == "seg" and seeds is None:
-        raise StageError("--seeds (the coarse seed directory) is required for --which seg")
+        raise PipelineError("--seeds (the coarse seed directory) is required for --which seg")
     if seeds is not None and not Path(seeds).is_dir():
-        raise StageError(f"seed directory not found: {seeds} (run seeds@coarse)")
+        raise PipelineError(f"seed directory not found: {seeds} (run seeds@coarse)")
     out_path = Path(out or f"cache/prompts/{which}.pt")
     metrics_path = Path(metrics or f"cache/plots/train_prompts_{which}.csv")
     sha = verify_clip(clip_cfg)
@@ -381,7 +332,7 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     try:
         precision = training_precision(compute.precision, cfg.amp, device)
     except ValueError:
-        raise StageError(f"params.yaml: prompts.{which}.amp (the reference's fp16 autocast + GradScaler) "
+        raise PipelineError(f"params.yaml: prompts.{which}.amp (the reference's fp16 autocast + GradScaler) "
                          f"and compute.precision: {compute.precision} ask for two precisions; set "
                          f"prompts.{which}.amp: false to train in {compute.precision}, or "
                          "compute.precision: fp32") from None

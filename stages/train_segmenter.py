@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import click
 import numpy as np
@@ -37,22 +36,38 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import tensorfile
+from pipeline.atomic import write_text_atomic
 from pipeline.data.datasets import DatasetError, Record, load_split
 from pipeline.data.imageio import ImageReadError, read_label, read_rgb
+from pipeline.device import torch_device
+from pipeline.errors import PipelineError
 from pipeline.metrics import ConfusionAccumulator, percent
+from pipeline.params import ComputeConfig, DatasetConfig, SegmenterConfig, section
+from pipeline.provenance import code_digest
 from pipeline.segmenter.data import (
-    EvalSamples, IterationSampler, LoadFailure, TrainingSamples, collate_eval, collate_training, make_loader,
+    EvalSamples,
+    IterationSampler,
+    LoadFailure,
+    TrainingSamples,
+    collate_eval,
+    collate_training,
+    make_loader,
     size_batches,
 )
-from pipeline.segmenter.model import ARCHS, build_segmenter, predict_labels, save_atomic, save_segmenter
-from pipeline.segmenter.training import SegmentationAugment, build_optimizer, poly_lr, train_step
-from pipeline.config import param
-from pipeline.weights import CheckpointError, sha256sum
-from stages.common import (
-    INDEX_OPTION, PARAMS_OPTION, ComputeConfig, StageError, code_digest, fingerprint, load_params, section,
-    torch_device, write_text_atomic,
+from pipeline.segmenter.model import (
+    build_segmenter,
+    predict_labels,
+    save_atomic,
+    save_segmenter,
 )
-from stages.prepare import DatasetConfig
+from pipeline.segmenter.training import (
+    SegmentationAugment,
+    build_optimizer,
+    poly_lr,
+    train_step,
+)
+from pipeline.weights import CheckpointError, sha256sum
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.train_segmenter")
 CSV_FIELDS = ("step", "loss", "lr", "val_miou")
@@ -63,74 +78,6 @@ CODE_MODULES = ("stages.train_segmenter", "pipeline.segmenter.model", "pipeline.
                 "pipeline.segmenter.clip_vit", "pipeline.sam.clip_encoder",
                 "pipeline.precision", "pipeline.metrics", "pipeline.data.datasets", "pipeline.data.imageio")
 
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    model: str = "tiny"
-    """``deeplabv3plus_r101`` (paper), ``tiny`` (DeepLabV3+ ResNet-18, random init) or
-    ``demo_clip_vit`` (embedded default: the demo CLIP's vision tower and a small head)."""
-    encoder_weights: str | None = None
-    """Path of the pretrained encoder: the ImageNet ResNet-101 state dict (required for
-    deeplabv3plus_r101) or the demo CLIP file (required for demo_clip_vit)."""
-    encoder_weights_sha256: str | None = None
-    """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
-    output_stride: Literal[8, 16] = 8
-    """Encoder output stride (§9 ``d3p-r1d8``: 8; 16 is cheaper, about 1.7x on the tiny model;
-    demo_clip_vit, a ViT with patch 16: 16 only)."""
-    iterations: int = param(60, ge=1)
-    """Optimizer steps (§9 VOC: 80 epochs of train_aug at batch 16 = 52,910)."""
-    batch_size: int = param(4, ge=1)
-    """Samples per optimizer step (§9: 16)."""
-    sub_batches: int = param(1, ge=1)
-    """Split each batch into this many forward/backward passes before the one step (gradient
-    accumulation; same effective batch, about 1/sub_batches of the activation memory). Not the
-    reference when > 1: BatchNorm normalises each sub-batch on its own statistics."""
-    lr: float = param(0.01, gt=0)
-    momentum: float = param(0.9, ge=0, lt=1)
-    weight_decay: float = param(5e-4, ge=0)
-    poly_power: float = param(0.9, ge=0)
-    crop_size: int = param(512, ge=16)
-    scale_range: tuple[float, float] = param((0.5, 2.0), gt=0)
-    flip_prob: float = param(0.5, ge=0, le=1)
-    val_every: int = param(20, ge=0)
-    """Evaluate on the eval split every this many iterations (0: only at the end); the
-    evaluated iterations are the candidates for the best checkpoint."""
-    checkpoint_every: int = param(20, ge=1)
-    """Save a resumable checkpoint every this many iterations."""
-    seed: int = 0
-    loader_workers: int = param(2, ge=0)
-    """DataLoader worker processes that decode and augment batches (0: in the training loop's
-    thread). Results do not depend on it, so it is not part of the training fingerprint."""
-
-    def __post_init__(self):
-        if self.model not in ARCHS:
-            raise StageError(f"params.yaml: segmenter.model must be one of {sorted(ARCHS)}, got {self.model!r}")
-        strides = ARCHS[self.model].output_strides
-        if self.output_stride not in strides:
-            raise StageError(f"params.yaml: segmenter.output_stride of {self.model} must be "
-                             f"{' or '.join(map(str, strides))}, got {self.output_stride}")
-        # BatchNorm in the ASPP image-pooling branch sees one value per channel per image, so
-        # every forward pass needs at least 2 images.
-        if self.batch_size < 2:
-            raise StageError(f"params.yaml: segmenter.batch_size must be at least 2, got {self.batch_size}")
-        if self.sub_batches < 1 or self.batch_size % self.sub_batches or self.batch_size // self.sub_batches < 2:
-            raise StageError(
-                f"params.yaml: segmenter.sub_batches must divide segmenter.batch_size ({self.batch_size}) "
-                f"into sub-batches of at least 2 images, got {self.sub_batches}"
-            )
-        for key in ("iterations", "crop_size", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise StageError(f"params.yaml: segmenter.{key} must be positive, got {getattr(self, key)}")
-        if self.val_every < 0:
-            raise StageError(f"params.yaml: segmenter.val_every must be >= 0, got {self.val_every}")
-
-    def training_fingerprint(self, data_digest: str, precision: str) -> str:
-        """What the trained weights and the choice of the best depend on: every key but the
-        checkpoint cadence (``val_every`` decides which iterations are best candidates) and the
-        loader's worker count, the data (train seeds and val ground truth),
-        ``compute.precision`` and the code."""
-        relevant = {k: v for k, v in self.__dict__.items() if k not in ("checkpoint_every", "loader_workers")}
-        return fingerprint(relevant, data_digest, {"precision": precision}, code_digest(*CODE_MODULES))
 
 
 def seeds_untrained(seeds_dir: Path) -> bool:
@@ -168,9 +115,9 @@ def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         image = read_rgb(record.image)
         seed = read_label(seed_path(seeds_dir, record.id))
     except (ImageReadError, OSError) as exc:
-        raise StageError(f"image {record.id}: {exc}") from exc
+        raise PipelineError(f"image {record.id}: {exc}") from exc
     if seed.shape != image.shape[:2]:
-        raise StageError(f"image {record.id}: seed is {seed.shape}, image is {image.shape[:2]}")
+        raise PipelineError(f"image {record.id}: seed is {seed.shape}, image is {image.shape[:2]}")
     return image, seed
 
 
@@ -179,9 +126,9 @@ def load_eval_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
     try:
         image, gt = read_rgb(record.image), read_label(record.label)
     except (ImageReadError, OSError) as exc:
-        raise StageError(f"image {record.id}: {exc}") from exc
+        raise PipelineError(f"image {record.id}: {exc}") from exc
     if image.shape[:2] != gt.shape or gt.shape != (record.height, record.width):
-        raise StageError(f"image {record.id}: image is {image.shape[:2]}, ground truth {gt.shape}, the index "
+        raise PipelineError(f"image {record.id}: image is {image.shape[:2]}, ground truth {gt.shape}, the index "
                          f"says {(record.height, record.width)} (rerun `wsss prepare`)")
     return image, gt
 
@@ -189,7 +136,7 @@ def load_eval_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
 def eval_loader(records: list[Record], max_pixels: int, workers: int = 0, pin_memory: bool = False):
     """Batches of equal-size val images, at most ``max_pixels`` input pixels each."""
     batches = size_batches([(r.height, r.width) for r in records], max_pixels)
-    return make_loader(EvalSamples(records, load_eval_pair, errors=(StageError,)), batches, collate_eval,
+    return make_loader(EvalSamples(records, load_eval_pair, errors=(PipelineError,)), batches, collate_eval,
                        workers, pin_memory)
 
 
@@ -201,7 +148,7 @@ def evaluate(net: torch.nn.Module, batches, num_classes: int, precision: str = "
     net.eval()
     for batch in batches:
         if isinstance(batch, LoadFailure):
-            raise StageError(batch.message)
+            raise PipelineError(batch.message)
         for pred, gt in zip(predict_labels(net, batch.images, precision).numpy(), batch.labels.numpy()):
             acc.add(pred, gt)
     return acc.scores().miou
@@ -249,7 +196,7 @@ def read_resume(path: Path) -> dict:
         return tensorfile.load_dict(path, "segmenter resume state", f"delete it (rm {path}) to "
                                     "train from the start", RESUME_KEYS)
     except tensorfile.TensorFileError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -284,22 +231,22 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
         train = load_split(index_dir, data.train_split)
         val = load_split(index_dir, data.eval_split)
     except DatasetError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     records = train.good()
     missing = [r.id for r in records if not seed_path(seeds, r.id).is_file()]
     if missing:
-        raise StageError(f"no seed for image {missing[0]} in {seeds} ({len(missing)} missing; run `wsss seeds`)")
+        raise PipelineError(f"no seed for image {missing[0]} in {seeds} ({len(missing)} missing; run `wsss seeds`)")
     val_records = [r for r in val.good() if r.label is not None]
     num_classes = len(train.class_names) + 1
     fp = cfg.training_fingerprint(
-        data_digest(records, seeds, train.class_names, val_records), compute.precision
-    )
+        data_digest(records, seeds, train.class_names, val_records), compute.precision,
+        code_digest(*CODE_MODULES))
 
     try:
         net = build_segmenter(cfg.model, num_classes, cfg.encoder_weights, cfg.encoder_weights_sha256, cfg.seed,
                               cfg.output_stride)
     except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     net.to(device)
     optimizer = build_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
     torch.manual_seed(cfg.seed)
@@ -332,7 +279,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
                     data.eval_split)
     augment = SegmentationAugment(cfg.crop_size, cfg.scale_range, cfg.flip_prob)
     pin = device.type == "cuda"
-    samples = TrainingSamples(records, partial(load_pair, seeds_dir=seeds), augment, cfg.seed, errors=(StageError,))
+    samples = TrainingSamples(records, partial(load_pair, seeds_dir=seeds), augment, cfg.seed, errors=(PipelineError,))
     loader = make_loader(samples, IterationSampler(len(records), cfg.batch_size, cfg.seed, start, cfg.iterations),
                          collate_training, cfg.loader_workers, pin, cfg.seed)
     # Inference without gradients: a val batch holds at most the training batch's input pixels.
@@ -352,7 +299,7 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
 
     for step, batch in zip(bar, loader):
         if isinstance(batch, LoadFailure):
-            raise StageError(batch.message)
+            raise PipelineError(batch.message)
         lr = poly_lr(cfg.lr, step, cfg.iterations, cfg.poly_power)
         loss = train_step(net, optimizer, batch.images, batch.labels, lr, sub_batches=cfg.sub_batches,
                           precision=compute.precision)

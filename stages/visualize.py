@@ -17,12 +17,25 @@ import click
 import numpy as np
 
 from pipeline.data.datasets import DatasetError, load_split, split_path
-from pipeline.data.imageio import VOC_PALETTE, ImageReadError, read_label, read_rgb, write_png
+from pipeline.data.imageio import (
+    VOC_PALETTE,
+    ImageReadError,
+    read_label,
+    read_rgb,
+    write_png,
+)
+from pipeline.errors import PipelineError
+from pipeline.params import DatasetConfig, section
 from pipeline.seeds.sams import image_scores
 from pipeline.store import ImageStore, StoreError
-from pipeline.visualization import IGNORE_RGB, cam_panel, compose, label_overlay, masks_panel
-from stages.common import INDEX_OPTION, PARAMS_OPTION, StageError, load_params, section
-from stages.prepare import DatasetConfig
+from pipeline.visualization import (
+    IGNORE_RGB,
+    cam_panel,
+    compose,
+    label_overlay,
+    masks_panel,
+)
+from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.visualize")
 CAMS_OF = {"coarse": "cache/cams/cls.zarr", "fine": "cache/cams/seg.zarr"}
@@ -92,14 +105,14 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
     try:
         train = load_split(index_dir, dataset.train_split)
     except DatasetError as exc:
-        raise StageError(str(exc)) from exc
+        raise PipelineError(str(exc)) from exc
     records, class_names = {r.id: r for r in train.good()}, train.class_names
     if dataset.eval_split != dataset.train_split and split_path(index_dir, dataset.eval_split).is_file():
         for r in load_split(index_dir, dataset.eval_split).good():
             records.setdefault(r.id, r)
     unknown = [i for i in ids if i not in records]
     if unknown:
-        raise StageError(f"image id {unknown[0]!r} is not a usable image of split "
+        raise PipelineError(f"image id {unknown[0]!r} is not a usable image of split "
                          f"{dataset.train_split!r} or {dataset.eval_split!r}")
     cam_store = _open(cams or CAMS_OF[which])
     sam_store = _open(sam_masks)
@@ -109,7 +122,7 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
         try:
             image = read_rgb(r.image)
         except ImageReadError as exc:
-            raise StageError(f"image {image_id}: {exc}") from exc
+            raise PipelineError(f"image {image_id}: {exc}") from exc
         qs = sam_store.read(image_id) if sam_store and image_id in sam_store else None
         cam = cam_store.read(image_id) if cam_store and image_id in cam_store else None
         seed_png, pred_png = seeds / f"{image_id}.png", Path(predictions_dir) / f"{image_id}.png"

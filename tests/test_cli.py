@@ -87,7 +87,7 @@ def _state(pid: int) -> str | None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_stage_stops_when_its_parent_is_killed():
-    child = ("from stages.common import die_with_parent; die_with_parent(0.2); "
+    child = ("from stages.watch import die_with_parent; die_with_parent(0.2); "
              "import time; time.sleep(120)")
     parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
               "print(p.pid, flush=True); time.sleep(120)")
@@ -114,7 +114,7 @@ def test_a_stage_behind_a_shell_stops_when_dvc_is_killed(under_dvc):
     if under_dvc and not hasattr(os, "pidfd_open"):
         pytest.skip("waking at DVC's death needs os.pidfd_open (Linux 5.3+, Python 3.9+)")
     # A 60 s poll: under DVC the stage must wake at DVC's death (a pidfd), not at its next poll.
-    child = ("from stages.common import die_with_parent; die_with_parent(60); "
+    child = ("from stages.watch import die_with_parent; die_with_parent(60); "
              "import time; time.sleep(120)")
     shell_cmd = f"{sys.executable} -c {shlex.quote(child)}; true"  # '; true': no shell execs this
     env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from pipeline.clip.model import OPENAI_FILES, TINY_MODEL, create_clip
 from pipeline.weights import CheckpointError, sha256sum
-from stages.clip_features import ClipConfig, verify_clip
-from stages.common import StageError
+from pipeline.params import ClipConfig
+from stages.clip_features import verify_clip
+from pipeline.errors import PipelineError
 
 
 def _same_weights(a, b):
@@ -54,7 +55,7 @@ def test_the_official_openai_file_is_verified_and_other_files_are_recorded(train
     name, sha = OPENAI_FILES["ViT-B-16"]
     fake = tmp_path / name
     fake.write_bytes(b"not OpenAI's file")
-    with pytest.raises(StageError) as info:
+    with pytest.raises(PipelineError) as info:
         verify_clip(ClipConfig(model="ViT-B-16", checkpoint=str(fake)))
     assert sha in str(info.value) and "'clip.checkpoint_sha256" in str(info.value)
     # one's own checksum replaces the published one

@@ -117,11 +117,12 @@ def test_weights_load_from_a_local_file_through_open_clip(tmp_path):
 
 
 def test_missing_clip_checkpoint_is_one_clear_error(tmp_path):
-    from stages.clip_features import ClipConfig, verify_clip
-    from stages.common import StageError
+    from pipeline.params import ClipConfig
+    from stages.clip_features import verify_clip
+    from pipeline.errors import PipelineError
 
-    with pytest.raises(StageError, match="clip.checkpoint is null"):
+    with pytest.raises(PipelineError, match="clip.checkpoint is null"):
         ClipConfig(model="ViT-B-16")
     cfg = ClipConfig(model="ViT-B-16", checkpoint=str(tmp_path / "missing.bin"), checkpoint_sha256="ab" * 32)
-    with pytest.raises(StageError, match=r"missing\.bin.*'clip\.checkpoint'.*abab"):
+    with pytest.raises(PipelineError, match=r"missing\.bin.*'clip\.checkpoint'.*abab"):
         verify_clip(cfg)

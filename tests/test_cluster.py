@@ -15,8 +15,10 @@ import pytest
 import torch
 import yaml
 
-from stages import common
-from stages.common import ComputeConfig, StageError, WorkerResource, run_per_image
+from stages import execution as common
+from pipeline.params import ComputeConfig
+from pipeline.errors import PipelineError
+from stages.execution import WorkerResource, run_per_image
 from test_sam_masks_stage import make_params, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def test_a_file_that_changes_under_a_running_stage_is_refused(tmp_path):
     f.write_text("what the stage hashed")
     resource = WorkerResource.of(_read_model, files=("path",), path=str(f))
     f.write_text("what the worker would load")
-    with pytest.raises(StageError, match=f"{f} is not the file the stage started with"):
+    with pytest.raises(PipelineError, match=f"{f} is not the file the stage started with"):
         resource.get()
 
 

@@ -51,10 +51,11 @@ def test_compute_precision_selects_the_autocast_dtype():
     import torch
 
     from pipeline.precision import autocast
-    from stages.common import ComputeConfig, StageError, section
+    from pipeline.params import ComputeConfig, section
+    from pipeline.errors import PipelineError
 
     assert section({"compute": {}}, "compute", ComputeConfig).precision == "fp32"
-    with pytest.raises(StageError, match="compute.precision"):
+    with pytest.raises(PipelineError, match="compute.precision"):
         section({"compute": {"precision": "fp16"}}, "compute", ComputeConfig)
     a, b = torch.randn(8, 8), torch.randn(8, 8)
     with autocast("cpu", "bf16"):
@@ -84,15 +85,16 @@ def test_training_precision_modes():
 def test_bf16_on_a_cuda_device_without_it_is_one_line(monkeypatch):
     import torch
 
-    from stages.common import StageError, torch_device
+    from pipeline.errors import PipelineError
+    from pipeline.device import torch_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
     assert torch_device("cuda:0", "fp32") == torch.device("cuda:0")
-    with pytest.raises(StageError) as err:
+    with pytest.raises(PipelineError) as err:
         torch_device("cuda:0", "bf16")
-    message = err.value.format_message()
+    message = str(err.value)
     assert "\n" not in message and "cuda:0 (Tesla V100-SXM2-16GB) does not support bfloat16" in message
     assert message.endswith("set compute.precision: fp32")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -1,6 +1,6 @@
 """A per-image stage on a real dask cluster (``dask scheduler`` + ``dask worker`` processes, as
 users start them) whose workers run in another directory than the project: the tasks get
-absolute paths (``stages.common.worker_path``), so the store is the serial run's, byte for byte."""
+absolute paths (``stages.execution.worker_path``), so the store is the serial run's, byte for byte."""
 import filecmp
 import os
 import signal

@@ -14,7 +14,8 @@ from pipeline.demo.clip_training import (
 from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance
 from pipeline.weights import sha256sum
 from stages.cli import main
-from stages.clip_features import ClipConfig, build_clip, clip_provenance, verify_clip
+from pipeline.params import ClipConfig
+from stages.clip_features import build_clip, clip_provenance, verify_clip
 
 REPO = Path(__file__).resolve().parents[1]
 

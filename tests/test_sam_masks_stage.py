@@ -18,8 +18,10 @@ from pipeline.sam.quasi_superpixels import QuasiSuperpixels
 from pipeline.store import INPUTS_KEY, ImageStore
 from stages import sam_masks as sam_masks_stage
 from stages.cli import main as cli
-from stages.common import image_inputs, section
-from stages.sam_masks import SamConfig, _build_generator, store_attrs
+from pipeline.provenance import image_inputs
+from pipeline.params import section
+from pipeline.params import SamConfig
+from stages.sam_masks import _build_generator, store_attrs
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {

@@ -14,9 +14,11 @@ from pipeline.demo.sam_oracle import WorldOracleGenerator
 from pipeline.demo.world import render
 from pipeline.store import ImageStore
 from stages import sam_masks as sam_masks_stage
-from stages.common import StageError, section
+from pipeline.errors import PipelineError
+from pipeline.params import section
 from stages.prepare import demo_index
-from stages.sam_masks import SamConfig, store_attrs
+from pipeline.params import SamConfig
+from stages.sam_masks import store_attrs
 from test_sam_masks_stage import REPO, assert_same, make_params, read_all, run
 
 ORACLE = {"model": "world-oracle", "points_per_side": 8, "crop_n_layers": 0,
@@ -92,16 +94,16 @@ def test_oracle_refuses_foreign_ids_and_images_of_another_world():
     generator = WorldOracleGenerator(points_per_side=4, crop_n_layers=0)
     sample = render(0, 3)
     masks = sam_masks_stage._world_oracle_masks
-    with pytest.raises(StageError, match=r"image 2007_000032: .*not a demo image id.*world-oracle"):
+    with pytest.raises(PipelineError, match=r"image 2007_000032: .*not a demo image id.*world-oracle"):
         masks(generator, 0, "2007_000032", sample.image)
     other = render(0, 4).image
     assert other.shape != sample.image.shape
-    with pytest.raises(StageError, match=r"image demo_0003 is .* but demo world 0 renders it"):
+    with pytest.raises(PipelineError, match=r"image demo_0003 is .* but demo world 0 renders it"):
         masks(generator, 0, "demo_0003", other)
     assert len(masks(generator, 0, "demo_0003", sample.image)) > 1
 
 
 def test_sam_model_choices_name_the_oracle():
     assert SamConfig(model="world-oracle").model == "world-oracle"
-    with pytest.raises(StageError, match="world-oracle"):
+    with pytest.raises(PipelineError, match="world-oracle"):
         SamConfig(model="oracle")

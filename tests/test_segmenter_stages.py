@@ -333,7 +333,8 @@ def test_segmenter_files_holding_code_are_refused_in_one_line(workspace, tmp_pat
 def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     from pipeline.sam.quasi_superpixels import QuasiSuperpixels
     from pipeline.segmenter.model import build_segmenter
-    from stages.predict import PredictConfig, predict_image, summarise
+    from pipeline.params import PredictConfig
+    from stages.predict import predict_image, summarise
 
     image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "im.png")

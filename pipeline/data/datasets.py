@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -38,7 +40,7 @@ COCO_CLASSES = (
 IGNORE = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """The dataset on disk does not match its declared layout."""
 
 

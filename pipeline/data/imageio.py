@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.atomic import atomic_path
+from pipeline.errors import PipelineError
 
-class ImageReadError(OSError):
+
+class ImageReadError(PipelineError, OSError):
     """An image file is missing or cannot be decoded."""
 
 
@@ -98,19 +100,13 @@ def write_palette_png(path: str | os.PathLike, label: np.ndarray) -> None:
     label = np.asarray(label)
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"label map must be (H, W) uint8, got {label.dtype} {label.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(label, mode="P")
     im.putpalette(VOC_PALETTE.tobytes())
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 RGB image as PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")

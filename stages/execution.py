@@ -1,0 +1,334 @@
+"""Per-image execution: every per-image stage runs through :func:`run_per_image`.
+
+Per-image stages call :func:`run_per_image` with a task function and a :class:`WorkerResource`
+(the model). With ``compute.scheduler: local`` the tasks run in this process under a tqdm bar; with
+``local-cluster`` a dask LocalCluster of ``compute.workers`` processes is started; with a scheduler
+address (``tcp://host:8786``) the tasks go to that existing dask cluster. In every case each
+process builds the resource once (keyed by the content of the files it loads) and reuses it for
+all of its tasks, one task at a time unless the resource is thread-safe, and drops it when the
+stage ends; tasks write their own results (atomically), so the artifacts do not depend on where a
+task ran.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from tqdm.auto import tqdm
+
+from pipeline.device import DeviceError, torch_device
+from pipeline.errors import PipelineError
+from pipeline.params import ComputeConfig
+
+log = logging.getLogger("wsss")
+
+
+class ResourceError(PipelineError):
+    """A worker cannot build its model: a file changed under the stage, or its device is unusable."""
+
+
+def worker_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` made absolute (None stays None). Per-image tasks and worker resources get their
+    paths through this: on a cluster (``compute.scheduler: tcp://...``) the workers may have
+    been started in another directory than the stage, and a relative path would read or write
+    there. The workers must see the project at the same path (one machine, or a shared
+    filesystem)."""
+    return None if path is None else os.path.abspath(path)
+
+
+# -- per-image execution ------------------------------------------------------------------------
+
+_RESOURCES: dict[Any, tuple[Any, threading.Lock]] = {}
+_RESOURCE_LOCK = threading.Lock()
+_CHECKED_DEVICES: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class WorkerResource:
+    """An expensive object (a model) that each process builds once and reuses.
+
+    ``factory`` must be a module-level function and ``kwargs`` plain data, so the resource can
+    travel to dask workers. The built object is cached per process, keyed by the factory, its
+    kwargs and ``digests``: the SHA-256 of every file the factory loads (the kwargs named in
+    ``files``), computed once by :meth:`of` in the stage's process. A long-lived worker thus
+    rebuilds the model when a file was replaced at the same path (retrained prompts or segmenter),
+    and one that sees other bytes at the path than the stage did refuses to build.
+
+    ``thread_safe=False`` (the default) serialises the tasks of one process on the resource: a
+    dask worker with several threads runs one task at a time on it (SAM's predictor and the world
+    oracle keep per-image state between ``set_image`` and ``reset_image``). Only a resource whose
+    object is never mutated by a task (a forward pass under ``no_grad``, read-only stores) says
+    ``thread_safe=True``.
+
+    A kwarg named ``device`` is the torch device the factory puts the model on; it is checked in
+    the process that builds the resource (on a dask worker, not on the machine that runs DVC).
+    """
+
+    factory: Callable[..., Any]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    digests: tuple[tuple[str, str | None], ...] = ()
+    thread_safe: bool = False
+
+    @classmethod
+    def of(cls, factory: Callable[..., Any], *, files: Iterable[str] = (), thread_safe: bool = False,
+           **kwargs: Any) -> "WorkerResource":
+        """``files``: the kwargs that hold file paths (``"sam.checkpoint"`` reaches into a dict
+        kwarg); ``None`` or a missing file gets the digest ``None`` (the factory reports it)."""
+        digests = tuple(sorted((name, _file_digest(_lookup(kwargs, name))) for name in files))
+        return cls(factory, tuple(sorted(kwargs.items())), digests, thread_safe)
+
+    def key(self) -> tuple:
+        return (self.factory.__module__, self.factory.__qualname__, _freeze(self.kwargs), self.digests)
+
+    def acquire(self) -> tuple[Any, threading.Lock]:
+        """The process's object (built on first use) and the lock its tasks hold when not
+        ``thread_safe``."""
+        key = self.key()
+        with _RESOURCE_LOCK:
+            if key not in _RESOURCES:
+                kwargs = dict(self.kwargs)
+                if "device" in kwargs:
+                    check_device(kwargs["device"])
+                for name, expected in self.digests:
+                    actual = _file_digest(_lookup(kwargs, name))
+                    if actual != expected:
+                        raise ResourceError(
+                            f"{_lookup(kwargs, name)}{_where()} is not the file the stage started with "
+                            f"(SHA-256 {_short(actual)}, expected {_short(expected)}): replaced while "
+                            "the stage ran, or another file at that path where this process runs")
+                _RESOURCES[key] = (self.factory(**kwargs), threading.Lock())
+            return _RESOURCES[key]
+
+    def get(self) -> Any:
+        return self.acquire()[0]
+
+
+def _lookup(kwargs: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = kwargs
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def _file_digest(path: Any) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    from pipeline.weights import sha256sum
+
+    return sha256sum(path)
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "none (no file)"
+
+
+def _freeze(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    return obj
+
+
+def _where() -> str:
+    """`` on dask worker <address>`` inside a dask worker, else empty."""
+    try:
+        from distributed import get_worker
+
+        return f" on dask worker {get_worker().address}"
+    except (ImportError, ValueError):
+        return ""
+
+
+def check_device(name: str):
+    """:func:`torch_device` of this process, checked once; errors say which dask worker."""
+    if name not in _CHECKED_DEVICES:
+        try:
+            _CHECKED_DEVICES[name] = torch_device(name)
+        except DeviceError as exc:
+            raise DeviceError(f"{exc}{_where()}") from None
+    return _CHECKED_DEVICES[name]
+
+
+def check_stage_device(compute: ComputeConfig) -> None:
+    """Fail early on an unusable ``compute.device`` where the models will run: in this process
+    for ``local``; otherwise each worker checks it before building its model (the machine that runs
+    DVC, a SLURM login node say, need not have a GPU)."""
+    if compute.scheduler == "local":
+        torch_device(compute.device, compute.precision)
+
+
+def release_resources() -> None:
+    """Drop this process's cached models (and CUDA's cached blocks): run at the end of a stage, on
+    every worker of the cluster, so a long-lived worker does not keep SAM, CLIP and the segmenter
+    resident between stages."""
+    import gc
+
+    with _RESOURCE_LOCK:
+        _RESOURCES.clear()
+        _CHECKED_DEVICES.clear()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _run_task(task: Callable[[Any, Any], Any], resource: WorkerResource | None, item: Any) -> Any:
+    if resource is None:
+        return task(None, item)
+    obj, lock = resource.acquire()
+    if resource.thread_safe:
+        return task(obj, item)
+    with lock:
+        return task(obj, item)
+
+
+def run_per_image(
+    task: Callable[[Any, Any], Any],
+    items: Iterable[Any],
+    compute: ComputeConfig,
+    resource: WorkerResource | None = None,
+    desc: str = "images",
+    collect: Callable[[Any], None] | None = None,
+) -> list[Any]:
+    """Run ``task(resource_object, item)`` for every item; returns the results in item order.
+
+    With ``collect``, each result is handed to it as it arrives (in item order when serial, in
+    completion order on dask) and not kept (the return value is then empty): a stage whose
+    per-image results are only summed (confusion matrices) then holds its running totals, not
+    one result per image of the dataset.
+
+    Tasks must be idempotent and write their own artifacts atomically. An exception in a task
+    stops the stage with that exception (the artifacts written so far stay, complete). When the
+    tasks are done (or failed), every process that ran them drops its cached models.
+    """
+    items = list(items)
+    if not items:
+        return []
+    if compute.scheduler == "local":
+        results = []
+        try:
+            obj = resource.get() if resource is not None else None
+            start = time.perf_counter()
+            # A context manager closes the bar when a task fails, so the error gets its own line.
+            with tqdm(items, desc=desc, unit="img", dynamic_ncols=True) as bar:
+                for item in bar:
+                    result = task(obj, item)
+                    if collect is None:
+                        results.append(result)
+                    else:
+                        collect(result)
+        finally:
+            obj = None
+            release_resources()
+    else:
+        start = time.perf_counter()  # the workers build their models inside this loop
+        results = _run_dask(task, items, compute, resource, desc, collect)
+    # The per-image loop alone (process start, model loading in this process and the work before
+    # and after excluded): benchmarks/scale.py reads it from the stage's log.
+    elapsed = time.perf_counter() - start
+    log.info("%s: %d images in %.3f s (%.4f s per image)", desc, len(items), elapsed,
+             elapsed / len(items))
+    return results
+
+
+def _cuda_devices(device: str) -> list[str] | None:
+    """The GPUs that ``local-cluster`` workers share out for ``device`` (entries of
+    ``CUDA_VISIBLE_DEVICES``, or indices), or None when the workers do not run on CUDA or the
+    device names one GPU (``cuda:N``)."""
+    if device not in ("cuda", "auto"):
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0 or (device == "auto" and not torch.cuda.is_available()):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        listed = [v.strip() for v in visible.split(",") if v.strip()]
+        if len(listed) >= count:
+            return listed[:count]
+    return [str(i) for i in range(count)]
+
+
+def local_cluster_workers(compute: ComputeConfig) -> list[dict[str, str]]:
+    """The environment of each ``local-cluster`` worker: with CUDA, worker i sees only GPU
+    i (mod the number of GPUs) as its ``cuda``; ``compute.workers`` defaults to one per GPU
+    (2 without CUDA)."""
+    gpus = _cuda_devices(compute.device)
+    n = compute.workers or (len(gpus) if gpus else 2)
+    if not gpus:
+        return [{} for _ in range(n)]
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
+
+
+def _local_cluster(compute: ComputeConfig):
+    from distributed import LocalCluster
+
+    envs = local_cluster_workers(compute)
+    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    try:
+        # One spec per worker, so each gets its own environment (LocalCluster gives them one).
+        for name, env in enumerate(envs):
+            spec = dict(cluster.new_spec)
+            spec["options"] = {**spec["options"], "env": {**spec["options"].get("env", {}), **env}}
+            cluster.worker_spec[name] = spec
+        cluster.scale(len(envs))
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _run_dask(task, items, compute: ComputeConfig, resource, desc, collect=None) -> list[Any]:
+    from distributed import Client, as_completed
+
+    cluster = None
+    if compute.scheduler == "local-cluster":
+        cluster = _local_cluster(compute)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(compute.scheduler, timeout="30s")
+        except OSError as exc:
+            raise PipelineError(f"cannot reach dask scheduler {compute.scheduler!r}: {exc}") from exc
+    futures: list[Any] = []
+    try:
+        futures = [
+            client.submit(_run_task, task, resource, item, pure=False, retries=0) for item in items
+        ]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[Any] = [None] * len(items) if collect is None else []
+        with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for future in as_completed(futures):
+                i = index[future.key]
+                if collect is None:
+                    results[i] = future.result()
+                else:
+                    collect(future.result())
+                futures[i] = None  # the cluster may forget the result once it is taken
+                bar.update(1)
+        return results
+    finally:
+        if cluster is None:
+            _release_on_workers(client, futures)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _release_on_workers(client, futures: list) -> None:
+    """Empty the model cache of every worker of an external cluster, a failed stage's included
+    (its tasks not yet started are cancelled first, so none rebuilds a model afterwards)."""
+    try:
+        client.cancel([f for f in futures if f is not None and not f.done()])
+        client.run(release_resources)
+    except Exception as exc:  # the stage's own result or error matters more than this clean-up
+        log.warning("could not release the models cached on the dask workers: %s", exc)
