@@ -13,12 +13,12 @@ import argparse
 
 import torch
 
+from harness import print_ratio, sync, time_interleaved  # first: puts this checkout on sys.path
 from pipeline.cams.caa import class_aware_attention_affinity
 from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
 from pipeline.clip.model import create_clip
 from pipeline.prompts.training import batched_gradcam
 from pipeline.prompts.learner import PromptLearner
-from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def main() -> None:
@@ -27,7 +27,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clip = create_clip("ViT-B-16", seed=0).to(device)
     n_fg = len(VOC_PROMPT_NAMES)
     texts = {}
@@ -66,10 +65,10 @@ def main() -> None:
             clip.encode_with_attention(image, 8)
 
     t_cache, t_full, t_build = time_interleaved([from_cache, uncached, cache_once], args.repeats,
-                                                warmup=1, sync=sync)
+                                                warmup=1, sync=lambda: sync(device))
     print(f"per image, both prompt sets: from cache {t_cache:.3f} s, two full passes {t_full:.3f} s; "
           f"building the cache once {t_build:.3f} s ({device})")
-    print(f"RATIO cams={t_full / t_cache:.2f}")
+    print_ratio("cams", t_full / t_cache)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scale import bench_env, build, compare_trees  # noqa: E402  (benchmarks/ is on sys.path)
-from dvc_project import sh  # noqa: E402  (scale puts tests/ on sys.path)
+from harness import print_ratio, sh
+from scale import bench_env, build, compare_trees
 
 CHECKS: list[tuple[str, bool]] = []
 
@@ -351,7 +348,7 @@ def main() -> None:
     passed = sum(ok for _, ok in CHECKS)
     print(f"\n{passed} of {len(CHECKS)} checks passed; {time.time() - t0:.0f} s; "
           f"load average at end {os.getloadavg()[0]:.1f}")
-    print(f"RATIO faults_ok={passed / max(len(CHECKS), 1):.2f}")
+    print_ratio("faults_ok", passed / max(len(CHECKS), 1))
     if passed != len(CHECKS):
         raise SystemExit(1)
 

@@ -38,9 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from harness import REPO, cuda_peak_gib, reset_cuda_peak, sync
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -183,34 +181,23 @@ def compare_to_cpu(cpu: Path, other: Path) -> str:
 # -- real-size architectures --------------------------------------------------------------------
 
 def _peak(device) -> str:
-    import torch
-
-    if device.type != "cuda":
-        return ""
-    return f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    return f", peak {cuda_peak_gib(device):.2f} GiB" if device.type == "cuda" else ""
 
 
 def real_sam(folder: Path, device, quick: bool) -> str:
     import numpy as np
     import torch
 
-    from pipeline.sam.models import SPECS, build_sam, build_sam_predictor
+    from pipeline.sam.models import build_sam, build_sam_predictor
     from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
+    from pipeline.sam.specs import sam_spec
     from pipeline.weights import sha256sum
 
     model = "tiny" if quick else "vit_h"
     path = folder / ("sam_tiny.pth" if quick else "sam_vit_h_4b8939.pth")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        torch.save(build_sam(SPECS[model]).state_dict(), path)
+        torch.save(build_sam(sam_spec(model)).state_dict(), path)
     predictor = build_sam_predictor(model, path, sha256sum(path), device)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (375, 500, 3), dtype=np.uint8) for _ in range(2)]
@@ -224,13 +211,12 @@ def real_sam(folder: Path, device, quick: bool) -> str:
                                    min_mask_region_area=100, output_mode="binary_mask")
     report = []
     for name, run in (("ours", ours.generate), ("stock", stock.generate)):
-        _reset_peak(device)
+        reset_cuda_peak(device)
         seconds = []
         for image in images:
             t0 = time.perf_counter()
             out = run(image)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             seconds.append(time.perf_counter() - t0)
         report.append(f"{name} {np.mean(seconds):.2f} s/image ({len(out)} masks){_peak(device)}")
     return f"SAM {model}: " + "; ".join(report)
@@ -240,7 +226,7 @@ def real_clip(folder: Path, device, quick: bool) -> str:
     import numpy as np
 
     from pipeline.clip.model import create_clip
-    from stages.clip_features import inference_features
+    from pipeline.clip.features import inference_features
 
     if quick:
         clip = create_clip("tiny").to(device)
@@ -250,7 +236,7 @@ def real_clip(folder: Path, device, quick: bool) -> str:
         clip = create_clip("ViT-B-16", checkpoint=open_clip_vit_b16(folder).path).to(device)
     image = np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)
     inference_features(clip, image, 8, 512)  # warm-up
-    _reset_peak(device)
+    reset_cuda_peak(device)
     t0 = time.perf_counter()
     x, att, grid, _ = inference_features(clip, image, 8, 512)
     float(x.sum())
@@ -277,7 +263,7 @@ def real_segmenter(folder: Path, device, quick: bool) -> str:
     images = torch.randn(batch, 3, crop, crop)
     labels = torch.randint(0, 21, (batch, crop, crop))
     float(train_step(net, opt, images.to(device), labels.to(device), 0.01))  # warm-up
-    _reset_peak(device)
+    reset_cuda_peak(device)
     t0 = time.perf_counter()
     loss = float(train_step(net, opt, images.to(device), labels.to(device), 0.01))
     return (f"segmenter {'tiny' if quick else 'DeepLabV3+ R101 OS8'} step, {crop} crops, batch "

@@ -8,16 +8,13 @@ that DVC limits to seeds@fine and what follows it, then the same forcing the dow
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from dvc_project import dvc_env, make_project, ran_stages, sh  # noqa: E402  (shared with the e2e tests)
+from harness import dvc_env, make_project, print_ratio, ran_stages, sh
 
 
 def main(argv=None) -> None:
@@ -49,8 +46,8 @@ def main(argv=None) -> None:
         forced = time.perf_counter() - t0
         print(f"dvc repro --force-downstream after seeds.fine.alpha -> {args.alpha / 2}: "
               f"{forced:.1f} s, stages run: {', '.join(sorted(ran_stages(out)))}")
-    print(f"RATIO rerun_downstream={full / forced:.2f}")
-    print(f"RATIO rerun={full / rerun:.2f}")
+    print_ratio("rerun_downstream", full / forced)
+    print_ratio("rerun", full / rerun)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from timing import time_interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+from harness import REPO, print_ratio, time_interleaved  # first: puts this checkout on sys.path
 from pipeline.sam.point_decoder import StockNetworkPredictor  # noqa: E402
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator  # noqa: E402
 
@@ -257,18 +253,20 @@ def real_predictor(model: str, checkpoint: str | None = None, seed: int = 0):
     import torch
     from segment_anything import SamPredictor
 
-    from pipeline.sam.models import SPECS, build_sam, build_sam_predictor
+    from pipeline.sam.models import build_sam, build_sam_predictor
+    from pipeline.sam.pretrained import pretrained_weights
+    from pipeline.sam.specs import sam_spec
     from pipeline.weights import CheckpointError
 
     try:
         predictor = build_sam_predictor(model, checkpoint, None)
-        return predictor, SPECS[model].checkpoint_name is None
+        return predictor, pretrained_weights(model) is None
     except CheckpointError:
         if checkpoint is not None:
             raise
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SamPredictor(build_sam(SPECS[model])), True
+        return SamPredictor(build_sam(sam_spec(model))), True
 
 
 def read_images(image_dir: str | None, n: int, height: int, width: int):
@@ -390,7 +388,7 @@ def main_generate(args) -> None:
           f"ours {ours_total / len(rows):.1f} s")
     if args.verify and not all(r["identical"] for r in rows):
         raise SystemExit("fast decoder path and stock network path disagree")
-    print(f"RATIO sam_generate={stock_total / ours_total:.3f}")
+    print_ratio("sam_generate", stock_total / ours_total, digits=3)
 
 
 def main(argv=None) -> None:
@@ -406,7 +404,7 @@ def main(argv=None) -> None:
                         help="torch threads (0: torch's default; default 1, --generate: 0)")
     parser.add_argument("--generate", action="store_true",
                         help="time the whole generate (network included), ours vs stock")
-    parser.add_argument("--model", default="tiny", help="--generate: SAM model (models.SPECS)")
+    parser.add_argument("--model", default="tiny", help="--generate: SAM model (pipeline.sam.specs)")
     parser.add_argument("--checkpoint", default=None,
                         help="--generate: weights (default: the model's own, else random)")
     parser.add_argument("--image-dir", default=None,
@@ -460,8 +458,8 @@ def main(argv=None) -> None:
     print(f"storage per image: zarr {zarr_total / len(storage):.0f} B (chunks and zip headers "
           f"{(zarr_total - meta_total) / len(storage):.0f} B + metadata "
           f"{meta_total / len(storage):.0f} B), pickled RLE {pickle_total / len(storage):.0f} B")
-    print(f"RATIO sam_storage={pickle_total / zarr_total:.3f}")
-    print(f"RATIO sam_postprocess={stock_total / ours_total:.3f}")
+    print_ratio("sam_storage", pickle_total / zarr_total, digits=3)
+    print_ratio("sam_postprocess", stock_total / ours_total, digits=3)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from dvc_project import dvc_env, make_project, sh  # noqa: E402  (tests/ is on sys.path)
+from harness import REPO, dvc_env, make_project, peak_rss_mib, print_ratio, sh
 
 #: Stages in graph order, with their outputs, the unit their cost is divided by, and the desc
 #: ``run_per_image`` logs for per-image stages.
@@ -138,13 +135,13 @@ def rusage_wrapper(out: Path, argv: list[str]) -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     with open(out, "a") as f:
         f.write(json.dumps({"argv": argv, "wall": time.perf_counter() - start,
-                            "maxrss_kib": usage.ru_maxrss, "utime": usage.ru_utime,
+                            "maxrss_mib": peak_rss_mib(usage), "utime": usage.ru_utime,
                             "stime": usage.ru_stime}) + "\n")
     return os.waitstatus_to_exitcode(status)
 
 
-def timed_child(args: list[str], cwd: Path, env: dict, log: Path | None = None) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS KiB of the process tree as wait4 reports it, output)."""
+def timed_child(args: list[str], cwd: Path, env: dict, log: Path | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB of the process tree as wait4 reports it, output)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -158,7 +155,7 @@ def timed_child(args: list[str], cwd: Path, env: dict, log: Path | None = None) 
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"{' '.join(args)} failed (exit {code}) in {cwd}:\n{text[-4000:]}")
-    return wall, usage.ru_maxrss, text
+    return wall, peak_rss_mib(usage), text
 
 
 def tree_stats(paths: list[Path]) -> tuple[int, int]:
@@ -224,11 +221,11 @@ def run_size(root: Path, n_train: int, n_val: int, log: Path, light: bool = True
         rows.append({"stage": stage, "size": n_train, "unit": unit, "n": n, "wall": wall,
                      "stage_wall": child["wall"], "loop": loop[1] if loop else None,
                      "cpu": child["utime"] + child["stime"],
-                     "stage_rss_mib": child["maxrss_kib"] / 1024, "tree_rss_mib": tree_rss / 1024,
+                     "stage_rss_mib": child["maxrss_mib"], "tree_rss_mib": tree_rss,
                      "files": files, "disk_bytes": disk})
         print(f"  {n_train:>5} {stage:<18} {wall:7.1f} s wall  {wall / n:8.4f} s/{unit}"
               + (f"  loop {loop[1] / n:.4f} s/img" if loop else "")
-              + f"  stage RSS {child['maxrss_kib'] / 1024:6.0f} MiB  {files} files  "
+              + f"  stage RSS {child['maxrss_mib']:6.0f} MiB  {files} files  "
               f"{disk / 2**20:.1f} MiB", flush=True)
     status = sh("dvc", "status", cwd=repo, env=env)
     clean = "Data and pipelines are up to date" in status
@@ -350,35 +347,37 @@ def same_images(work: Path, small: int, large: int, n_ids: int = 50) -> dict[str
     into its project's store: does an image cost more in a larger store? CPU seconds, so what
     else runs on the machine matters less. Returns {stage: CPU ratio large/small}."""
     from pipeline.data.datasets import load_split
-    from stages import sam_masks as S, seeds as D
+    from pipeline.params import SamConfig, SeedsConfig, check_sections, section
     from pipeline.provenance import image_inputs, labelled_inputs
-    from stages.params import load_params
-    from pipeline.params import section
+    from pipeline.sam.maskers import MasksTask, build_masker, masks_for_image
+    from pipeline.schemas import open_cams, open_masks
+    from pipeline.seeds.image import SeedsTask, seeds_for_image
 
     ids = [f"demo_{i:04d}" for i in range(0, min(small, 2 * n_ids), 2)]
     tasks: dict[str, dict[int, list]] = {"sam_masks": {}, "seeds@coarse": {}}
     for n in (small, large):
         repo = work / f"n{n}" / "repo"
-        params = load_params(repo / "params.yaml")
-        cfg = section(params, "sam", S.SamConfig)
-        masker = S._build_masker(world_seed=0, model=cfg.model, checkpoint=None, checkpoint_sha256=None,
-                                 mask_threshold=cfg.mask_threshold, device="cpu", precision="fp32",
-                                 **cfg.generator_settings())
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        check_sections(params)
+        cfg = section(params, "sam", SamConfig)
+        masker = build_masker(world_seed=0, model=cfg.model, checkpoint=None, checkpoint_sha256=None,
+                              mask_threshold=cfg.mask_threshold, device="cpu", precision="fp32",
+                              **cfg.generator_settings())
         split = load_split(repo / "cache/index", "train")
         recs = {r.id: r for r in split.records}
         sam = str(repo / "cache/sam_masks.zarr")
-        tasks["sam_masks"][n] = [(masker, S.Item(i, str(repo / recs[i].image), sam, image_inputs(recs[i])))
+        tasks["sam_masks"][n] = [(masker, MasksTask(i, str(repo / recs[i].image), sam, image_inputs(recs[i])))
                                  for i in ids]
-        scfg = section(params, "seeds", D.SeedsConfig)
-        stores = D._open_stores(str(repo / "cache/cams/cls.zarr"), sam)
+        scfg = section(params, "seeds", SeedsConfig)
+        stores = (open_cams(str(repo / "cache/cams/cls.zarr")), open_masks(sam))  # as the stage opens them
         tasks["seeds@coarse"][n] = [
-            (stores, D.Item(i, recs[i].height, recs[i].width, str(repo / recs[i].label),
-                            str(repo / "cache/seeds/coarse" / f"{i}.png"), scfg.coarse.alpha,
-                            scfg.fallback_thresh, tuple(scfg.cam_bg_powers), len(split.class_names) + 1,
-                            labelled_inputs(recs[i]), image_inputs(recs[i])))
+            (stores, SeedsTask(i, recs[i].height, recs[i].width, str(repo / recs[i].label),
+                               str(repo / "cache/seeds/coarse" / f"{i}.png"), scfg.coarse.alpha,
+                               scfg.fallback_thresh, tuple(scfg.cam_bg_powers), len(split.class_names) + 1,
+                               labelled_inputs(recs[i]), image_inputs(recs[i])))
             for i in ids]
     ratios = {}
-    for stage, fn in (("sam_masks", S.masks_for_image), ("seeds@coarse", D.seed_image)):
+    for stage, fn in (("sam_masks", masks_for_image), ("seeds@coarse", seeds_for_image)):
         cpu = {small: 0.0, large: 0.0}
         for k in range(len(ids)):
             for n in (small, large):
@@ -500,8 +499,8 @@ def main() -> None:
         if args.same_images:
             print()
             same_images(args.same_images, sizes[0], sizes[-1])
-        print(f"RATIO per_image_growth={growth:.2f}")
-        print(f"RATIO memory_growth={memory:.2f}")
+        print_ratio("per_image_growth", growth)
+        print_ratio("memory_growth", memory)
         return
     sizes = sorted(args.images)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsss-scale-"))
@@ -529,8 +528,8 @@ def main() -> None:
     print(f"\ntotal {time.time() - t0:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
     for problem in PROBLEMS:
         print(f"PROBLEM: {problem}")
-    print(f"RATIO per_image_growth={growth:.2f}")
-    print(f"RATIO memory_growth={memory:.2f}")
+    print_ratio("per_image_growth", growth)
+    print_ratio("memory_growth", memory)
     if PROBLEMS:
         raise SystemExit(1)
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 # One thread for every library, so the ratio measures the algorithm, not the core count.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -23,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import print_ratio  # noqa: E402  (first: puts this checkout on sys.path)
 from pipeline.seeds.sams import sams_seed  # noqa: E402
 
 H, W, N_MASKS, N_CLASSES, ALPHA = 375, 500, 60, 3, 0.7
@@ -95,7 +93,7 @@ def main() -> None:
     print(f"{args.images} images {W}x{H}, {N_MASKS} masks, {N_CLASSES} classes, 1 thread")
     print(f"sams_seed (vectorised): {1 / t_ours:8.2f} images/s  ({1000 * t_ours:.1f} ms/image)")
     print(f"per-mask loop:          {1 / t_loop:8.2f} images/s  ({1000 * t_loop:.1f} ms/image)")
-    print(f"RATIO seeds={t_loop / t_ours:.2f}")
+    print_ratio("seeds", t_loop / t_ours)
 
 
 if __name__ == "__main__":

@@ -29,21 +29,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import print_ratio, reset_peak_rss, status_kib
+
 CROP, CLASSES = 512, 21
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(weights: str, stride: int, batch: int, sub_batches: int, precision: str) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from pipeline.segmenter.model import build_segmenter
     from pipeline.segmenter.training import build_optimizer, train_step
 
@@ -65,11 +58,12 @@ def child(weights: str, stride: int, batch: int, sub_batches: int, precision: st
 
     # A new pass starts at each forward of the whole network.
     net.register_forward_pre_hook(lambda m, i: setattr(m, "_new_pass", True))
-    before = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
+    before = status_kib("VmRSS")
+    if not reset_peak_rss():  # the peak-RSS counter (VmHWM) starts again from here
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(net, opt, x, y, 0.01, sub_batches=sub_batches, precision=precision)
-    peak = _rss_kb("VmHWM")
+    peak = status_kib("VmHWM")
     return {"stride": stride, "batch": batch, "sub_batches": sub_batches, "precision": precision,
             "peak_gb": (peak - before) / 2**20, "saved_gb": max(sum(p.values()) for p in passes) / 2**30}
 
@@ -110,9 +104,9 @@ def main() -> None:
             one = run(weights, stride, batch, 1, args.precision)
             split = run(weights, stride, batch, args.sub_batches, args.precision)
     if 8 in per_sample and 16 in per_sample:
-        print(f"RATIO segmenter_memory_stride={per_sample[8]['peak_gb'] / per_sample[16]['peak_gb']:.2f}")
+        print_ratio("segmenter_memory_stride", per_sample[8]["peak_gb"] / per_sample[16]["peak_gb"])
     if args.sub_batches > 1:
-        print(f"RATIO segmenter_memory_sub_batches={one['peak_gb'] / split['peak_gb']:.2f}")
+        print_ratio("segmenter_memory_sub_batches", one["peak_gb"] / split["peak_gb"])
 
 
 if __name__ == "__main__":

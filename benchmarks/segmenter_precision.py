@@ -6,7 +6,7 @@ ground truth (train images 0..n_train-1, as ``prepare`` draws them), then the de
 same weights. Reported: pixels whose argmax agrees, the largest probability difference, the
 mIoU of both against ground truth; with ``--train-bf16`` also a second training run in bf16 from
 the same initialisation and random stream (its mIoU and agreement with the fp32-trained model).
-Inference times are interleaved (benchmarks/timing.py). Ends with
+Inference times are interleaved (benchmarks/harness.py). Ends with
 ``RATIO segmenter_bf16_speed=<fp32 time / bf16 time>`` (CPU; bf16 is meant for CUDA).
 
     .venv/bin/python benchmarks/segmenter_precision.py [--iterations 150] [--train-bf16]
@@ -14,20 +14,17 @@ Inference times are interleaved (benchmarks/timing.py). Ends with
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import print_ratio, time_interleaved  # first: puts this checkout on sys.path
 from pipeline.demo.world import DEMO_CLASSES, render  # noqa: E402
 from pipeline.metrics import ConfusionAccumulator  # noqa: E402
 from pipeline.segmenter.model import build_segmenter, predict_probs  # noqa: E402
 from pipeline.segmenter.training import (  # noqa: E402
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
 )
-from timing import time_interleaved  # noqa: E402
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -97,7 +94,7 @@ def main() -> None:
     )
     print(f"inference of one {image.shape[1]}x{image.shape[0]} image (5 scales + flip): fp32 {t32 * 1e3:.0f} ms, "
           f"bf16 {t16 * 1e3:.0f} ms (median of 5, interleaved)")
-    print(f"RATIO segmenter_bf16_speed={t32 / t16:.2f}")
+    print_ratio("segmenter_bf16_speed", t32 / t16)
 
 
 if __name__ == "__main__":

@@ -4,36 +4,37 @@ Real architectures with random weights, built through the project's own loading 
 ``ViT-B-16`` from a random ``open_clip_pytorch_model.bin`` and DeepLabV3+ R101 with a random
 torchvision ``resnet101`` state dict (``tests/real_checkpoints.py`` writes both, as the real-model
 test does; nothing is downloaded). The settings are the paper's: params.yaml with every key that
-``wsss configure voc`` writes (``stages.configure.PROFILES["voc"]``). Images are synthetic
+``wsss configure voc`` writes (``pipeline.profiles.PROFILES["voc"]``). Images are synthetic
 500x375 RGB JPEGs (VOC's typical size) with 1-2 labelled classes; synthetic quasi-superpixels
 (``--masks`` rectangles and ellipses at random levels) stand in for SAM's.
 
-Each stage runs in its own process (``--in-process``: this one) and calls the function its stage
-module calls per unit, on stores and files laid out as the stage reads them:
+Each stage runs in its own process (``--in-process``: this one) and calls the library function
+its stage command runs per unit, on stores and files laid out as the stage reads them:
 
-- ``clip_features``, per training image: ``stages.clip_features.features_for_image`` (read the
+- ``clip_features``, per training image: ``pipeline.clip.features.features_for_image`` (read the
   JPEG, K = ``clip_features.n_views`` augmented 224² views through the encoder, the inference pass
   at native size with the last-8-block attention, both zarr writes);
 - ``train_prompts@cls|seg``, per optimizer step at ``prompts.<which>.batch_size`` (16): the body
-  of ``stages.train_prompts.train``'s loop on the cached-view path (``BatchSource.batch`` reads
+  of ``pipeline.prompts.loop.train``'s loop on the cached-view path (``BatchSource.batch`` reads
   one view chunk per sample from a ``train_views.zarr`` of 16 images x K views (small enough to
-  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs; ``pipeline.prompts.training.optimizer_iteration``;
-  SGD + scheduler step). Tokens are random, not encoder outputs; for seg the number of (view,
-  class) Grad-CAM pairs depends on the seeds (here each view holds its image's 1 or 2 classes),
-  so its mean is printed;
-- ``cams@cls|seg``, per image: ``stages.cams.cams_for_image`` (2 classes: batched Grad-CAM through
-  the last block + CAA with the cached attention; the text features are computed once per
-  process, as the stage does);
-- ``seeds@coarse|fine``, per image: ``stages.seeds.seed_image`` (SAMS, the seed PNG, and the
-  seed/CAM scoring against the ground truth that VOC train_aug has);
+  sit in the page cache, unlike VOC's ~100 GB), and for seg the coarse seed PNGs;
+  ``pipeline.prompts.training.optimizer_iteration``; SGD + scheduler step). Tokens are random,
+  not encoder outputs; for seg the number of (view, class) Grad-CAM pairs depends on the seeds
+  (here each view holds its image's 1 or 2 classes), so its mean is printed;
+- ``cams@cls|seg``, per image: ``pipeline.cams.inference.cams_for_image`` (2 classes: batched
+  Grad-CAM through the last block + CAA with the cached attention; the text features are
+  computed once per process, as the stage does);
+- ``seeds@coarse|fine``, per image: ``pipeline.seeds.image.seeds_for_image`` (SAMS, the seed
+  PNG, and the seed/CAM scoring against the ground truth that VOC train_aug has);
 - ``train_segmenter``, per iteration of ``--segmenter-batch`` samples (default 2, reported per
   sample too) at 512² crops, output stride 8, ``compute.precision`` fp32: the loop body of
-  ``stages.train_segmenter`` at ``loader_workers: 0`` (a ``TrainingSamples`` batch: ``load_pair`` +
-  ``SegmentationAugment`` + collate; ``train_step``, its loss read);
+  ``pipeline.segmenter.fit.fit`` at ``loader_workers: 0`` (a ``TrainingSamples`` batch:
+  ``load_pair`` + ``SegmentationAugment`` + collate; ``train_step``, its loss read);
   ``train_segmenter (val)``, per val image: its single-scale ``evaluate`` pass;
-- ``predict``, per val image: ``stages.predict.predict_image`` (multi-scale 0.5-1.5 + flip, raw
-  PNG, SAMS post-processing for alpha 3 and the 1-5 sweep from stored masks (SAM is not run),
-  PNGs, confusion matrices) with a segmenter saved and reloaded like ``best.pt``.
+- ``predict``, per val image: ``pipeline.segmenter.predict.prediction_for_image`` (multi-scale
+  0.5-1.5 + flip, raw PNG, SAMS post-processing for alpha 3 and the 1-5 sweep from stored masks
+  (SAM is not run), PNGs, confusion matrices) with a segmenter saved and reloaded like
+  ``best.pt``.
 
 Seconds are the median of ``--repeats`` timed calls after ``--warmup`` calls. Memory: on CPU the
 peak RSS of the process during the warm-up and timed calls (``/proc/self/clear_refs`` resets the
@@ -51,9 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,11 +60,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "tests"))  # real_checkpoints: random weights in the real formats
+import numpy as np
+import yaml
 
-import numpy as np  # noqa: E402
+# harness puts this checkout and tests/ (real_checkpoints: real-format random weights) on sys.path
+from harness import REPO, PeakMemory, interleaved_times, print_ratio, sync
 
 H, W = 375, 500  # VOC's typical image size
 VOC_TRAIN_AUG, VOC_VAL = 10_582, 1_449
@@ -79,22 +78,24 @@ IMAGE_LABELS = ((4, 14), (11,))  # bottle + person, dog: images alternate 2 and 
 
 def paper_params(device: str, clip_checkpoint: str | None, resnet: str | None, tiny: bool) -> dict:
     """params.yaml with what ``wsss configure voc`` writes (tiny: the embedded models, short)."""
-    from stages.params import load_params
-    from stages.configure import PROFILES, _set
+    from pipeline.config import set_dotted
+    from pipeline.params import check_sections
+    from pipeline.profiles import PROFILES
 
-    params = load_params(REPO / "params.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    check_sections(params)
     for key, value in PROFILES["voc"].items():
-        _set(params, key, value)
-    _set(params, "compute.device", device)
-    _set(params, "clip.checkpoint", clip_checkpoint)
-    _set(params, "segmenter.encoder_weights", resnet)
+        set_dotted(params, key, value)
+    set_dotted(params, "compute.device", device)
+    set_dotted(params, "clip.checkpoint", clip_checkpoint)
+    set_dotted(params, "segmenter.encoder_weights", resnet)
     if tiny:  # the table's code path on the embedded tiny models, in seconds
         for key, value in {"clip.model": "tiny", "clip.checkpoint": None, "clip_features.n_views": 2,
                            "prompts.cls.batch_size": 2, "prompts.seg.batch_size": 2,
                            "segmenter.model": "tiny", "segmenter.encoder_weights": None,
                            "segmenter.output_stride": 16, "segmenter.crop_size": 64,
                            "predict.scales": [0.5, 1.0]}.items():
-            _set(params, key, value)
+            set_dotted(params, key, value)
     return params
 
 
@@ -185,59 +186,9 @@ def quasi_superpixels(hw: tuple[int, int], n: int, seed: int):
 # -- measurement -------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak RSS (CPU) or peak allocated tensor memory (CUDA) from ``reset()`` to ``read()``."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def reset(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "CUDA"
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (Linux)
-            self.kind = "RSS"
-        except OSError:  # no reset: the process's lifetime peak
-            self.kind = "RSS*"
-
-    def read(self) -> float:
-        """GiB."""
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        try:
-            return _status_kb("VmHWM") / 2 ** 20
-        except (OSError, RuntimeError):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def measure(fn, repeats: int, warmup: int, device, memory: PeakMemory) -> dict:
-    import torch
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     memory.reset()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    (times,) = interleaved_times([fn], repeats, warmup, lambda: sync(device))
     return {"seconds": statistics.median(times), "runs": times, "memory_gb": memory.read(),
             "memory_kind": memory.kind}
 
@@ -246,7 +197,7 @@ def measure(fn, repeats: int, warmup: int, device, memory: PeakMemory) -> dict:
 
 
 def _clip(cfg, device):
-    from stages.clip_features import build_clip
+    from pipeline.clip.factory import build_clip
 
     return build_clip(cfg["clip"].model, cfg["clip"].checkpoint, None, cfg["clip"].seed, str(device))
 
@@ -258,8 +209,8 @@ def _store(path: Path, **attrs):
 
 
 def bench_clip_features(cfg, tmp: Path, hw, device, args) -> list[dict]:
+    from pipeline.clip.features import FeaturesTask, features_for_image
     from pipeline.clip.model import inference_size
-    from stages.clip_features import Item, features_for_image
 
     clip = _clip(cfg, device)
     fcfg, ccfg = cfg["clip_features"], cfg["clip"]
@@ -269,10 +220,10 @@ def bench_clip_features(cfg, tmp: Path, hw, device, args) -> list[dict]:
     counter = iter(range(10 ** 6))
 
     def one_image():  # a new id each call: the stage never rewrites an image
-        item = Item(f"img{next(counter):05d}", str(image), IMAGE_LABELS[0], 20, str(views.path),
-                    str(inference.path), fcfg.n_views, fcfg.seed, fcfg.augment, ccfg.attention_blocks,
-                    ccfg.max_side, cfg["compute"].precision)
-        features_for_image(clip, item)
+        task = FeaturesTask(f"img{next(counter):05d}", str(image), IMAGE_LABELS[0], 20, str(views.path),
+                            str(inference.path), fcfg.n_views, fcfg.seed, fcfg.augment,
+                            ccfg.attention_blocks, ccfg.max_side, cfg["compute"].precision)
+        features_for_image(clip, task)
 
     r = measure(one_image, args.repeats, args.warmup, device, PeakMemory(device))
     ih, iw = inference_size(*hw, ccfg.max_side, clip.patch_size)
@@ -305,10 +256,12 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
 
     from pipeline.prompts.training import segmentation_labels, warmup_cosine_factor
     from pipeline.store import write_group
-    from stages.clip_features import VIEWS_STORE, sample_views, view_rng
+    from pipeline.clip.features import sample_views, view_rng
+    from pipeline.schemas import VIEWS_STORE
     from pipeline.precision import grad_scaler, training_precision
     from pipeline.prompts.training import optimizer_iteration
-    from stages.train_prompts import BatchSource, build_learner
+    from pipeline.prompts.batches import BatchSource
+    from pipeline.prompts.checkpoints import build_learner
 
     pcfg, fcfg = cfg[f"prompts.{which}"], cfg["clip_features"]
     clip = _clip(cfg, device)
@@ -328,7 +281,7 @@ def bench_train_prompts(which: str, cfg, tmp: Path, hw, device, args) -> list[di
         }, attrs={"height": hw[0], "width": hw[1]}, chunks={"tokens": (1, *tokens_shape[1:])})
     learner = build_learner(clip, split.class_names, split.dataset, pcfg)
     source = BatchSource(which, pcfg, split, tmp / "features", tmp / "seeds", fcfg, clip)
-    # as stages.train_prompts.train builds them
+    # as pipeline.prompts.loop.train builds them
     optimizer = torch.optim.SGD([learner.ctx], lr=pcfg.lr, momentum=pcfg.momentum,
                                 weight_decay=pcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: warmup_cosine_factor(
@@ -359,20 +312,20 @@ def bench_cams(which: str, cfg, tmp: Path, hw, device, args) -> list[dict]:
     import torch
 
     from pipeline.store import write_group
-    from stages.cams import Item, Resource, cams_for_image
-    from stages.clip_features import inference_features
-    from stages.train_prompts import build_learner
+    from pipeline.cams.inference import CamModel, CamsTask, cams_for_image
+    from pipeline.clip.features import inference_features
+    from pipeline.prompts.checkpoints import build_learner
     from pipeline.data.datasets import VOC_CLASSES
     from pipeline.data.imageio import read_rgb
 
     clip = _clip(cfg, device)
     ccfg = cfg["clip"]
-    # the stage's _build: trained prompts (here: initial context), text over all 77 positions
+    # as build_cam_model: trained prompts (here: initial context), text over all 77 positions
     pcfg = cfg[f"prompts.{which}"]
     learner = build_learner(clip, list(VOC_CLASSES), "voc", replace(pcfg, truncate_text=False))
     with torch.no_grad():
         text = learner.text_features(clip.model)
-    res = Resource(clip, text, learner.n_fg)
+    res = CamModel(clip, text, learner.n_fg)
     image = tmp / "img.jpg"
     write_image(image, hw, 0)
     x, att, (gh, gw), (ih, iw) = inference_features(clip, read_rgb(image), ccfg.attention_blocks,
@@ -384,9 +337,9 @@ def bench_cams(which: str, cfg, tmp: Path, hw, device, args) -> list[dict]:
               "grid_h": gh, "grid_w": gw})
     out = _store(tmp / f"{which}.zarr")
     caa = cfg[f"cams.{which}"].caa
-    item = Item("img00000", IMAGE_LABELS[0], str(features.path), str(out.path), caa,
-                cfg["compute"].precision)
-    r = measure(lambda: cams_for_image(res, item), args.repeats, args.warmup, device, PeakMemory(device))
+    task = CamsTask("img00000", IMAGE_LABELS[0], str(features.path), str(out.path), caa,
+                    cfg["compute"].precision)
+    r = measure(lambda: cams_for_image(res, task), args.repeats, args.warmup, device, PeakMemory(device))
     return [{**r, "stage": f"cams@{which}", "unit": "image",
              "detail": f"{len(IMAGE_LABELS[0])} classes, grid {gh}x{gw}, CAA {caa.enabled} "
                        f"(propagate {caa.propagate})"}]
@@ -397,8 +350,9 @@ def bench_seeds(which: str, cfg, tmp: Path, hw, device, args) -> list[dict]:
 
     from pipeline.data.imageio import write_palette_png
     from pipeline.clip.model import inference_size
-    from pipeline.store import ImageStore, write_group
-    from stages.seeds import Item, seed_image
+    from pipeline.schemas import open_cams, open_masks
+    from pipeline.seeds.image import SeedsTask, seeds_for_image
+    from pipeline.store import write_group
 
     scfg = cfg["seeds"]
     rng = np.random.default_rng(0)
@@ -412,11 +366,11 @@ def bench_seeds(which: str, cfg, tmp: Path, hw, device, args) -> list[dict]:
     write_group(sam.path, "img00000", quasi_superpixels(hw, args.masks, 0).to_arrays())
     label = tmp / "label.png"
     write_palette_png(label, label_map(hw, classes, band=True))
-    stores = (ImageStore(cams.path), ImageStore(sam.path))
-    item = Item("img00000", hw[0], hw[1], str(label), str(tmp / "seeds" / "img00000.png"),
-                getattr(scfg, which).alpha, scfg.fallback_thresh, tuple(scfg.cam_bg_powers), 21)
+    stores = (open_cams(cams.path), open_masks(sam.path))  # as the stage opens them
+    task = SeedsTask("img00000", hw[0], hw[1], str(label), str(tmp / "seeds" / "img00000.png"),
+                     getattr(scfg, which).alpha, scfg.fallback_thresh, tuple(scfg.cam_bg_powers), 21)
     cpu = torch.device("cpu")  # SAMS runs on the CPU whatever the device: its memory is RSS
-    r = measure(lambda: seed_image(stores, item), args.repeats, args.warmup, cpu, PeakMemory(cpu))
+    r = measure(lambda: seeds_for_image(stores, task), args.repeats, args.warmup, cpu, PeakMemory(cpu))
     return [{**r, "stage": f"seeds@{which}", "unit": "image",
              "detail": f"{args.masks} masks, {len(classes)} classes, PNG + scoring "
                        f"({len(scfg.cam_bg_powers)} bg powers, cam and cam_caa)"}]
@@ -435,7 +389,7 @@ def bench_train_segmenter(cfg, tmp: Path, hw, device, args) -> list[dict]:
 
     from pipeline.segmenter.data import IterationSampler, TrainingSamples, collate_training
     from pipeline.segmenter.training import SegmentationAugment, build_optimizer, poly_lr, train_step
-    from stages.train_segmenter import load_pair
+    from pipeline.segmenter.fit import load_pair
 
     s = cfg["segmenter"]
     split = _split(tmp, hw, 4, seeds=True)
@@ -466,8 +420,8 @@ def bench_predict(cfg, tmp: Path, hw, device, args) -> list[dict]:
     from pipeline.data.datasets import VOC_CLASSES
     from pipeline.segmenter.model import save_segmenter
     from pipeline.store import write_group
-    from stages.predict import load_resources, predict_image
-    from stages.train_segmenter import eval_loader, evaluate
+    from pipeline.segmenter.evaluate import eval_loader, evaluate
+    from pipeline.segmenter.predict import load_resources, prediction_for_image
 
     p = cfg["predict"]
     split = _split(tmp, hw, 1, seeds=False)
@@ -481,7 +435,7 @@ def bench_predict(cfg, tmp: Path, hw, device, args) -> list[dict]:
             "alpha_sweep": list(p.alpha_sweep), "out": str(tmp / "predictions"),
             "sam_masks": str(sam.path), "precision": cfg["compute"].precision,
             "id": record.id, "image": record.image, "label": record.label}
-    r = measure(lambda: predict_image(res, item), args.repeats, args.warmup, device, PeakMemory(device))
+    r = measure(lambda: prediction_for_image(res, item), args.repeats, args.warmup, device, PeakMemory(device))
     rows = [{**r, "stage": "predict", "unit": "image",
              "detail": f"scales {p.scales} x flip {p.flip}, SAMS post-processing "
                        f"({args.masks} stored masks, alphas {sorted(set([p.alpha, *p.alpha_sweep]))}), "
@@ -527,7 +481,7 @@ def run_stage(stage: str, args) -> list[dict]:
 
 def voc_totals(rows: list[dict]) -> list[tuple[str, str, float]]:
     """(stage, how it is counted, seconds) for a VOC run, from the measured unit costs."""
-    from stages.configure import PROFILES
+    from pipeline.profiles import PROFILES
 
     voc = PROFILES["voc"]
     by = {(r["stage"], r["unit"]): r["seconds"] for r in rows}
@@ -661,7 +615,7 @@ def main() -> None:
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("RATIO stage_costs=1.0")
+    print_ratio("stage_costs", 1.0, digits=1)
 
 
 if __name__ == "__main__":

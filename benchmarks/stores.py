@@ -3,9 +3,8 @@
 write and read code kept below as ``legacy``, as ``benchmarks/sam_masks.py`` keeps stock AMG).
 
 N synthetic images (``--images``) are written into three stores per layout, with the stages' own
-writers for the new layout (``stages.sam_masks.write_masks``, ``stages.clip_features.write_views``,
-``stages.cams.write_cams``) and the legacy ``write_group`` for the old one, over the same arrays,
-chunks and codecs:
+writers for the new layout (``pipeline.schemas.write_masks``, ``write_views`` and ``write_cams``)
+and the legacy ``write_group`` for the old one, over the same arrays, chunks and codecs:
 
 - ``sam_masks.zarr``: 40 quasi-superpixels per 375x500 image (filled ellipses, unique per image)
   with the stage's seven arrays;
@@ -14,14 +13,15 @@ chunks and codecs:
   view, plus the view parameters and labels;
 - ``cams.zarr``: ``cam`` and ``cam_caa`` for 2 classes on a 24x32 grid, ``fg_cls``.
 
-Each layout then goes into its own fresh git + DVC project (the repository's ``.dvc/config``,
-so the same cache link type for both) and is timed: ``dvc add`` of the three stores (hashing and
-committing to the cache), a no-op ``dvc status``, ``dvc push`` to a local-directory remote and
-``dvc pull`` into an empty cache and workspace. Reads are timed on the written stores (page
-cache warm, medians, the two layouts interleaved call by call over the same random images, since
-the machine may be shared): one whole image of ``sam_masks`` (its seven arrays) and one view of
-``train_views`` (one tokens chunk). A spot check asserts that every chunk and metadata file of
-the legacy group is byte-identical to the same member of the new image's zip.
+Each layout then goes into its own fresh git + DVC project (``tests/dvc_project.py``'s, without
+the graph: the repository's ``.dvc/config``, so the same cache link type for both) and is timed:
+``dvc add`` of the three stores (hashing and committing to the cache), a no-op ``dvc status``,
+``dvc push`` to a local-directory remote and ``dvc pull`` into an empty cache and workspace. Reads
+are timed on the written stores (page cache warm, medians, the two layouts interleaved call by
+call over the same random images, since the machine may be shared): one whole image of
+``sam_masks`` (its seven arrays) and one view of ``train_views`` (one tokens chunk). A spot check
+asserts that every chunk and metadata file of the legacy group is byte-identical to the same
+member of the new image's zip.
 
 Prints, per layout: files (and folders) per image, bytes on disk per image (allocated blocks, as
 ``du``; apparent size beside), seconds of each DVC operation (total and per image), read times,
@@ -37,8 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -48,10 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from timing import time_interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+from harness import REPO, dvc_env, make_project, ratio_line, sh, time_interleaved
 
 STORES = ("sam_masks.zarr", "train_views.zarr", "cams.zarr")
 HEIGHT, WIDTH, N_MASKS, GRID = 375, 500, 40, (24, 32)
@@ -166,9 +161,8 @@ def write_stores(root: Path, layout: str, n: int, k: int, width: int, seed: int 
     """The three stores of N images under ``root`` in ``layout`` ('legacy' or 'new'); seconds."""
     from pipeline.sam.quasi_superpixels import QuasiSuperpixels
     from pipeline.store import ImageStore, finish
-    from stages.cams import write_cams
-    from stages.clip_features import write_views
-    from stages.sam_masks import write_masks
+    from pipeline.schemas import write_cams, write_views
+    from pipeline.schemas import write_masks
 
     paths = {name: root / name for name in STORES}
     for name, path in paths.items():
@@ -229,22 +223,11 @@ def disk_use(root: Path) -> dict[str, int]:
 
 
 # -- DVC ---------------------------------------------------------------------------------------------
-def _env(home: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@localhost", GIT_COMMITTER_NAME="b",
-               GIT_COMMITTER_EMAIL="b@localhost", DVC_NO_ANALYTICS="1", HOME=str(home))
-    home.mkdir(parents=True, exist_ok=True)
-    return env
-
-
 def _run(args, cwd: Path, env: dict) -> float:
+    """Seconds of one command, which must succeed."""
     start = time.perf_counter()
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
-    spent = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
-    return spent
+    sh(*args, cwd=cwd, env=env, timeout=None)
+    return time.perf_counter() - start
 
 
 def dvc_times(project: Path, remote: Path, env: dict) -> dict[str, float]:
@@ -260,13 +243,6 @@ def dvc_times(project: Path, remote: Path, env: dict) -> dict[str, float]:
         shutil.rmtree(project / store)
     times["pull"] = _run(["dvc", "pull"], project, env)
     return times
-
-
-def make_project(project: Path, env: dict) -> None:
-    project.mkdir(parents=True)
-    _run(["git", "init", "-q"], project, env)
-    _run(["dvc", "init", "-q"], project, env)
-    shutil.copy(REPO / ".dvc" / "config", project / ".dvc" / "config")
 
 
 def read_times(workdir: Path, ids: list[str], k: int, reads: int) -> dict[str, dict[str, float]]:
@@ -302,8 +278,8 @@ def run(n: int, k: int, width: int, reads: int, workdir: Path) -> dict:
     results = {}
     for layout in ("legacy", "new"):
         project = workdir / layout
-        env = _env(workdir / "home")
-        make_project(project, env)
+        env = dvc_env(workdir / "home")
+        make_project(project, env, graph=False)
         write_s = write_stores(project / "stores", layout, n, k, width)
         results[layout] = {"write": write_s, **disk_use(project / "stores")}
     assert same_bytes(workdir / "legacy" / "stores", workdir / "new" / "stores", "img_000000"), \
@@ -312,7 +288,7 @@ def run(n: int, k: int, width: int, reads: int, workdir: Path) -> dict:
         results[layout]["reads"] = times
     for layout in ("legacy", "new"):
         results[layout]["dvc"] = dvc_times(workdir / layout, workdir / f"remote_{layout}",
-                                           _env(workdir / "home"))
+                                           dvc_env(workdir / "home"))
     return results
 
 
@@ -351,7 +327,7 @@ def report(results: dict, n: int) -> list[str]:
         "store_files": old["files"] / new["files"],
         "dvc_push": old["dvc"]["push"] / new["dvc"]["push"],
     }
-    lines += [f"RATIO {name}={value:.2f}" for name, value in ratios.items()]
+    lines += [ratio_line(name, value) for name, value in ratios.items()]
     return lines
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import print_ratio, sync, time_interleaved  # first: puts this checkout on sys.path
 from pipeline.prompts.class_names import VOC_BACKGROUND_NAMES, VOC_PROMPT_NAMES
 from pipeline.clip.model import create_clip
 from pipeline.prompts.training import classification_loss, segmentation_loss
 from pipeline.prompts.learner import PromptLearner
-from timing import time_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def _batch(batch: int, n_fg: int, gen: torch.Generator):
@@ -71,7 +71,7 @@ def _stepper(clip, which, labels, seeds, device, truncate=False):
     return step
 
 
-def bench_paths(args, clip, cached, images, labels, seeds, device, sync) -> None:
+def bench_paths(args, clip, cached, images, labels, seeds, device) -> None:
     ratios = {}
     for which in STYLES:
         step = _stepper(clip, which, labels, seeds, device)
@@ -82,28 +82,28 @@ def bench_paths(args, clip, cached, images, labels, seeds, device, sync) -> None
             step(x)
 
         t_cached, t_exact = time_interleaved([lambda: step(cached.float()), exact], args.steps,
-                                              args.warmup, sync)
+                                              args.warmup, lambda: sync(device))
         ratios[which] = t_exact / t_cached
         print(f"{which}: cached {t_cached:.3f} s/step, exact {t_exact:.3f} s/step (medians) "
               f"(batch {args.batch}, {device})", flush=True)
     for which, r in ratios.items():
-        print(f"RATIO train_step_{which}={r:.2f}")
+        print_ratio(f"train_step_{which}", r)
 
 
-def bench_truncation(args, clip, cached, labels, seeds, device, sync) -> None:
+def bench_truncation(args, clip, cached, labels, seeds, device) -> None:
     ratios = {}
     x = cached.float()
     for which in STYLES:
         full = _stepper(clip, which, labels, seeds, device, truncate=False)
         short = _stepper(clip, which, labels, seeds, device, truncate=True)
         t_full, t_short = time_interleaved([lambda: full(x), lambda: short(x)], args.steps,
-                                           args.warmup, sync)
+                                           args.warmup, lambda: sync(device))
         ratios[which] = t_full / t_short
         print(f"{which}: text encoder over 77 positions {t_full:.3f} s/step, up to the last EOS "
               f"{t_short:.3f} s/step, saves {t_full - t_short:.3f} s/step (medians; batch "
               f"{args.batch}, {device})", flush=True)
     for which, r in ratios.items():
-        print(f"RATIO text_truncation_{which}={r:.2f}")
+        print_ratio(f"text_truncation_{which}", r)
 
 
 def bench_reads(args) -> None:
@@ -151,7 +151,7 @@ def bench_reads(args) -> None:
         print(f"reading one batch of {batch} cached views ({n_images} images, K={k}, 197x768 fp16, "
               f"{size_mb:.1f} MB per image on disk): whole groups {t_whole:.3f} s/step, one view "
               f"chunk {t_one:.3f} s/step (medians)", flush=True)
-        print(f"RATIO view_reads={t_whole / t_one:.2f}")
+        print_ratio("view_reads", t_whole / t_one)
 
 
 def main() -> None:
@@ -166,7 +166,6 @@ def main() -> None:
     if args.what == "reads":
         return bench_reads(args)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     clip = create_clip("ViT-B-16", seed=0).to(device)
     images = torch.randn(args.batch, 3, 224, 224, generator=gen).to(device)
@@ -175,9 +174,9 @@ def main() -> None:
     labels, seeds = _batch(args.batch, len(VOC_PROMPT_NAMES), gen)
     labels, seeds = labels.to(device), seeds.to(device)
     if args.what == "paths":
-        bench_paths(args, clip, cached, images, labels, seeds, device, sync)
+        bench_paths(args, clip, cached, images, labels, seeds, device)
     else:
-        bench_truncation(args, clip, cached, labels, seeds, device, sync)
+        bench_truncation(args, clip, cached, labels, seeds, device)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"parameter {key!r} must be a string, got {value!r}")
         return value
     raise ConfigError(f"parameter {key!r}: unsupported type {tp}")
+
+
+def get_dotted(tree: Any, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"`` (KeyError or TypeError when a part is missing)."""
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(tree: Any, dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``"a.b"`` (the parents must exist)."""
+    *parents, last = dotted.split(".")
+    (get_dotted(tree, ".".join(parents)) if parents else tree)[last] = value

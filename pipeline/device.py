@@ -23,8 +23,5 @@ def torch_device(name: str, precision: str | None = None):
     if precision is not None:
         from pipeline.precision import check_bf16
 
-        try:
-            check_bf16(dev, precision)
-        except ValueError as exc:
-            raise DeviceError(str(exc)) from None
+        check_bf16(dev, precision)  # a PrecisionError (a PipelineError), one line
     return dev

@@ -6,10 +6,13 @@ pixels, so a class absent from the evaluated images neither helps nor hurts.
 
 Scores are fractions in memory and percentages (as papers report them, rounded to 0.001) in every
 JSON summary (:meth:`SegmentationScores.as_dict`, :meth:`CamEvaluator.results`).
+:class:`ConfusionTotals` sums a split's per-image matrices under named keys (the seeds and the
+predictions both score that way) and turns each total into those summaries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -184,14 +187,69 @@ class CamEvaluator:
 
     def results(self) -> dict:
         """``{"miou_by_power": {p: miou}, "best_power": p, "best_miou": miou}`` (percent)."""
-        mious = [acc.scores().miou for acc in self.accumulators]
-        finite = [(m, i) for i, m in enumerate(mious) if np.isfinite(m)]
-        best = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else 0
-        return {
-            "miou_by_power": {_key(p): percent(m) for p, m in zip(self.bg_powers, mious)},
-            "best_power": self.bg_powers[best],
-            "best_miou": percent(mious[best]),
-        }
+        return power_sweep([acc.matrix for acc in self.accumulators], self.bg_powers)
+
+
+def power_sweep(
+    confusions: np.ndarray | list[np.ndarray], bg_powers: list[float] | tuple[float, ...]
+) -> dict:
+    """The background-power sweep of (n_powers, K, K) summed confusions (one per power, §8):
+    ``{"miou_by_power": {p: miou}, "best_power": p, "best_miou": miou}`` (percent; the first of
+    equal best scores wins)."""
+    bg_powers = [float(p) for p in bg_powers]
+    mious = [scores_from_confusion(conf).miou for conf in confusions]
+    finite = [(m, i) for i, m in enumerate(mious) if np.isfinite(m)]
+    best = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else 0
+    return {
+        "miou_by_power": {_key(p): percent(m) for p, m in zip(bg_powers, mious)},
+        "best_power": bg_powers[best],
+        "best_miou": percent(mious[best]),
+    }
+
+
+class ConfusionTotals:
+    """Per-image confusion matrices summed under named keys (``"seed"``, ``"raw"``, an alpha, a
+    CAM array...), with how many images added to each: all that a split's metrics need, so a
+    stage keeps no matrix per image (``run_per_image(collect=...)``). A key holds (K, K) matrices,
+    or (n, K, K) stacks of a sweep (:func:`cam_confusions`)."""
+
+    def __init__(self):
+        self.sums: dict[Hashable, np.ndarray] = {}
+        """Key -> the summed int64 matrices, in the order the keys first came."""
+        self.counts: dict[Hashable, int] = {}
+        """Key -> how many images added to it."""
+
+    def add(self, key: Hashable, confusion: np.ndarray) -> None:
+        """Add one image's matrix (or stack) under ``key``."""
+        if key in self.sums:
+            self.sums[key] += confusion
+        else:
+            self.sums[key] = np.array(confusion, dtype=np.int64)  # a copy: never the caller's array
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.sums
+
+    def keys(self) -> list[Hashable]:
+        return list(self.sums)
+
+    def count(self, key: Hashable) -> int:
+        return self.counts.get(key, 0)
+
+    def scores(self, key: Hashable) -> SegmentationScores:
+        return scores_from_confusion(self.sums[key])
+
+    def summary(self, key: Hashable, class_names: list[str] | None = None) -> dict:
+        """The percent summary of ``key``'s (K, K) total (:meth:`SegmentationScores.as_dict`)."""
+        return self.scores(key).as_dict(class_names)
+
+    def miou(self, key: Hashable) -> float | None:
+        """The mIoU of ``key``'s (K, K) total in percent (null when undefined)."""
+        return percent(self.scores(key).miou)
+
+    def power_sweep(self, key: Hashable, bg_powers: list[float] | tuple[float, ...]) -> dict:
+        """:func:`power_sweep` of ``key``'s (n_powers, K, K) total."""
+        return power_sweep(self.sums[key], bg_powers)
 
 
 def percent(x: float) -> float | None:

@@ -12,33 +12,42 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, TypeVar
 
+from pipeline.clip.pretrained import CLIP_SOURCE
 from pipeline.config import ConfigError, from_mapping, param, to_dict
 from pipeline.precision import PRECISIONS
 from pipeline.provenance import fingerprint
 
 T = TypeVar("T")
 
-CLIP_SOURCE = (
-    "https://huggingface.co/timm/vit_base_patch16_clip_224.openai (open_clip_pytorch_model.bin, "
-    "open_clip's conversion of OpenAI's ViT-B/16)"
-)
-"""Where the paper's CLIP weights come from (named in the error of a missing checkpoint)."""
-
 # sam: params that choose the model rather than configure the generator.
 _SAM_MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
 
 
 def sam_generator_names() -> tuple[str, ...]:
-    from pipeline.demo.sam_oracle import WORLD_ORACLE
-    from pipeline.sam.models import SPECS
+    # the registry (plain data): validating a name must not import the generators
+    from pipeline.sam.generators import generator_names
 
-    return (*SPECS, WORLD_ORACLE)
+    return generator_names()
+
+
+def dataset_names() -> tuple[str, ...]:
+    # the registry (plain data): validating a name must not import the index builders
+    from pipeline.data.registry import source_names
+
+    return source_names()
+
+
+def _one_of(names, first: str) -> str:
+    """``a, b, c or d``, ``first`` (the default) leading."""
+    ordered = [first, *(n for n in names if n != first)]
+    return ", ".join(ordered[:-1]) + " or " + ordered[-1]
 
 
 def segmenter_archs() -> dict:
-    from pipeline.segmenter.model import ARCHS
+    # the registry (plain data): validating a name must not import the networks
+    from pipeline.segmenter.archs import registered_archs
 
-    return ARCHS
+    return registered_archs()
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,10 @@ class DatasetConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self):
-        if self.name not in ("demo", "voc", "coco", "custom"):
-            raise ConfigError(f"dataset.name must be demo, voc, coco or custom, got {self.name!r}")
+        names = dataset_names()
+        if self.name not in names:
+            raise ConfigError(f"dataset.name must be {_one_of(names, DatasetConfig.name)}, "
+                              f"got {self.name!r}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"dataset.on_bad_image must be fail or skip, got {self.on_bad_image!r}")
 

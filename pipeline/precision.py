@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.errors import PipelineError
+
 PRECISIONS = ("fp32", "bf16")
+
+
+class PrecisionError(PipelineError, ValueError):
+    """A precision this device cannot run."""
 
 
 def autocast(device: torch.device | str, precision: str):
@@ -56,10 +62,11 @@ def grad_scaler(device: torch.device | str, precision: str) -> "torch.amp.GradSc
 
 
 def check_bf16(device: torch.device | str, precision: str) -> None:
-    """ValueError (one line) when bf16 is asked on a CUDA device without bfloat16 support."""
+    """PrecisionError (a ValueError, one line) when bf16 is asked on a CUDA device without bfloat16
+    support."""
     device = torch.device(device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)
-        raise ValueError(f"compute.precision is bf16 but {device} ({name}) does not support bfloat16 "
+        raise PrecisionError(f"compute.precision is bf16 but {device} ({name}) does not support bfloat16 "
                          "(it needs compute capability 8.0 or later, e.g. A100, H100, RTX 30xx); "
                          "set compute.precision: fp32")

@@ -27,11 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.sam.quasi_superpixels import QuasiSuperpixels
 from pipeline.store import ImageStore, with_inputs, write_group
 
-MASK_ARRAYS = QuasiSuperpixels.STORE_ARRAYS
-"""(dtype, ndim) of the arrays of a ``sam_masks.zarr`` group."""
+MASK_ARRAYS = {
+    "masks": ("bool", 3), "levels": ("uint8", 1), "predicted_iou": ("float32", 1),
+    "stability_score": ("float32", 1), "bbox_xywh": ("int64", 2), "point_coords": ("float64", 2),
+    "crop_box_xywh": ("int64", 2),
+}
+"""(dtype, ndim) of the arrays of a ``sam_masks.zarr`` group: the fields of
+:class:`pipeline.sam.quasi_superpixels.QuasiSuperpixels` (``to_arrays`` / ``from_arrays``)."""
 VIEWS_STORE = "train_views.zarr"
 INFERENCE_STORE = "inference.zarr"
 VIEWS_ARRAYS = {"tokens": ("float16", 3), "views": ("float32", 2), "labels": ("uint8", 1)}
@@ -64,9 +68,9 @@ def open_cams(path: str | os.PathLike) -> ImageStore:
     return ImageStore(path, arrays=CAM_ARRAYS)
 
 
-def write_masks(store: str, image_id: str, qs: QuasiSuperpixels, height: int, width: int,
+def write_masks(store: str, image_id: str, qs, height: int, width: int,
                 inputs: str | None = None) -> None:
-    """One image's group of the ``sam_masks`` store."""
+    """One image's group of the ``sam_masks`` store (``qs``: a ``QuasiSuperpixels``)."""
     write_group(store, image_id, qs.to_arrays(),
                 attrs=with_inputs({"height": height, "width": width}, inputs))
 

@@ -4,7 +4,7 @@ A store is a directory ``<name>.zarr`` holding ``zarr.json`` (the store attribut
 ``<image_id>.zip`` per image: a zarr v3 group (its arrays, chunks and attributes) packed in an
 uncompressed zip, readable with ``zarr.open_group(zarr.storage.ZipStore(path))``. One file per
 image and store, whatever the number of arrays or chunks, because DVC hashes, links and pushes
-every file on its own (README, "Store layout", has the measured cost). An image is first written
+every file on its own (docs/stores.md has the measured cost). An image is first written
 complete as ``<name>.zarr.partial/<random>.zip`` (same filesystem) and then renamed into place, so
 a killed run leaves only complete images and readers never see half an image; a rewrite replaces
 the file (never writes into it), so DVC's hardlinked or symlinked cache is never modified.

@@ -1,9 +1,11 @@
-"""Inspection panels (numpy only): quasi-superpixels by level, CAM heat maps, label maps."""
+"""Inspection panels: quasi-superpixels by level, CAM heat maps, label maps, and the titled
+panel row of one image (:func:`render`)."""
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.data.imageio import VOC_PALETTE
+from pipeline.seeds.sams import image_scores
 
 #: Grey gap between panels, in pixels.
 PANEL_GAP = 4
@@ -128,3 +130,48 @@ def compose(panels: list[tuple[str, np.ndarray]], legend_entries: list[tuple[str
     if not legend_entries:
         return row
     return np.concatenate([row, legend(row.shape[1], legend_entries)], axis=0)
+
+
+LEVEL_TITLES = ("sub-parts (level 0)", "parts (level 1)", "wholes (level 2)")
+
+
+def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarray | None,
+           gt: np.ndarray | None, prediction: np.ndarray | None, class_names: list[str],
+           which: str = "fine") -> np.ndarray:
+    """The titled panel row (and legend) of one image from whatever inputs exist.
+
+    Panels, left to right: image | quasi-superpixels of level 0, 1, 2 (``qs``: a mask store's
+    arrays; one random colour per mask, the same every run) | CAM (``cams``: a CAM store's
+    arrays; max §3 score over classes, jet over the image) | seed | ground truth | prediction.
+    Label maps are class-colour overlays, and a legend names the classes shown. A missing input
+    (None) leaves its panel blank, or out for ground truth and prediction.
+    """
+    h, w = image.shape[:2]
+    blank = np.zeros_like(image)
+    panels = [("image", image)]
+    for level, title in enumerate(LEVEL_TITLES):
+        masks = np.zeros((0, h, w), bool)
+        if qs is not None:
+            masks = qs["masks"][qs["levels"] == level]
+        panels.append((f"{title}: {len(masks)}", masks_panel(image, masks, seed=level)))
+    score = np.zeros((0, h, w), np.float32)
+    cam_title = "CAM"
+    if cams is not None:
+        key = "cam_caa" if "cam_caa" in cams else "cam"
+        score = image_scores(cams[key], (h, w))
+        cam_title = "CAM + CAA" if key == "cam_caa" else "CAM"
+    panels.append((cam_title, cam_panel(image, score)))
+    labels = [m for m in (seed, gt, prediction) if m is not None]
+    # eval-split images have no seed (seeds are made for the train split): say so, not a black "seed"
+    panels.append((f"{which} seed", label_overlay(image, seed)) if seed is not None
+                  else (f"{which} seed: none", blank))
+    if gt is not None:
+        panels.append(("ground truth", label_overlay(image, gt)))
+    if prediction is not None:
+        panels.append(("prediction", label_overlay(image, prediction)))
+    shown = sorted(set(np.unique(np.concatenate([m.ravel() for m in labels])).tolist()) if labels else set())
+    names = ["background", *class_names]
+    entries = [(names[v], VOC_PALETTE[v]) for v in shown if v < len(names)]
+    if 255 in shown:
+        entries.append(("ignore", IGNORE_RGB))
+    return compose(panels, entries)

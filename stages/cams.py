@@ -8,21 +8,25 @@ cached last-8-block attention (stored fp16, computed in f32). Group arrays (docs
 ``fg_cls`` (P,) i64 ascending, ``cam_caa`` (P, h, w) f32 (absent when CAA is off); attrs
 ``height``, ``width`` of the original image (consumers resize CAMs to it). Store attrs say
 ``untrained: true`` for the tiny CLIP.
+
+The method is in :mod:`pipeline.cams.inference` (CAMs of one image, the per-process model); the
+store's schema in :mod:`pipeline.schemas`.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
 import click
-import numpy as np
-import torch
 
+# (test_golden_gradcam imports _build and image_cams from here)
+from pipeline.cams.inference import CamsTask, cams_for_image, check_context, image_cams  # noqa: F401
+from pipeline.cams.inference import build_cam_model as _build
+from pipeline.clip.factory import clip_kwargs, clip_provenance, verify_clip
 from pipeline.config import to_dict
+from pipeline.data.datasets import load_split
 from pipeline.errors import PipelineError
 from pipeline.params import (
-    CaaConfig,
     CamsConfig,
     ClipConfig,
     ComputeConfig,
@@ -38,122 +42,20 @@ from pipeline.provenance import (
     labelled_inputs,
     package_version,
 )
-from pipeline.store import ImageStore, StoreError, finish, with_inputs, write_group
+from pipeline.schemas import INFERENCE_STORE, open_inference
+from pipeline.store import ImageStore, finish
 from pipeline.weights import sha256sum
-from stages.clip_features import (
-    INFERENCE_ARRAYS,
-    INFERENCE_STORE,
-    build_clip,
-    clip_provenance,
-    clip_resource_kwargs,
-    train_records,
-    verify_clip,
-)
-from stages.execution import (
-    WorkerResource,
-    check_stage_device,
-    run_per_image,
-    worker_path,
-)
+from stages.execution import run_per_image, worker_path
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
-from stages.train_prompts import read_prompts
+from stages.resources import WorkerResource, check_stage_device
 
 log = logging.getLogger("wsss.cams")
 # Modules whose code decides the CAMs; a change resets the store instead of resuming stale CAMs.
-CODE_MODULES = ("pipeline.clip.model", "pipeline.prompts.learner", "pipeline.prompts.training",
+CODE_MODULES = ("pipeline.clip.model", "pipeline.clip.factory", "pipeline.prompts.learner",
+                "pipeline.prompts.checkpoints", "pipeline.prompts.training", "pipeline.cams.inference",
                 "pipeline.cams.gradcam", "pipeline.cams.caa", "pipeline.cams.score",
                 "pipeline.precision")
 STAGE = "cams"
-
-
-
-class Resource(NamedTuple):
-    clip: object
-    text_features: torch.Tensor
-    n_fg: int
-
-
-def _build(prompts: str, cam_iteration: int | None = None, **clip_kwargs) -> Resource:
-    """Per-process CLIP + trained prompts (the context of ``cam_iteration``, None: final), text
-    features computed once over all 77 positions (the reference's inference)."""
-    from stages.train_prompts import load_learner
-
-    clip = build_clip(**clip_kwargs)
-    learner, _ = load_learner(clip, prompts, cam_iteration)
-    with torch.no_grad():
-        text = learner.text_features(clip.model)
-    return Resource(clip, text, learner.n_fg)
-
-
-class Item(NamedTuple):
-    image_id: str
-    labels: tuple[int, ...]
-    features: str
-    out: str
-    caa: CaaConfig
-    precision: str
-    inputs: str | None = None
-    """What the CAMs are computed from (the image, through its features, and its labels)."""
-
-
-def image_cams(clip, text_features: torch.Tensor, n_fg: int, tokens, labels, grid_hw,
-               precision: str = "fp32"):
-    """Raw CAMs (P, h, w) f32 and fg_cls (P,) i64 of one image's cached last-block input
-    (``tokens`` (1+hw, D)). The Grad-CAM (last block and its gradient) runs in fp32 whatever
-    ``precision`` (``pipeline.prompts.training.batched_gradcam``)."""
-    from pipeline.precision import autocast
-    from pipeline.prompts.training import batched_gradcam
-
-    fg_cls = np.array(sorted(set(int(c) for c in labels)), dtype=np.int64)
-    hot = torch.zeros((1, n_fg))
-    hot[0, torch.from_numpy(fg_cls)] = 1.0
-    device = clip.visual.proj.device
-    x = torch.as_tensor(tokens).float().to(device)[None]
-    with autocast(device, precision):
-        cams = batched_gradcam(clip, text_features, x, hot.to(device), n_fg, grid_hw, create_graph=False)
-    return cams.detach().float().cpu().numpy(), fg_cls
-
-
-def cams_for_image(resource: Resource, item: Item) -> str:
-    from pipeline.cams.caa import class_aware_attention_affinity
-
-    store = ImageStore(item.features, arrays=INFERENCE_ARRAYS)
-    data, attrs = store.read(item.image_id), store.read_attrs(item.image_id)
-    grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
-    cam, fg_cls = image_cams(resource.clip, resource.text_features, resource.n_fg, data["tokens"],
-                             item.labels, grid, item.precision)
-    arrays = {"cam": cam, "fg_cls": fg_cls}
-    if item.caa.enabled:
-        # The attention is stored in float16 (as the reference stores it); CAA runs in float32.
-        arrays["cam_caa"] = class_aware_attention_affinity(
-            cam, data["attention"].astype(np.float32), sinkhorn_iters=item.caa.n_sinkhorn,
-            box_thresh=item.caa.t_box, power=item.caa.n_power, propagate=item.caa.propagate,
-        ).astype(np.float32)
-    write_cams(item.out, item.image_id, arrays, int(attrs["height"]), int(attrs["width"]),
-               item.inputs)
-    return item.image_id
-
-
-CAM_ARRAYS = {"cam": ("float32", 3), "fg_cls": ("int64", 1), "cam_caa": ("float32", 3)}
-"""(dtype, ndim) of the arrays of a CAM store's group (``cam_caa`` only with CAA), for readers."""
-
-
-def write_cams(store: str, image_id: str, arrays: dict, height: int, width: int,
-               inputs: str | None = None) -> None:
-    """One image's group of a CAM store: ``cam``, ``fg_cls`` (and ``cam_caa``), image size."""
-    write_group(store, image_id, arrays,
-                attrs=with_inputs({"height": height, "width": width}, inputs))
-
-
-def _check_context(prompts: str, cam_iteration: int | None) -> None:
-    """Fail before any work when the checkpoint is not plain data (never unpickled as code) or
-    lacks the context the CAMs are to use."""
-    state = read_prompts(prompts)
-    if cam_iteration is None:
-        return
-    if cam_iteration not in state.get("contexts", {}):
-        raise PipelineError(f"prompts checkpoint {prompts} holds no context of iteration {cam_iteration} "
-                         f"(prompts.*.cam_iteration); rerun train-prompts with this cam_iteration")
 
 
 @click.command("cams")
@@ -179,16 +81,13 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     out = out or f"cache/cams/{which}.zarr"
     if not Path(prompts).is_file():
         raise PipelineError(f"prompts not found: {prompts} (run train-prompts --which {which})")
-    _check_context(prompts, cam_iteration)
+    check_context(prompts, cam_iteration)
     sha = verify_clip(clip_cfg)
     check_stage_device(compute)
-    split = train_records(index_dir, dataset)
+    split = load_split(index_dir, dataset.train_split)
     records = split.good()
     features_store = Path(features) / INFERENCE_STORE
-    try:
-        inference = ImageStore(features_store, arrays=INFERENCE_ARRAYS)
-    except StoreError as exc:
-        raise PipelineError(str(exc)) from exc
+    inference = open_inference(features)
     missing = [r.id for r in records if r.id not in inference]
     if missing:
         raise PipelineError(f"{features_store} lacks image {missing[0]!r} ({len(missing)} missing; "
@@ -209,11 +108,12 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
     todo = [r for r in records if r.id in pending]
     for r in todo:  # before any work: never CAMs of features of another version of the image
         check_inputs(inference, r.id, image_inputs(r), "wsss clip-features")
-    items = [Item(r.id, tuple(r.labels), worker_path(features_store), worker_path(store.path), cfg.caa,
-                  compute.precision, labelled_inputs(r)) for r in todo]
+    items = [CamsTask(r.id, tuple(r.labels), worker_path(features_store), worker_path(store.path),
+                      cfg.caa, compute.precision, labelled_inputs(r)) for r in todo]
     resource = WorkerResource.of(_build, files=("prompts", "checkpoint"), thread_safe=True,
                                  prompts=worker_path(prompts), cam_iteration=cam_iteration,
-                                 **clip_resource_kwargs(clip_cfg, compute.device))
+                                 **{**clip_kwargs(clip_cfg, compute.device),
+                                    "checkpoint": worker_path(clip_cfg.checkpoint)})
     run_per_image(cams_for_image, items, compute, resource, desc=f"cams {which}")
     finish(out)
     log.info("cams@%s: %d images computed, %d resumed -> %s", which, len(items),

@@ -77,13 +77,13 @@ def load_cam_file(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         raise PipelineError(f"{path}: 'cam' holds NaN or infinite values")
     if fg_cls.ndim != 1 or fg_cls.shape[0] != cam.shape[0]:
         raise PipelineError(f"{path}: 'fg_cls' must be ({cam.shape[0]},) to match 'cam', "
-                         f"got {fg_cls.shape}")
+                            f"got {fg_cls.shape}")
     if fg_cls.size and not np.issubdtype(fg_cls.dtype, np.integer):
         raise PipelineError(f"{path}: 'fg_cls' must be integer class indices, got {fg_cls.dtype}")
     fg_cls = fg_cls.astype(np.int64)
     if fg_cls.size and (np.any(np.diff(fg_cls) <= 0) or fg_cls[0] < 0 or fg_cls[-1] >= n_classes):
         raise PipelineError(f"{path}: 'fg_cls' must be strictly ascending 0-based classes below "
-                         f"{n_classes}, got {fg_cls.tolist()}")
+                            f"{n_classes}, got {fg_cls.tolist()}")
     return cam.astype(np.float32), fg_cls
 
 
@@ -106,7 +106,7 @@ def command(cam_dir: str, index_dir: str, splits: tuple[str, ...], out: str) -> 
     unknown = [p.stem for p in files if p.stem not in records]
     if unknown:
         raise PipelineError(f"{len(unknown)} CAM file(s) name images not in the index, e.g. "
-                         f"{unknown[0]!r} ({src / (unknown[0] + '.npz')})")
+                            f"{unknown[0]!r} ({src / (unknown[0] + '.npz')})")
     for path in tqdm(files, desc="validate cams", unit="img", dynamic_ncols=True):
         load_cam_file(path, n_classes)
     listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]

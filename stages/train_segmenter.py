@@ -1,216 +1,31 @@
 """Stage ``train_segmenter``: train split images + fine seeds -> ``cache/segmenter/{best,last}.pt``.
 
-Trains DeepLabV3+ on the seeds (algorithms.md §9) on ``compute.device`` at ``compute.precision``.
-Every ``val_every`` iterations (and at the last) the single-scale mIoU on the eval split's ground
-truth is computed; the weights with the highest one so far are the *best* checkpoint (§9: the
-authors report the best checkpoint on val; the first of equal scores wins). ``last.pt`` holds the
-final iteration, ``best.pt`` the best one; ``predict.checkpoint`` chooses. Without ground truth
-on the eval split there is nothing to select by: ``best.pt`` is the last iteration (logged, and
-recorded in its ``info``).
-
-Every ``checkpoint_every`` iterations the model, optimizer, step, random states and the best
-weights so far are saved atomically to ``checkpoint.pt``; a rerun with the same params, seeds
-and val set resumes from it (the result, best included, equals an uninterrupted run), a rerun
-with different ones starts over. Loss, learning rate and the val mIoU go to a CSV for ``dvc plots``.
-
-Batches come from a DataLoader (``loader_workers`` processes decode and augment while the device
-trains; :mod:`pipeline.segmenter.data`): iteration t's samples and augmentations depend only on
-(seed, t, row), so the result is the same for every ``loader_workers`` and a resume needs only
-t. The loss stays on the device and is read once per checkpoint or validation.
+Trains DeepLabV3+ on the seeds (algorithms.md §9) on ``compute.device`` at ``compute.precision``
+(:func:`pipeline.segmenter.fit.fit`). Every ``val_every`` iterations (and at the last) the
+single-scale mIoU on the eval split's ground truth is computed; the weights with the highest one
+so far are the *best* checkpoint (§9). ``last.pt`` holds the final iteration, ``best.pt`` the
+best one; ``predict.checkpoint`` chooses. Every ``checkpoint_every`` iterations ``checkpoint.pt``
+is saved; a rerun with the same params, seeds and val set resumes from it, a rerun with
+different ones starts over. Loss, learning rate and the val mIoU go to a CSV for ``dvc plots``.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import logging
-import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from pipeline import tensorfile
-from pipeline.atomic import write_text_atomic
-from pipeline.data.datasets import DatasetError, Record, load_split
-from pipeline.data.imageio import ImageReadError, read_label, read_rgb
+from pipeline.data.datasets import load_split
 from pipeline.device import torch_device
 from pipeline.errors import PipelineError
-from pipeline.metrics import ConfusionAccumulator, percent
 from pipeline.params import ComputeConfig, DatasetConfig, SegmenterConfig, section
-from pipeline.provenance import code_digest
-from pipeline.segmenter.data import (
-    EvalSamples,
-    IterationSampler,
-    LoadFailure,
-    TrainingSamples,
-    collate_eval,
-    collate_training,
-    make_loader,
-    size_batches,
-)
-from pipeline.segmenter.model import (
-    build_segmenter,
-    predict_labels,
-    save_atomic,
-    save_segmenter,
-)
-from pipeline.segmenter.training import (
-    SegmentationAugment,
-    build_optimizer,
-    poly_lr,
-    train_step,
-)
-from pipeline.weights import CheckpointError, sha256sum
+from pipeline.schemas import seed_path
+from pipeline.segmenter.fit import fit, write_csv
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.train_segmenter")
-CSV_FIELDS = ("step", "loss", "lr", "val_miou")
-# The code the trained weights depend on (dvc.yaml's code deps): a change restarts training
-# instead of "resuming" a finished run of the old code.
-CODE_MODULES = ("stages.train_segmenter", "pipeline.segmenter.model", "pipeline.segmenter.training",
-                "pipeline.segmenter.data",
-                "pipeline.segmenter.clip_vit", "pipeline.sam.clip_encoder",
-                "pipeline.precision", "pipeline.metrics", "pipeline.data.datasets", "pipeline.data.imageio")
-
-
-
-def seeds_untrained(seeds_dir: Path) -> bool:
-    """Whether the seeds' provenance (written by the seeds stage) says a model was untrained;
-    seeds from elsewhere (no provenance file) count as trained."""
-    path = seeds_dir / "provenance.json"
-    try:
-        return bool(json.loads(path.read_text()).get("untrained", False)) if path.is_file() else False
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def seed_path(seeds_dir: Path, image_id: str) -> Path:
-    return seeds_dir / f"{image_id}.png"
-
-
-def data_digest(
-    records: list[Record], seeds_dir: Path, class_names: list[str], val_records: list[Record] = ()
-) -> str:
-    """A hash of the training set (ids, images, seed contents) and of the val set the best
-    checkpoint is chosen on (ids, images, ground-truth contents), so new data restarts training."""
-    h = hashlib.sha256("\n".join(class_names).encode())
-    for r in records:
-        h.update(f"{r.id}\t{r.image}\t{r.digest}\n".encode())
-        h.update(seed_path(seeds_dir, r.id).read_bytes())
-    h.update(b"val\n")
-    for r in val_records:
-        h.update(f"{r.id}\t{r.image}\t{r.digest}\n".encode())
-        h.update(Path(r.label).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        image = read_rgb(record.image)
-        seed = read_label(seed_path(seeds_dir, record.id))
-    except (ImageReadError, OSError) as exc:
-        raise PipelineError(f"image {record.id}: {exc}") from exc
-    if seed.shape != image.shape[:2]:
-        raise PipelineError(f"image {record.id}: seed is {seed.shape}, image is {image.shape[:2]}")
-    return image, seed
-
-
-def load_eval_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
-    """A val image and its ground truth, at the size the index records (batches group by it)."""
-    try:
-        image, gt = read_rgb(record.image), read_label(record.label)
-    except (ImageReadError, OSError) as exc:
-        raise PipelineError(f"image {record.id}: {exc}") from exc
-    if image.shape[:2] != gt.shape or gt.shape != (record.height, record.width):
-        raise PipelineError(f"image {record.id}: image is {image.shape[:2]}, ground truth {gt.shape}, the index "
-                         f"says {(record.height, record.width)} (rerun `wsss prepare`)")
-    return image, gt
-
-
-def eval_loader(records: list[Record], max_pixels: int, workers: int = 0, pin_memory: bool = False):
-    """Batches of equal-size val images, at most ``max_pixels`` input pixels each."""
-    batches = size_batches([(r.height, r.width) for r in records], max_pixels)
-    return make_loader(EvalSamples(records, load_eval_pair, errors=(PipelineError,)), batches, collate_eval,
-                       workers, pin_memory)
-
-
-def evaluate(net: torch.nn.Module, batches, num_classes: int, precision: str = "fp32") -> float:
-    """Single-scale mIoU of the argmax prediction against ground truth over ``batches`` (from
-    :func:`eval_loader`; training curve and best checkpoint; NaN when the ground truth has no
-    labelled pixel). Equal to predicting one image at a time (``predict_probs``)."""
-    acc = ConfusionAccumulator(num_classes)
-    net.eval()
-    for batch in batches:
-        if isinstance(batch, LoadFailure):
-            raise PipelineError(batch.message)
-        for pred, gt in zip(predict_labels(net, batch.images, precision).numpy(), batch.labels.numpy()):
-            acc.add(pred, gt)
-    return acc.scores().miou
-
-
-@dataclass
-class BestCheckpoint:
-    """The best weights so far on val: highest single-scale val mIoU, the first of equal scores."""
-
-    step: int | None = None
-    val_miou: float | None = None
-    state_dict: dict | None = None
-
-    def offer(self, step: int, val_miou: float, net: torch.nn.Module) -> bool:
-        """Keep ``net``'s weights (a CPU copy) if ``val_miou`` beats the best so far."""
-        if math.isnan(val_miou) or (self.val_miou is not None and val_miou <= self.val_miou):
-            return False
-        self.step, self.val_miou = step, float(val_miou)
-        self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        return True
-
-    def to_state(self) -> dict:
-        return {"step": self.step, "val_miou": self.val_miou, "state_dict": self.state_dict}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "BestCheckpoint":
-        return cls(state["step"], state["val_miou"], state["state_dict"])
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
-RESUME_KEYS = ("fingerprint", "step", "model", "optimizer", "rng", "history", "best")
-
-
-def read_resume(path: Path) -> dict:
-    """The resume state as data (tensors and plain containers only): anything else stops the
-    stage with one line naming the file, never runs its code."""
-    try:
-        return tensorfile.load_dict(path, "segmenter resume state", f"delete it (rm {path}) to "
-                                    "train from the start", RESUME_KEYS)
-    except tensorfile.TensorFileError as exc:
-        raise PipelineError(str(exc)) from exc
-
-
-def _rng_state(device: torch.device) -> dict:
-    # torch's generators only (dropout): the data's randomness is a function of the iteration.
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @click.command("train-segmenter")
@@ -226,116 +41,16 @@ def command(params_path: str, index_dir: str, seeds_dir: str, out: str, plots: s
     data = section(params, "dataset", DatasetConfig)
     compute = section(params, "compute", ComputeConfig)
     device = torch_device(compute.device, compute.precision)
-    seeds, out_dir = Path(seeds_dir), Path(out)
-    try:
-        train = load_split(index_dir, data.train_split)
-        val = load_split(index_dir, data.eval_split)
-    except DatasetError as exc:
-        raise PipelineError(str(exc)) from exc
+    seeds = Path(seeds_dir)
+    train = load_split(index_dir, data.train_split)
+    val = load_split(index_dir, data.eval_split)
     records = train.good()
     missing = [r.id for r in records if not seed_path(seeds, r.id).is_file()]
     if missing:
         raise PipelineError(f"no seed for image {missing[0]} in {seeds} ({len(missing)} missing; run `wsss seeds`)")
-    val_records = [r for r in val.good() if r.label is not None]
-    num_classes = len(train.class_names) + 1
-    fp = cfg.training_fingerprint(
-        data_digest(records, seeds, train.class_names, val_records), compute.precision,
-        code_digest(*CODE_MODULES))
-
-    try:
-        net = build_segmenter(cfg.model, num_classes, cfg.encoder_weights, cfg.encoder_weights_sha256, cfg.seed,
-                              cfg.output_stride)
-    except CheckpointError as exc:
-        raise PipelineError(str(exc)) from exc
-    net.to(device)
-    optimizer = build_optimizer(net, cfg.lr, cfg.momentum, cfg.weight_decay)
-    torch.manual_seed(cfg.seed)
-    start, history, best = 0, [], BestCheckpoint()
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = read_resume(ckpt_path)
-        if ckpt.get("fingerprint") == fp:
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            _set_rng_state(ckpt["rng"], device)
-            start, history = int(ckpt["step"]), list(ckpt["history"])
-            best = BestCheckpoint.from_state(ckpt["best"])
-            log.info("resuming from iteration %d of %d (best so far: %s)", start, cfg.iterations,
-                     f"iteration {best.step}, val mIoU {100 * best.val_miou:.1f}%" if best.step is not None else "none")
-        else:
-            log.info("checkpoint %s is from other params or data; training from scratch", ckpt_path)
-
-    def save_checkpoint(step: int) -> None:
-        # The best weights travel inside the one atomic file, so a resumed run keeps exactly the
-        # best of the iterations before its checkpoint, never one from a lost later part.
-        save_atomic(
-            {"fingerprint": fp, "step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": _rng_state(device), "history": history, "best": best.to_state()},
-            ckpt_path,
-        )
-
-    if not val_records:
-        log.warning("eval split %r has no ground truth: no val mIoU, best.pt will be the last iteration",
-                    data.eval_split)
-    augment = SegmentationAugment(cfg.crop_size, cfg.scale_range, cfg.flip_prob)
-    pin = device.type == "cuda"
-    samples = TrainingSamples(records, partial(load_pair, seeds_dir=seeds), augment, cfg.seed, errors=(PipelineError,))
-    loader = make_loader(samples, IterationSampler(len(records), cfg.batch_size, cfg.seed, start, cfg.iterations),
-                         collate_training, cfg.loader_workers, pin, cfg.seed)
-    # Inference without gradients: a val batch holds at most the training batch's input pixels.
-    val_batches = eval_loader(val_records, cfg.batch_size * cfg.crop_size ** 2, cfg.loader_workers, pin) \
-        if val_records else None
-    bar = tqdm(range(start, cfg.iterations), desc="train segmenter", unit="it", dynamic_ncols=True)
-    pending: list[tuple[dict, torch.Tensor]] = []  # rows whose loss is still on the device
-
-    def read_losses() -> None:
-        # The one host sync of a logging interval.
-        if pending:
-            values = torch.stack([loss for _, loss in pending]).tolist()
-            for (row, _), value in zip(pending, values):
-                row["loss"] = round(value, 6)
-            bar.set_postfix(loss=f"{values[-1]:.3f}")
-            pending.clear()
-
-    for step, batch in zip(bar, loader):
-        if isinstance(batch, LoadFailure):
-            raise PipelineError(batch.message)
-        lr = poly_lr(cfg.lr, step, cfg.iterations, cfg.poly_power)
-        loss = train_step(net, optimizer, batch.images, batch.labels, lr, sub_batches=cfg.sub_batches,
-                          precision=compute.precision)
-        done = step + 1
-        row = {"step": done, "loss": None, "lr": lr, "val_miou": ""}
-        pending.append((row, loss))
-        if val_records and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
-            read_losses()
-            miou = evaluate(net, val_batches, num_classes, compute.precision)
-            row["val_miou"] = percent(miou)
-            if best.offer(done, miou, net):
-                log.info("iteration %d: val mIoU %.1f%%, the best so far", done, 100 * miou)
-        history.append(row)
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            read_losses()
-            save_checkpoint(done)
-    last_miou = history[-1]["val_miou"] if history else ""
-    # `untrained`: the seeds came from random (untrained) CLIP/SAM, so the scores check plumbing
-    last_info = {"step": cfg.iterations,
-                 "val_miou": None if last_miou in ("", None) else last_miou,
-                 "selected_by": "last iteration", "untrained": seeds_untrained(seeds)}
-    if cfg.encoder_weights:  # provenance: which ImageNet weights (pinned, name-checked or not)
-        last_info["encoder_weights_sha256"] = sha256sum(cfg.encoder_weights)
-    save_segmenter(out_dir / "last.pt", net, cfg.model, train.class_names, last_info)
-    if best.step is None:
-        log.warning("no val mIoU to select by (eval split %r has no usable ground truth): "
-                    "best.pt is the last iteration", data.eval_split)
-        best_info = {**last_info, "selected_by": "last iteration (no val ground truth)"}
-        save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info)
-    else:
-        best_info = {"step": best.step, "val_miou": percent(best.val_miou),
-                     "selected_by": "highest single-scale val mIoU",
-                     **{k: last_info[k] for k in ("untrained", "encoder_weights_sha256") if k in last_info}}
-        save_segmenter(out_dir / "best.pt", net, cfg.model, train.class_names, best_info, best.state_dict)
-        log.info("best checkpoint: iteration %d of %d, val mIoU %.1f%%", best.step, cfg.iterations,
-                 100 * best.val_miou)
+    progress = partial(tqdm, desc="train segmenter", unit="it", dynamic_ncols=True)
+    history = fit(cfg, records, val.good(), train.class_names, seeds, Path(out), device,
+                  compute.precision, data.eval_split, progress)
     write_csv(Path(plots), history)
     final = history[-1]["loss"] if history else "n/a"
     log.info("segmenter trained for %d iterations; final loss %s", cfg.iterations, final)

@@ -14,32 +14,18 @@ import logging
 from pathlib import Path
 
 import click
-import numpy as np
 
-from pipeline.data.datasets import DatasetError, load_split, split_path
-from pipeline.data.imageio import (
-    VOC_PALETTE,
-    ImageReadError,
-    read_label,
-    read_rgb,
-    write_png,
-)
+from pipeline.data.datasets import load_split, split_path
+from pipeline.data.imageio import ImageReadError, read_label, read_rgb, write_png
 from pipeline.errors import PipelineError
 from pipeline.params import DatasetConfig, section
-from pipeline.seeds.sams import image_scores
+from pipeline.schemas import seed_path
 from pipeline.store import ImageStore, StoreError
-from pipeline.visualization import (
-    IGNORE_RGB,
-    cam_panel,
-    compose,
-    label_overlay,
-    masks_panel,
-)
+from pipeline.visualization import render
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
 log = logging.getLogger("wsss.visualize")
 CAMS_OF = {"coarse": "cache/cams/cls.zarr", "fine": "cache/cams/seg.zarr"}
-LEVEL_TITLES = ("sub-parts (level 0)", "parts (level 1)", "wholes (level 2)")
 
 
 def _open(path: str) -> ImageStore | None:
@@ -48,41 +34,6 @@ def _open(path: str) -> ImageStore | None:
     except StoreError:
         log.warning("no store at %s: its panels stay blank", path)
         return None
-
-
-def render(image: np.ndarray, qs: dict | None, cams: dict | None, seed: np.ndarray | None,
-           gt: np.ndarray | None, prediction: np.ndarray | None, class_names: list[str],
-           which: str = "fine") -> np.ndarray:
-    """The titled panel row (and legend) of one image from whatever inputs exist."""
-    h, w = image.shape[:2]
-    blank = np.zeros_like(image)
-    panels = [("image", image)]
-    for level, title in enumerate(LEVEL_TITLES):
-        masks = np.zeros((0, h, w), bool)
-        if qs is not None:
-            masks = qs["masks"][qs["levels"] == level]
-        panels.append((f"{title}: {len(masks)}", masks_panel(image, masks, seed=level)))
-    score = np.zeros((0, h, w), np.float32)
-    cam_title = "CAM"
-    if cams is not None:
-        key = "cam_caa" if "cam_caa" in cams else "cam"
-        score = image_scores(cams[key], (h, w))
-        cam_title = "CAM + CAA" if key == "cam_caa" else "CAM"
-    panels.append((cam_title, cam_panel(image, score)))
-    labels = [m for m in (seed, gt, prediction) if m is not None]
-    # eval-split images have no seed (seeds are made for the train split): say so, not a black "seed"
-    panels.append((f"{which} seed", label_overlay(image, seed)) if seed is not None
-                  else (f"{which} seed: none", blank))
-    if gt is not None:
-        panels.append(("ground truth", label_overlay(image, gt)))
-    if prediction is not None:
-        panels.append(("prediction", label_overlay(image, prediction)))
-    shown = sorted(set(np.unique(np.concatenate([m.ravel() for m in labels])).tolist()) if labels else set())
-    names = ["background", *class_names]
-    entries = [(names[v], VOC_PALETTE[v]) for v in shown if v < len(names)]
-    if 255 in shown:
-        entries.append(("ignore", IGNORE_RGB))
-    return compose(panels, entries)
 
 
 @click.command("visualize")
@@ -102,10 +53,7 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
             sam_masks: str, seeds_dir: str | None, predictions_dir: str, out: str) -> None:
     """PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."""
     dataset = section(load_params(params_path), "dataset", DatasetConfig)
-    try:
-        train = load_split(index_dir, dataset.train_split)
-    except DatasetError as exc:
-        raise PipelineError(str(exc)) from exc
+    train = load_split(index_dir, dataset.train_split)
     records, class_names = {r.id: r for r in train.good()}, train.class_names
     if dataset.eval_split != dataset.train_split and split_path(index_dir, dataset.eval_split).is_file():
         for r in load_split(index_dir, dataset.eval_split).good():
@@ -113,7 +61,7 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
     unknown = [i for i in ids if i not in records]
     if unknown:
         raise PipelineError(f"image id {unknown[0]!r} is not a usable image of split "
-                         f"{dataset.train_split!r} or {dataset.eval_split!r}")
+                            f"{dataset.train_split!r} or {dataset.eval_split!r}")
     cam_store = _open(cams or CAMS_OF[which])
     sam_store = _open(sam_masks)
     seeds = Path(seeds_dir or f"cache/seeds/{which}")
@@ -125,7 +73,7 @@ def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, 
             raise PipelineError(f"image {image_id}: {exc}") from exc
         qs = sam_store.read(image_id) if sam_store and image_id in sam_store else None
         cam = cam_store.read(image_id) if cam_store and image_id in cam_store else None
-        seed_png, pred_png = seeds / f"{image_id}.png", Path(predictions_dir) / f"{image_id}.png"
+        seed_png, pred_png = seed_path(seeds, image_id), Path(predictions_dir) / f"{image_id}.png"
         seed = read_label(seed_png) if seed_png.is_file() else None
         prediction = read_label(pred_png) if pred_png.is_file() else None
         gt = read_label(r.label) if r.label else None

@@ -45,17 +45,17 @@ def restore_torch_threads():
 def kill_prompt_training_at(monkeypatch, iteration: int):
     """Make ``train-prompts`` raise ``RuntimeError("killed")`` when it asks for the batch of
     ``iteration`` (a run killed there); returns a function that undoes the patch."""
-    from stages import train_prompts
+    from pipeline.prompts.batches import BatchSource
 
-    original = train_prompts.BatchSource.batch
+    original = BatchSource.batch
 
     def dies(self, it):
         if it == iteration:
             raise RuntimeError("killed")
         return original(self, it)
 
-    monkeypatch.setattr(train_prompts.BatchSource, "batch", dies)
-    return lambda: monkeypatch.setattr(train_prompts.BatchSource, "batch", original)
+    monkeypatch.setattr(BatchSource, "batch", dies)
+    return lambda: monkeypatch.setattr(BatchSource, "batch", original)
 
 
 class _CreatesFile:

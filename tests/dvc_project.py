@@ -44,21 +44,25 @@ def _deep_update(tree: dict, updates: dict) -> None:
             tree[key] = value
 
 
-def make_project(root: Path, env: dict, params_update: dict, stages: tuple[str, ...] | None = None,
-                 sections: tuple[str, ...] | None = None) -> None:
-    """A git+DVC repo holding (a subset of) dvc.yaml, its code deps and a params.yaml."""
-    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    if stages is not None:
-        dvc_yaml["stages"] = {name: dvc_yaml["stages"][name] for name in stages}
+def make_project(root: Path, env: dict, params_update: dict | None = None,
+                 stages: tuple[str, ...] | None = None, sections: tuple[str, ...] | None = None,
+                 graph: bool = True) -> None:
+    """A git+DVC repo holding (a subset of) dvc.yaml, its code deps and a params.yaml; with
+    ``graph=False`` none of them (a project for ``dvc add``-ed data, as benchmarks/stores.py
+    times). Either way this repository's DVC config and git-ignore rules, all committed."""
     root.mkdir(parents=True)
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    for folder in ("pipeline", "stages"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    if sections is not None:
-        params = {k: params[k] for k in sections}
-    _deep_update(params, params_update)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if graph:
+        dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+        if stages is not None:
+            dvc_yaml["stages"] = {name: dvc_yaml["stages"][name] for name in stages}
+        (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+        for folder in ("pipeline", "stages"):
+            shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        if sections is not None:
+            params = {k: params[k] for k in sections}
+        _deep_update(params, params_update or {})
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root, env=env)
     sh("dvc", "init", "-q", cwd=root, env=env)
     # the project's own DVC config (offline plot template) and git-ignore rules

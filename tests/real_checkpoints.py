@@ -25,13 +25,14 @@ class RealCheckpoint:
 
 
 def sam_vit_b(folder: Path) -> RealCheckpoint:
-    from pipeline.sam.models import SPECS, build_sam
+    from pipeline.sam.models import build_sam
+    from pipeline.sam.specs import sam_spec
 
     path = folder / "sam_vit_b_01ec64.pth"
     if not path.is_file():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            state = build_sam(SPECS["vit_b"]).state_dict()
+            state = build_sam(sam_spec("vit_b")).state_dict()
         _save(state, path)
     return RealCheckpoint(path, sha256sum(path))
 

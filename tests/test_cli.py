@@ -63,12 +63,12 @@ def test_a_stage_run_is_logged_to_its_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_failed_write_is_one_line_naming_the_path(tmp_path, monkeypatch, code):
-    import stages.prepare
+    import pipeline.demo.dataset
 
     def full(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(tmp_path / "index.partial" / "train.json"))
 
-    monkeypatch.setattr(stages.prepare, "generate_demo", full)
+    monkeypatch.setattr(pipeline.demo.dataset, "generate_demo", full)
     res = CliRunner().invoke(main, ["prepare", "--params", str(_demo_params(tmp_path)),
                                     "--out", str(tmp_path / "index")])
     assert res.exit_code == 1

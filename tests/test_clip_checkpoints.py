@@ -6,10 +6,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.clip.model import OPENAI_FILES, TINY_MODEL, create_clip
+from pipeline.clip.model import TINY_MODEL, create_clip
+from pipeline.clip.pretrained import OPENAI_FILES
 from pipeline.weights import CheckpointError, sha256sum
 from pipeline.params import ClipConfig
-from stages.clip_features import verify_clip
+from pipeline.clip.factory import verify_clip
 from pipeline.errors import PipelineError
 
 

@@ -118,7 +118,7 @@ def test_weights_load_from_a_local_file_through_open_clip(tmp_path):
 
 def test_missing_clip_checkpoint_is_one_clear_error(tmp_path):
     from pipeline.params import ClipConfig
-    from stages.clip_features import verify_clip
+    from pipeline.clip.factory import verify_clip
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match="clip.checkpoint is null"):

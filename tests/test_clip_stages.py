@@ -73,7 +73,7 @@ def test_clip_features_writes_both_stores(work):
         assert inf["attention"].shape == (gh * gw, gh * gw)
         # the cached tokens are the model's last-block input of the stored view
         from pipeline.prompts.augment import ViewParams
-        from stages.clip_features import encode_views
+        from pipeline.clip.features import encode_views
         from pipeline.data.imageio import read_rgb
         again = encode_views(clip, read_rgb(r.image), [ViewParams.from_array(v["views"][1])])
         np.testing.assert_allclose(v["tokens"][1].astype(np.float32), again[0].numpy(), rtol=2e-3, atol=2e-3)

@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
-from stages import execution as common
+from stages import execution, resources
 from pipeline.params import ComputeConfig
 from pipeline.errors import PipelineError
-from stages.execution import WorkerResource, run_per_image
+from stages.execution import run_per_image
+from stages.resources import WorkerResource
 from test_sam_masks_stage import make_params, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_a_local_stage_leaves_no_model_cached(tmp_path):
     f.write_text("prompts")
     resource = WorkerResource.of(_read_model, files=("path",), path=str(f))
     assert run_per_image(_echo_model, [1, 2], ComputeConfig(), resource) == ["prompts"] * 2
-    assert common._RESOURCES == {}
+    assert resources._RESOURCES == {}
 
 
 # -- stateful models on a worker with several threads ------------------------------------------
@@ -165,7 +166,7 @@ def _gpus(monkeypatch, count: int, visible: str | None = None):
 
 
 def _visible(compute: ComputeConfig):
-    return [env.get("CUDA_VISIBLE_DEVICES") for env in common.local_cluster_workers(compute)]
+    return [env.get("CUDA_VISIBLE_DEVICES") for env in execution.local_cluster_workers(compute)]
 
 
 def test_local_cluster_workers_get_one_gpu_each(monkeypatch):
@@ -189,7 +190,7 @@ def test_local_cluster_worker_processes_see_their_own_gpu(monkeypatch):
     from distributed import Client
 
     _gpus(monkeypatch, 3, visible="4,6,7")
-    cluster = common._local_cluster(ComputeConfig(scheduler="local-cluster", device="cuda"))
+    cluster = execution._local_cluster(ComputeConfig(scheduler="local-cluster", device="cuda"))
     try:
         with Client(cluster) as client:
             client.wait_for_workers(3, timeout=120)
@@ -302,4 +303,4 @@ def test_cams_on_long_lived_workers_use_the_retrained_prompts(tmp_path, external
     changed = [np.abs(old[i]["cam"] - new[i]["cam"]).max() / np.abs(new[i]["cam"]).max() for i in new]
     assert min(changed) > 1e-3, changed  # the old prompts' CAMs are not the new ones
     with Client(external_scheduler) as client:  # and the workers keep no model between stages
-        assert set(client.run(lambda: len(common._RESOURCES)).values()) == {0}
+        assert set(client.run(lambda: len(resources._RESOURCES)).values()) == {0}

@@ -6,7 +6,7 @@ import yaml
 from click.testing import CliRunner
 
 from stages.cli import main
-from stages.configure import PROFILES
+from pipeline.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def _demo_marked_keys(path):
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_demo_value_gets_the_papers_value(profile):
     """A real run never keeps a value params.yaml marks as the demo's (a new demo key must get its
-    paper value in stages/configure.py)."""
+    paper value in pipeline/profiles.py)."""
     marked = _demo_marked_keys(REPO / "params.yaml")
     assert marked, "params.yaml marks its demo values"
     demo_only = {k for k in marked if k.startswith("dataset.demo")}
@@ -188,7 +188,7 @@ def test_configure_custom_with_the_demo_models(tmp_path):
 def test_configure_never_leaves_the_demo_worlds_oracle_on_other_data(tmp_path, profile):
     """The oracle answers with the demo world's own masks: --models demo puts the random tiny
     SAM (and the thresholds it needs) in its place; --models real writes a real variant."""
-    from stages.configure import OFF_WORLD_SAM
+    from pipeline.profiles import OFF_WORLD_SAM
 
     root, p = _files(tmp_path)
     extra = ["--class-names", p["classes.txt"], "--labels-file", p["labels.csv"]] if profile == "custom" else []

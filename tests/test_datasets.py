@@ -235,3 +235,35 @@ def test_class_never_present_is_reported_by_name(tmp_path, caplog):
     assert len(warning) == 2  # one line per split
     assert "split train: classes never present: bicycle, bird," in warning[0]
     assert "aeroplane" not in warning[0] and "person" not in warning[0]
+
+
+def test_dataset_sources_are_a_registry_with_the_demo_registered(monkeypatch):
+    from pipeline.data import registry
+    from pipeline.registry import resolve
+    from pipeline.errors import PipelineError
+    from pipeline.params import DatasetConfig
+
+    assert registry.source_names() == ("voc", "coco", "custom", "demo")
+    for name in registry.source_names():
+        source = registry.dataset_source(name)
+        assert callable(resolve(source.build))
+        assert (source.generate is not None) == (name == "demo")
+    assert callable(resolve(registry.dataset_source("demo").generate))
+    with pytest.raises(PipelineError, match=r"unknown dataset 'imagenet' \(known: voc, coco, custom, demo\)"):
+        registry.dataset_source("imagenet")
+    # A registered source is a valid dataset.name, listed by the params check.
+    monkeypatch.setitem(registry.SOURCES.entries, "mine", registry.DatasetSource(build="pipeline.data.sources:voc_split"))
+    assert DatasetConfig(name="mine").name == "mine"
+    with pytest.raises(PipelineError, match="dataset.name must be demo, voc, coco, custom or mine, got 'x'"):
+        DatasetConfig(name="x")
+
+
+def test_validating_dataset_names_imports_no_builder():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.params import DatasetConfig; DatasetConfig(name='voc'); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.data.') "
+            "or m.startswith('pipeline.demo.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pipeline.data.registry', 'pipeline.demo.registry']"

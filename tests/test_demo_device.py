@@ -79,7 +79,8 @@ def test_a_cpu_runs_resume_state_continues_on_the_device(tmp_path, model):
     """Killed after 3 steps on the CPU, resumed with ``device="cuda"``: the state loads on the
     CPU and moves (model, optimizer moments, learnable extras), ending with the weights of an
     uninterrupted CPU run."""
-    from pipeline.demo import clip_training, sam_training
+    from pipeline.demo.training import clip as clip_training
+    from pipeline.demo.training import sam as sam_training
 
     torch.set_num_threads(1)
     if model == "clip":

@@ -38,7 +38,7 @@ def test_reduced_demo_shows_the_method_working(tmp_path):
     assert cam >= background + 10, (background, cam)
     assert seed >= cam + 5 and seed >= 35, (cam, seed)
     # measured here: coarse 66.7, fine 70.9 (the seg prompts start from the cls context and L_CAL
-    # moves them at the demo's lr 10; README, "What `make demo` shows")
+    # moves them at the demo's lr 10; docs/demo.md, "What `make demo` shows")
     assert fine["seed"]["miou"] >= max(50, seed), (seed, fine["seed"]["miou"])
     raw, post = predict["raw"]["miou"], predict["postprocessed"]["miou"]
     print(f"reduced demo: all-background {background}, CAM {cam}, coarse {seed}, "

@@ -8,20 +8,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.demo.clip_training import (
+from pipeline.demo.training.clip import (
     DEMO_CLIP_MODEL, N_CLASSES, OTHER, ClipTrainingConfig, concept_prompts, patch_histograms,
 )
-from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance
+from pipeline.sam.models import build_sam_predictor, sam_provenance
+from pipeline.sam.specs import sam_spec
 from pipeline.weights import sha256sum
 from stages.cli import main
 from pipeline.params import ClipConfig
-from stages.clip_features import build_clip, clip_provenance, verify_clip
+from pipeline.clip.factory import build_clip, clip_provenance, verify_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_patch_histograms_and_soft_patch_targets():
-    from pipeline.demo.clip_training import _soft_patch_loss
+    from pipeline.demo.training.clip import _soft_patch_loss
 
     con = np.full((64, 64), N_CLASSES, np.uint8)  # sky everywhere ...
     con[16:48, 16:48] = 0                          # ... a car in the middle 2x2 patches
@@ -83,14 +84,14 @@ def test_demo_models_regenerates_deterministically_and_loads_like_real_checkpoin
     predictor = build_sam_predictor("demo", sam_file, None)
     state = torch.load(sam_file, map_location="cpu", weights_only=True)
     assert torch.equal(predictor.model.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
-    assert predictor.model.image_encoder.img_size == SPECS["demo"].image_size
+    assert predictor.model.image_encoder.img_size == sam_spec("demo").image_size
     assert sam_provenance("demo", sam_file, None)["untrained"] is False
 
 
 def test_evaluate_sam_counts_an_image_without_any_mask_as_zero():
     """Thresholds nothing passes: every image keeps no quasi-superpixel, and the held-out report
     says so instead of failing on the empty mask stack."""
-    from pipeline.demo.sam_training import build_demo_sam, evaluate_sam
+    from pipeline.demo.training.sam import build_demo_sam, evaluate_sam
     from pipeline.demo.world import render
 
     report = evaluate_sam(build_demo_sam(0), [render(0, 0)], points_per_side=4, crop_n_layers=0,
@@ -101,7 +102,7 @@ def test_evaluate_sam_counts_an_image_without_any_mask_as_zero():
 
 
 def test_committed_demo_clip_loads_through_the_checkpoint_path_with_its_pinned_checksum():
-    from pipeline.demo.clip_training import DEMO_CLIP_FILE, DEMO_CLIP_SHA256
+    from pipeline.demo.training.clip import DEMO_CLIP_FILE, DEMO_CLIP_SHA256
 
     assert DEMO_CLIP_FILE.is_file() and DEMO_CLIP_FILE.stat().st_size <= 15 * 2**20
     assert sha256sum(DEMO_CLIP_FILE) == DEMO_CLIP_SHA256
@@ -137,10 +138,10 @@ def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path,
     """A run killed after 3 of 8 steps (mid-way through the second phase) or after 4 (at the start
     of the third) and restarted with the same config ends with exactly the weights of an
     uninterrupted run; another config's state is refused."""
-    from pipeline.demo.clip_training import STATE_FILE, train_clip, training_images
+    from pipeline.demo.training.clip import STATE_FILE, train_clip, training_images
 
     torch.set_num_threads(1)
-    from pipeline.demo.clip_training import AFFINITY_PHASE, DEFAULT_PHASES
+    from pipeline.demo.training.clip import AFFINITY_PHASE, DEFAULT_PHASES
 
     cfg = ClipTrainingConfig(n_images=6, batch_size=4, crop_sizes=(64,), cam_views=2,
                              phases=DEFAULT_PHASES + (AFFINITY_PHASE,)).with_phase_steps(2)
@@ -168,7 +169,7 @@ def test_clip_training_resumes_from_its_state_file_to_the_same_weights(tmp_path,
 
 
 def test_affinity_term_prefers_attention_within_a_concept():
-    from pipeline.demo.clip_training import _affinity_loss
+    from pipeline.demo.training.clip import _affinity_loss
 
     con = np.full((32, 64), N_CLASSES, np.uint8)  # sky ...
     con[:, 32:] = 0                               # ... beside a car: 2 x 4 patches, 2 of each
@@ -179,3 +180,37 @@ def test_affinity_term_prefers_attention_within_a_concept():
     assert float(_affinity_loss(same / same.sum(2, keepdim=True), hist, 0.5)) < 1e-3
     assert float(_affinity_loss(uniform, hist, 0.5)) > 0.6
     assert float(_affinity_loss((1 - same) / (1 - same).sum(2, keepdim=True), hist, 0.5)) > 5
+
+
+def test_the_demo_trainer_runs_the_pipelines_clip_trunk():
+    """One CLIP vision trunk (``pipeline.clip.model.vision_trunk``): in fp32 the demo trainer's
+    last-block inputs and attention mean are the frozen encoder's, bit for bit. Under bf16
+    autocast the trainer adds the class and positional embeddings uncast (the tokens come out
+    fp32, as its bf16 runs always did) where the frozen encoder casts them (bf16 tokens)."""
+    from pipeline.clip.model import FrozenClip, vision_trunk
+    from pipeline.demo.training.clip import create_demo_clip
+
+    model = create_demo_clip(0).eval()
+    clip = FrozenClip(model, untrained=False)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens, attention = vision_trunk(model.visual, x, 3, cast=False)
+        expected_tokens, expected_attention = clip.encode_with_attention(x, 3)
+        assert torch.equal(tokens, expected_tokens) and torch.equal(attention, expected_attention)
+        assert attention.shape == (2, 24, 24) and vision_trunk(model.visual, x)[1] is None
+        assert torch.equal(vision_trunk(model.visual, x, cast=False)[0], clip.encode_to_last_block(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert vision_trunk(model.visual, x, cast=False)[0].dtype == torch.float32
+            assert clip.encode_to_last_block(x).dtype == torch.bfloat16
+
+
+def test_the_library_embeds_clip_patches_in_one_place():
+    """Patch convolution, class token and positional embedding are read by
+    ``pipeline.clip.model.vision_embed`` only: the frozen encoder, the demo CLIP's trainer and the
+    CLIP-shaped encoder of the demo SAM and segmenter all call it (no second copy of the trunk)."""
+    import re
+
+    readers = sorted(str(p.relative_to(REPO)) for folder in ("pipeline", "stages", "benchmarks")
+                     for p in (REPO / folder).rglob("*.py")
+                     if re.search(r"class_embedding\.|positional_embedding,|\.conv1\(", p.read_text()))
+    assert readers == ["pipeline/clip/model.py"]

@@ -3,15 +3,16 @@ training targets, a resumable deterministic run, and the held-out evaluation's o
 import numpy as np
 import torch
 
-from pipeline.clip.model import to_model_input
-from pipeline.demo.clip_training import _vision_trunk, create_demo_clip, evaluation_images
-from pipeline.demo.sam_training import (
+from pipeline.clip.model import to_model_input, vision_trunk
+from pipeline.demo.training.clip import create_demo_clip, evaluation_images
+from pipeline.demo.training.sam import (
     STATE_FILE, SamTrainingConfig, build_demo_sam, finest_regions, level_maps, lowres_targets, sample_points, train_sam,
     training_items,
 )
 from pipeline.demo.world import point_masks, render
 from pipeline.sam.clip_encoder import load_clip_visual
-from pipeline.sam.models import SPECS, build_sam_predictor
+from pipeline.sam.models import build_sam_predictor
+from pipeline.sam.specs import sam_spec
 
 TINY = SamTrainingConfig(n_images=4, steps=4, batch_size=2, points_per_image=4, warmup_steps=2)
 
@@ -33,14 +34,14 @@ def test_encoder_from_clip_computes_clips_own_tokens():
     torch.testing.assert_close(x, to_model_input(image), rtol=1e-5, atol=1e-5)
     enc = sam.image_encoder
     with torch.no_grad():
-        trunk, _ = _vision_trunk(clip, x)
+        trunk, _ = vision_trunk(clip.visual, x)
         expected = clip.visual.transformer.resblocks[-1](trunk)[:, 1:]
         tokens = {}
         hook = enc.transformer.register_forward_hook(lambda m, i, o: tokens.setdefault("out", o))
         emb = enc(x)
         hook.remove()
     torch.testing.assert_close(tokens["out"][:, 1:], expected, rtol=1e-4, atol=1e-4)
-    assert emb.shape == (1, SPECS["demo"].prompt_embed_dim, 16, 16)
+    assert emb.shape == (1, sam_spec("demo").prompt_embed_dim, 16, 16)
 
 
 def test_lowres_targets_are_the_masks_under_the_point_at_logit_pixel_centres():
@@ -89,10 +90,11 @@ def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
 
 def test_evaluate_reports_sam_point_iou_and_generator_numbers(tmp_path):
     """--evaluate's sam entry, for given weights loaded through the real-checkpoint path."""
-    from stages.demo_models import _save, evaluate_demo_models
+    from pipeline.demo.training.evaluate import evaluate_demo_models
+    from pipeline.demo.training.run import save_weights
 
     sam_file = tmp_path / "sam_demo.pth"
-    sha = _save(build_demo_sam(0).state_dict(), sam_file)
+    sha = save_weights(build_demo_sam(0).state_dict(), sam_file)
     assert build_sam_predictor("demo", sam_file, sha).model.image_encoder.img_size == 256
     settings = {"points_per_side": 4, "crop_n_layers": 0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     out = evaluate_demo_models(0, 1, None, str(sam_file), "sam", settings)

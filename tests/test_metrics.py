@@ -121,3 +121,31 @@ def test_quasi_superpixel_stats_by_hand():
     assert stats == {"n_images": 4, "masks_per_image": 2.75, "masks_per_level": [1.0, 0.75, 1.0],
                      "three_level_fraction": 0.5, "no_mask_fraction": 0.25}
     assert quasi_superpixel_stats([]) == {"n_images": 0}
+
+
+def test_confusion_totals_sum_named_keys_and_match_the_accumulators():
+    """One helper sums per-image matrices under names (the seeds' and the predictions' totals):
+    the same numbers as an accumulator per name, the CAM sweep as CamEvaluator's."""
+    from pipeline.metrics import ConfusionTotals, cam_confusions
+
+    rng = np.random.default_rng(0)
+    totals, acc, cams = ConfusionTotals(), ConfusionAccumulator(4), CamEvaluator(4, (1, 2.5))
+    for _ in range(3):
+        pred, gt = rng.integers(0, 4, (2, 5, 6))
+        conf = confusion_matrix(pred, gt, 4)
+        totals.add("seed", conf)
+        acc.add(pred, gt)
+        score, fg_cls = rng.random((2, 5, 6), np.float32), np.array([0, 2])
+        totals.add(("cam", "cam"), cam_confusions(score, fg_cls, gt, (1, 2.5), 4))
+        cams.add(score, fg_cls, gt)
+        assert conf.sum() == 30  # the caller's matrix is copied, never summed into
+    totals.add(2.5, confusion_matrix(PRED, GT, 4))
+    assert totals.keys() == ["seed", ("cam", "cam"), 2.5] and "seed" in totals and "raw" not in totals
+    assert totals.count("seed") == 3 and totals.count(2.5) == 1 and totals.count("raw") == 0
+    np.testing.assert_array_equal(totals.sums["seed"], acc.matrix)
+    names = ["background", "a", "b", "c"]
+    assert totals.summary("seed", names) == acc.scores().as_dict(names)
+    assert totals.miou("seed") == acc.scores().as_dict()["miou"]
+    assert totals.miou(2.5) == 55.556
+    assert totals.power_sweep(("cam", "cam"), (1, 2.5)) == cams.results()
+    assert list(cams.results()["miou_by_power"]) == ["1", "2.5"] and cams.results()["best_power"] in (1.0, 2.5)

@@ -6,7 +6,8 @@ from segment_anything import SamPredictor
 from segment_anything.utils.amg import build_point_grid
 
 from pipeline.sam import point_decoder
-from pipeline.sam.models import SPECS, build_sam, build_sam_predictor
+from pipeline.sam.models import build_sam, build_sam_predictor
+from pipeline.sam.specs import sam_spec
 from pipeline.sam import quasi_superpixels as qsp
 from pipeline.sam.point_decoder import (
     PointDecoder,
@@ -140,7 +141,7 @@ def test_first_block_projects_the_image_tokens_once_per_image(tiny):
 
 
 def test_prompt_batch_follows_the_memory_budget():
-    sam = build_sam(SPECS["vit_b"])
+    sam = build_sam(sam_spec("vit_b"))
     per_prompt = prompt_bytes(sam, (375, 500))
     # 5 image-token tensors (4096 x 256 float32) in the transformer, or the upscaling and three
     # 1024^2 + 375x500 upsampled slots, whichever is larger.
@@ -177,7 +178,7 @@ def test_auto_prompt_batch_is_sized_from_free_cuda_memory(monkeypatch):
             batch_memory_bytes(bad, "cpu")
     # At VOC's size: 28 prompts under the old fixed 1 GiB, the full 256 with 80 GB free (every
     # SAM has the same prompt encoder and mask decoder, so ViT-B's per-prompt memory is ViT-H's).
-    sam = build_sam(SPECS["vit_b"])
+    sam = build_sam(sam_spec("vit_b"))
     assert prompts_per_batch(batch_memory_bytes(1024, cuda), sam, (375, 500), 256) == 28
     assert prompts_per_batch(batch_memory_bytes("auto", cuda), sam, (375, 500), 256) == 256
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2 ** 30, 141 * 2 ** 30))
@@ -314,7 +315,7 @@ def test_vit_b_random_weights_match_stock_bit_for_bit():
     the generator's final masks equal stock's predict_torch path bit for bit."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        predictor = CachedEncoder(build_sam(SPECS["vit_b"]))
+        predictor = CachedEncoder(build_sam(sam_spec("vit_b")))
     image = random_image(120, 160, seed=3)
     predictor.set_image(image)
     coords = grid_coords(predictor, 8)

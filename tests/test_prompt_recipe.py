@@ -13,6 +13,9 @@ from click.testing import CliRunner
 
 from pipeline.clip.model import create_clip
 from pipeline.data.datasets import load_split
+from pipeline.params import PromptsConfig
+from pipeline.prompts.batches import BatchSource
+from pipeline.prompts.checkpoints import load_learner
 from pipeline.prompts.learner import PromptLearner
 from pipeline.prompts.training import (
     batch_step, present_classes, segmentation_labels, segmentation_loss, segmentation_weight, sub_batches,
@@ -77,7 +80,7 @@ def test_cls_sub_batched_gradient_equals_full_batch(clip, k):
     learner = _learner(clip, shared=True, position="end")
     x, labels, _ = _seg_batch()
     labels[0] = 1  # an image with no negative: not valid, it contributes no term
-    cfg1 = tp.PromptsConfig(batch_size=6, sub_batches=1)
+    cfg1 = PromptsConfig(batch_size=6, sub_batches=1)
     loss1, stepped1, g1 = _grad(clip, learner, cfg1, "cls", x, labels, None)
     lossk, steppedk, gk = _grad(clip, learner, dataclasses.replace(cfg1, sub_batches=k), "cls",
                                 x, labels, None)
@@ -92,7 +95,7 @@ def test_cls_sub_batched_gradient_equals_full_batch(clip, k):
 def test_seg_sub_batched_gradient_equals_full_batch(clip, k, loss_classes):
     learner = _learner(clip)
     x, labels, crops = _seg_batch()
-    cfg1 = tp.PromptsConfig(batch_size=6, sub_batches=1, loss_classes=loss_classes)
+    cfg1 = PromptsConfig(batch_size=6, sub_batches=1, loss_classes=loss_classes)
     loss1, _, g1 = _grad(clip, learner, cfg1, "seg", x, labels, crops)
     lossk, _, gk = _grad(clip, learner, dataclasses.replace(cfg1, sub_batches=k), "seg", x, labels, crops)
     assert float(g1.abs().sum()) > 0
@@ -106,7 +109,7 @@ def test_seg_batch_without_any_class_skips_its_step(clip):
     x, labels, crops = _seg_batch()
     crops[:] = 0
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    cfg = tp.PromptsConfig(batch_size=6, sub_batches=3)
+    cfg = PromptsConfig(batch_size=6, sub_batches=3)
     loss, stepped = batch_step("seg", cfg, clip, learner, x, labels, crops, scaler, precision="fp32")
     assert (loss, stepped) == (0.0, False)
 
@@ -200,7 +203,7 @@ def test_every_iteration_is_one_step_over_the_full_batch(work, tmp_path, monkeyp
     """4 iterations = 4 optimizer steps of 6 samples each, whatever the sub-batch split (the old
     grad_accum drew a batch per iteration and stepped every k iterations); same result."""
     steps, batches = [], []
-    original_step, original_batch = torch.optim.SGD.step, tp.BatchSource.batch
+    original_step, original_batch = torch.optim.SGD.step, BatchSource.batch
 
     def counting_step(self, *a, **k):
         steps.append(1)
@@ -212,7 +215,7 @@ def test_every_iteration_is_one_step_over_the_full_batch(work, tmp_path, monkeyp
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
-    monkeypatch.setattr(tp.BatchSource, "batch", recording_batch)
+    monkeypatch.setattr(BatchSource, "batch", recording_batch)
     results = {}
     for which, k in (("cls", 1), ("cls", 3), ("seg", 3)):
         steps.clear(), batches.clear()
@@ -244,7 +247,7 @@ def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
     torch.testing.assert_close(state["contexts"][2], at_two["ctx"], rtol=0, atol=0)
     assert not torch.equal(state["contexts"][2], state["ctx"])
 
-    from stages.cams import image_cams
+    from pipeline.cams.inference import image_cams
 
     out = tmp_path / "cams.zarr"
     res = _invoke("cams", "--which", "cls", "--params", params, "--index", work / "index",
@@ -258,7 +261,7 @@ def test_cams_use_the_context_of_cam_iteration(work, tmp_path, monkeypatch):
     grid = (attrs["grid_h"], attrs["grid_w"])
     cams = {}
     for name, ctx in (("kept", state["contexts"][2]), ("final", state["ctx"])):
-        learner, _ = tp.load_learner(clip, tmp_path / "cls.pt")
+        learner, _ = load_learner(clip, tmp_path / "cls.pt")
         with torch.no_grad():
             learner.ctx.copy_(ctx)
             text = learner.text_features(clip.model)

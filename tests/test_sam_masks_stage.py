@@ -21,7 +21,9 @@ from stages.cli import main as cli
 from pipeline.provenance import image_inputs
 from pipeline.params import section
 from pipeline.params import SamConfig
-from stages.sam_masks import _build_generator, store_attrs
+from pipeline.sam.generators import sam_generator
+from pipeline.sam.maskers import build_generator
+from stages.sam_masks import store_attrs
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {
@@ -108,7 +110,7 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
     assert attrs["fingerprint"] == store_attrs(cfg, "fp32")["fingerprint"]
 
     settings = cfg.generator_settings()
-    generator = _build_generator("tiny", None, None, cfg.mask_threshold, "cpu", "fp32", **settings)
+    generator = build_generator("tiny", None, None, cfg.mask_threshold, "cpu", "fp32", **settings)
     for r in records:
         arrays = store.read(r.id)
         assert {k: v.dtype.type for k, v in arrays.items()} == DTYPES
@@ -291,7 +293,7 @@ def test_dvc_params_are_the_result_changing_keys():
     assert {p.split(".", 1)[1] for p in listed if p.startswith("sam.")} == \
         fields - set(sam_masks_stage.RESULT_NEUTRAL_KEYS)
     assert "compute.precision" in listed and "sam" not in listed
-    for module in sam_masks_stage.CODE_MODULES + sam_masks_stage.ORACLE_CODE_MODULES:
+    for module in sam_masks_stage.CODE_MODULES + sam_generator("world-oracle").code_modules:
         assert module.replace(".", "/") + ".py" in stage["deps"], module
     # The world sam.model world-oracle re-renders.
     assert "dataset.demo.seed" in listed

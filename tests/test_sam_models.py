@@ -1,13 +1,19 @@
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 
 from pipeline.sam import models as sam_models
-from pipeline.sam.models import SPECS, build_sam_predictor, sam_provenance
+from pipeline.sam import pretrained, specs
+from pipeline.sam.models import build_sam_predictor, sam_provenance
+from pipeline.sam.pretrained import SamWeights, pretrained_weights
 from pipeline.weights import CheckpointError, sha256sum
+
+
+def _checkpointed_tiny(monkeypatch, name: str, file_name: str, sha256: str | None = None) -> None:
+    """The tiny architecture registered as ``name``, a model with a checkpoint ``file_name``."""
+    monkeypatch.setitem(specs.SPECS.entries, name, specs.sam_spec("tiny"))
+    monkeypatch.setitem(pretrained.PRETRAINED.entries, name, SamWeights(file_name, sha256))
 
 
 def _state(predictor):
@@ -62,7 +68,7 @@ def test_missing_checkpoint_names_file_checksum_param_and_source(tmp_path):
     assert str(missing) in msg
     assert "'sam.checkpoint'" in msg
     assert "sam_vit_h_4b8939.pth" in msg
-    assert SPECS["vit_h"].checkpoint_sha256 in msg
+    assert pretrained_weights("vit_h").sha256 in msg
     assert "github.com/facebookresearch/segment-anything" in msg
     with pytest.raises(CheckpointError, match="'sam.checkpoint'"):
         build_sam_predictor("vit_b", None, None)
@@ -74,7 +80,7 @@ def test_wrong_checksum_is_rejected(tmp_path):
     with pytest.raises(CheckpointError) as info:
         build_sam_predictor("vit_b", str(bogus), None)
     msg = str(info.value)
-    assert sha256sum(bogus) in msg and SPECS["vit_b"].checkpoint_sha256 in msg
+    assert sha256sum(bogus) in msg and pretrained_weights("vit_b").sha256 in msg
     with pytest.raises(CheckpointError, match="expected " + "0" * 64):
         build_sam_predictor("vit_b", str(bogus), "0" * 64)
 
@@ -87,9 +93,7 @@ def test_checkpoint_is_loaded_after_verification(tmp_path, monkeypatch):
             p.add_(1.0)
     path = tmp_path / "tiny_trained.pth"
     torch.save(source.model.state_dict(), path)
-    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="tiny_trained.pth",
-                               checkpoint_sha256=sha256sum(path))
-    monkeypatch.setitem(SPECS, "tiny_trained", spec)
+    _checkpointed_tiny(monkeypatch, "tiny_trained", "tiny_trained.pth", sha256sum(path))
     loaded = build_sam_predictor("tiny_trained", str(path), None)
     a, b = _state(source), _state(loaded)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -129,8 +133,7 @@ def test_empty_or_truncated_checkpoint_is_one_clear_error(tmp_path, monkeypatch,
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(content)
-    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="tiny_trained.pth")
-    monkeypatch.setitem(SPECS, "tiny_trained", spec)
+    _checkpointed_tiny(monkeypatch, "tiny_trained", "tiny_trained.pth")
     with pytest.raises(CheckpointError, match=message) as info:
         build_sam_predictor("tiny_trained", str(path), sha256sum(path) if content is None else None)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
@@ -141,8 +144,7 @@ def test_own_checkpoint_checksum_replaces_the_pinned_one(tmp_path, monkeypatch):
     source = build_sam_predictor("tiny", None, None)
     path = tmp_path / "my_finetuned_sam.pth"
     torch.save(source.model.state_dict(), path)
-    spec = dataclasses.replace(SPECS["tiny"], checkpoint_name="official.pth", checkpoint_sha256="ab" * 32)
-    monkeypatch.setitem(SPECS, "tiny_official", spec)
+    _checkpointed_tiny(monkeypatch, "tiny_official", "official.pth", "ab" * 32)
     with pytest.raises(CheckpointError) as info:
         build_sam_predictor("tiny_official", str(path), None)
     assert f"'sam.checkpoint_sha256: {sha256sum(path)}'" in str(info.value)
@@ -152,7 +154,7 @@ def test_own_checkpoint_checksum_replaces_the_pinned_one(tmp_path, monkeypatch):
 def test_checkpoint_of_another_architecture_is_named(tmp_path, monkeypatch):
     path = tmp_path / "other.pth"
     torch.save({"image_encoder.pos_embed": torch.zeros(1)}, path)
-    monkeypatch.setitem(SPECS, "tiny_other", dataclasses.replace(SPECS["tiny"], checkpoint_name="other.pth"))
+    _checkpointed_tiny(monkeypatch, "tiny_other", "other.pth")
     with pytest.raises(CheckpointError, match="does not fit the tiny_other architecture"):
         build_sam_predictor("tiny_other", str(path), sha256sum(path))
 
@@ -172,3 +174,45 @@ def test_positional_encoding_stays_float32_under_bf16_autocast():
     assert stock.dtype == torch.bfloat16  # the autocast does reach this matmul
     assert points.dtype == dense.dtype == torch.float32
     assert torch.equal(points, reference_points) and torch.equal(dense, reference_dense)
+
+
+def test_sam_generators_are_a_registry_with_the_demos_registered():
+    from pipeline.errors import PipelineError
+    from pipeline.registry import resolve
+    from pipeline.sam.generators import SAM_NETWORK, generator_names, sam_generator
+
+    assert generator_names() == ("vit_h", "vit_l", "vit_b", "tiny", "demo", "world-oracle")
+    for name in generator_names():
+        entry = sam_generator(name)
+        for ref in (entry.masker, entry.provenance, entry.verify):
+            assert ref is None or callable(resolve(ref)), (name, ref)
+    assert all(sam_generator(n) == SAM_NETWORK for n in ("vit_h", "vit_l", "vit_b", "tiny"))
+    # The demo SAM is a SAM network whose architecture lives in the demo's registry.
+    assert sam_generator("demo").masker == SAM_NETWORK.masker
+    assert sam_generator("demo").code_modules == ("pipeline.demo.registry",)
+    oracle = sam_generator("world-oracle")
+    assert oracle.oracle and oracle.world_seed and oracle.dataset == "demo" and oracle.verify is None
+    assert not any(sam_generator(n).oracle for n in generator_names() if n != "world-oracle")
+    with pytest.raises(PipelineError, match=r"unknown sam.model 'vit_x' \(known: vit_h, vit_l, "
+                                            r"vit_b, tiny, demo, world-oracle\)"):
+        sam_generator("vit_x")
+
+
+def test_known_weights_are_apart_from_architectures():
+    assert pretrained_weights("tiny") is None  # random init: no checkpoint
+    assert pretrained_weights("vit_b").file_name == "sam_vit_b_01ec64.pth"
+    assert pretrained_weights("demo") == SamWeights("sam_demo.pth", None)  # registered by the demo
+    assert specs.sam_spec("demo").image_encoder == "clip_vit"
+    assert specs.spec_names() == ("vit_h", "vit_l", "vit_b", "tiny", "demo")
+
+
+def test_validating_sam_model_names_imports_no_generator():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.params import SamConfig; SamConfig(model='world-oracle'); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.sam.') "
+            "or m.startswith('pipeline.demo.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(["pipeline.sam.generators", "pipeline.sam.pretrained",
+                                      "pipeline.sam.specs", "pipeline.demo.registry"]))

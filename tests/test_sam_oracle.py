@@ -7,7 +7,7 @@ import pipeline.sam.quasi_superpixels as qsp
 from pipeline.demo.sam_oracle import WorldOracleGenerator
 from pipeline.demo.world import point_masks, render
 from pipeline.sam.quasi_superpixels import remove_small_regions
-from stages.prepare import demo_image_id, demo_index
+from pipeline.demo.dataset import demo_image_id, demo_index
 
 #: The paper's thresholds (algorithms.md §1) on a 16 x 16 grid.
 PAPER = dict(pred_iou_thresh=0.86, stability_score_thresh=0.92, points_per_side=16)

@@ -10,13 +10,12 @@ import yaml
 
 from pipeline.data.datasets import load_split
 from pipeline.data.imageio import read_rgb
-from pipeline.demo.sam_oracle import WorldOracleGenerator
+from pipeline.demo.sam_oracle import WorldOracleGenerator, world_oracle_masks
 from pipeline.demo.world import render
 from pipeline.store import ImageStore
-from stages import sam_masks as sam_masks_stage
 from pipeline.errors import PipelineError
 from pipeline.params import section
-from stages.prepare import demo_index
+from pipeline.demo.dataset import demo_index
 from pipeline.params import SamConfig
 from stages.sam_masks import store_attrs
 from test_sam_masks_stage import REPO, assert_same, make_params, read_all, run
@@ -93,7 +92,7 @@ def test_oracle_on_another_dataset_fails_with_one_line(oracle_run, tmp_path):
 def test_oracle_refuses_foreign_ids_and_images_of_another_world():
     generator = WorldOracleGenerator(points_per_side=4, crop_n_layers=0)
     sample = render(0, 3)
-    masks = sam_masks_stage._world_oracle_masks
+    masks = world_oracle_masks
     with pytest.raises(PipelineError, match=r"image 2007_000032: .*not a demo image id.*world-oracle"):
         masks(generator, 0, "2007_000032", sample.image)
     other = render(0, 4).image

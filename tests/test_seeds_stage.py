@@ -349,8 +349,7 @@ def test_seeds_image_without_present_class_is_background(tmp_path):
 def test_visualize_names_a_missing_seed_instead_of_showing_a_black_seed():
     """Eval-split images have no seed: the panel's title says "none" (a black panel titled
     "fine seed" would read as an all-background seed)."""
-    from pipeline.visualization import TITLE_HEIGHT, titled
-    from stages.visualize import render
+    from pipeline.visualization import TITLE_HEIGHT, render, titled
 
     image = np.full((20, 160, 3), 120, np.uint8)  # wide enough for the whole title
     row = render(image, None, None, None, None, None, ["cat"], "fine")

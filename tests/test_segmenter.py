@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from pipeline.seeds.sams import sams_postprocess
+from pipeline.segmenter.archs import ARCHS, SegmenterArch
+from pipeline.segmenter.inputs import to_input
 from pipeline.segmenter.model import (
-    ARCHS, SegmenterArch, build_segmenter, forward_padded, input_multiple, load_segmenter, predict_probs,
-    save_atomic, save_segmenter, to_input,
+    build_segmenter, forward_padded, input_multiple, load_segmenter, predict_probs, save_atomic,
+    save_segmenter,
 )
 from pipeline.segmenter.training import (
     SegmentationAugment, build_optimizer, collate, poly_lr, train_step,
@@ -404,3 +406,76 @@ def test_saved_checkpoint_bytes_do_not_depend_on_the_temporary_name(tmp_path):
     first = (tmp_path / "a" / "best.pt").read_bytes()
     assert first == (tmp_path / "b" / "best.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "a" / "best.pt")["w"], state["w"])
+
+
+def test_architectures_are_a_registry_the_params_check_without_the_networks(monkeypatch):
+    """segmenter.model names a registered architecture (the demo's registers from
+    pipeline/demo/registry.py); an unknown name lists the known ones; validating params imports
+    no network code."""
+    import subprocess
+    import sys
+
+    from pipeline.config import ConfigError
+    from pipeline.params import SegmenterConfig
+    from pipeline.segmenter.archs import get_arch, register_arch, registered_archs
+
+    assert {"deeplabv3plus_r101", "tiny", "demo_clip_vit"} <= set(registered_archs())
+    assert get_arch("demo_clip_vit").output_strides == (16,)
+    monkeypatch.setitem(ARCHS, "tiny_os16", SegmenterArch("resnet18", 32, False))  # removed after the test
+    register_arch("tiny_os16", SegmenterArch("resnet18", 32, False, family="clip_vit"))
+    assert SegmenterConfig(model="tiny_os16", output_stride=16).model == "tiny_os16"
+    with pytest.raises(ConfigError, match=r"output_stride of tiny_os16 must be 16, got 8"):
+        SegmenterConfig(model="tiny_os16", output_stride=8)
+    with pytest.raises(ConfigError, match=r"unknown segmenter model 'nope' \(known: deeplabv3plus_r101, demo_clip_vit, "):
+        build_segmenter("nope", 3)
+    code = ("import sys; from pipeline.params import SegmenterConfig; "
+            "SegmenterConfig(model='demo_clip_vit', output_stride=16); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.segmenter')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pipeline.segmenter', 'pipeline.segmenter.archs']"
+
+
+def test_no_two_segmenter_modules_import_each_other():
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "pipeline" / "segmenter"
+    imports = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline.segmenter."):
+                names.add(node.module.rsplit(".", 1)[1])
+        imports[path.stem] = names
+    for a, names in imports.items():
+        for b in names:
+            assert a not in imports.get(b, ()), f"pipeline/segmenter/{a}.py and {b}.py import each other"
+
+
+def test_predict_image_of_arrays_post_processes_each_alpha_once():
+    from pipeline.errors import PipelineError
+    from pipeline.sam.quasi_superpixels import QuasiSuperpixels
+    from pipeline.segmenter.predict import predict_image, prediction_confusions
+
+    net = build_segmenter("tiny", 3, seed=0).eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    probs = predict_probs(net, image, (1.0,), False)
+    plain = predict_image(net, image, (1.0,), False)
+    np.testing.assert_array_equal(plain.raw, probs.argmax(0).numpy().astype(np.uint8))
+    assert plain.postprocessed == {} and not plain.no_masks
+    np.testing.assert_array_equal(plain.labels(3.0), plain.raw)
+    n = 4
+    masks = QuasiSuperpixels(
+        masks=rng.random((n, 24, 40)) < 0.4, levels=np.array([0, 1, 2, 2], np.uint8),
+        predicted_iou=np.ones(n, np.float32), stability_score=np.ones(n, np.float32),
+        bbox_xywh=np.zeros((n, 4), np.int64), point_coords=np.zeros((n, 2)), crop_box_xywh=np.zeros((n, 4), np.int64))
+    post = predict_image(net, image, (1.0,), False, masks=masks, alphas=[3.0, 1.0, 3.0])
+    assert list(post.postprocessed) == [3.0, 1.0]
+    for a, labels in post.postprocessed.items():
+        np.testing.assert_array_equal(labels, sams_postprocess(probs, masks.masks, masks.levels, a))
+    gt = rng.integers(0, 3, (24, 40)).astype(np.uint8)
+    conf = prediction_confusions(post, gt)
+    assert conf["raw"].sum() == conf["post"][1.0].sum() == 24 * 40 and conf["no_masks"] is False
+    with pytest.raises(PipelineError, match=r"image x: SAM masks are \(24, 40\), image is \(24, 20\)"):
+        predict_image(net, image[:, :20], masks=masks, image_id="x")

@@ -12,8 +12,9 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.clip.model import create_clip, to_model_input
+from pipeline.segmenter.inputs import to_input
 from pipeline.segmenter.model import (
-    build_segmenter, forward_padded, input_multiple, load_segmenter, predict_probs, save_segmenter, to_input,
+    build_segmenter, forward_padded, input_multiple, load_segmenter, predict_probs, save_segmenter,
 )
 from pipeline.weights import CheckpointError
 from pipeline.data.datasets import load_split

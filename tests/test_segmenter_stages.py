@@ -122,7 +122,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, monkeypat
     loader workers), with 0 or 2 DataLoader workers (batches depend on the iteration only)."""
     tmp, _ = workspace
     params = _params(tmp, **{"segmenter.loader_workers": workers})
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
 
     calls = {"n": 0}
     real_step = ts.train_step
@@ -173,7 +173,7 @@ def test_batched_validation_equals_one_image_at_a_time(workspace):
     another id, so batches hold 2 images) equals predict_probs one image at a time."""
     import dataclasses
 
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
     from pipeline.segmenter.model import build_segmenter
     from pipeline.segmenter.data import size_batches
 
@@ -334,7 +334,8 @@ def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     from pipeline.sam.quasi_superpixels import QuasiSuperpixels
     from pipeline.segmenter.model import build_segmenter
     from pipeline.params import PredictConfig
-    from stages.predict import predict_image, summarise
+    from pipeline.segmenter.predict import summarise
+    from stages.predict import predict_image
 
     image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "im.png")
@@ -382,7 +383,7 @@ def _train(tmp: Path, params: Path, out: Path, plots: Path | None = None, index:
 
 
 def test_best_checkpoint_is_the_best_evaluated_iteration(workspace):
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
 
     tmp, _ = workspace
     rows = list(csv.DictReader((tmp / "plots" / "train.csv").open()))
@@ -404,7 +405,7 @@ def test_best_checkpoint_is_the_best_evaluated_iteration(workspace):
 def scripted(workspace):
     """Runs whose val mIoU is scripted (0.2, 0.5, 0.5, 0.4 at iterations 1-4), so the best is
     iteration 2, before a crash at iteration 3: one uninterrupted run and one killed + resumed."""
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
 
     tmp, _ = workspace
     params = _params(tmp, **{"segmenter.val_every": 1})
@@ -526,7 +527,7 @@ def test_changed_precision_restarts_training_and_is_recorded(workspace, caplog):
 
 
 def test_stage_passes_sub_batches_and_precision_to_each_step(workspace, monkeypatch):
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
 
     tmp, _ = workspace
     seen = []
@@ -566,7 +567,7 @@ def test_dvc_stages_depend_on_compute_precision():
         assert "pipeline/precision.py" in stages[name]["deps"], name
     prompts = stages["train_prompts"]["do"]  # prompt training runs in compute.precision too
     assert "compute.precision" in prompts["params"] and "pipeline/precision.py" in prompts["deps"]
-    import stages.train_segmenter as ts
+    import pipeline.segmenter.fit as ts
 
     code = {f"{m.replace('.', '/')}.py" for m in ts.CODE_MODULES}
     assert code <= set(stages["train_segmenter"]["deps"])

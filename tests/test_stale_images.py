@@ -137,15 +137,15 @@ def _replace_demo(work: Path, monkeypatch) -> str:
     world's code for that one image would; prepare writes the demo again."""
     import dataclasses
 
-    import stages.prepare
+    import pipeline.demo.dataset
 
-    render = stages.prepare.render_demo
+    render = pipeline.demo.dataset.render_demo
 
     def render_one_changed(seed, index):
         sample = render(seed, index)
         return dataclasses.replace(sample, image=255 - sample.image) if index == 1 else sample
 
-    monkeypatch.setattr(stages.prepare, "render_demo", render_one_changed)
+    monkeypatch.setattr(pipeline.demo.dataset, "render_demo", render_one_changed)
     return "demo_0001"
 
 

@@ -78,7 +78,7 @@ def test_writers_refuse_what_readers_would_refuse(tmp_path, bad, where):
 
 
 def test_demo_trainer_resume_state_holding_code_is_refused(tmp_path):
-    from pipeline.demo.clip_training import load_resume_state
+    from pipeline.demo.training.clip import load_resume_state
 
     path, marker = tmp_path / "clip_training_state.pt", tmp_path / "ran"
     write_code_pickle(path, marker, config={})

@@ -42,23 +42,6 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-OPENAI_FILES = {
-    # OpenAI's own download of ViT-B/16 (a TorchScript archive): its URL carries the file's SHA-256
-    # (openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-16.pt), which OpenAI's loader checks.
-    "ViT-B-16": ("ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
-    # The project's own demo CLIP, committed as pipeline/demo/weights/clip_demo.pt.
-    "wsss-demo-ViT-16": ("clip_demo.pt", "063cee41827efb56085681764e3a06f11f78df01f1caffd66899971a9870de49"),
-}
-"""Architecture -> (official file name, its SHA-256) where the checksum can be established."""
-
-
-def known_sha256(model_name: str, checkpoint: str | Path) -> str | None:
-    """The published checksum of ``checkpoint`` if it is a known official file, else None (the
-    Hugging Face conversions' checksums are not published; callers record the file's own)."""
-    name, sha = OPENAI_FILES.get(model_name, (None, None))
-    return sha if Path(checkpoint).name == name else None
-
-
 def create_clip(
     model_name: str,
     checkpoint: str | Path | None = None,
@@ -202,6 +185,59 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(b, l, n, d // n).transpose(1, 2)
 
 
+def vision_embed(visual: torch.nn.Module, images: torch.Tensor, cast: bool = True) -> torch.Tensor:
+    """Patch + class tokens + positional embedding resized to the images' grid, ``ln_pre``:
+    (B, 1 + hw, D) for normalised (B, 3, H, W) images.
+
+    ``visual`` is open_clip's ``VisionTransformer`` or a module with its layout (``conv1``,
+    ``class_embedding``, ``positional_embedding`` of a ``grid_size`` grid, ``ln_pre``): the demo
+    SAM's CLIP-shaped encoder embeds through here too.
+
+    Args:
+        cast: cast the class and positional embeddings to the patch tokens' dtype (the frozen
+            encoder and the demo SAM's: under bf16 autocast the tokens stay bf16). The demo CLIP
+            trainer adds them in their own dtype (autocast's ``cat`` then promotes the tokens to
+            fp32), as its bf16 runs always have; in fp32 both are the same.
+    """
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    h, w = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    # the cast after the expand: a trained embedding's gradient is summed over the batch in fp32
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls.to(x.dtype) if cast else cls, x], dim=1)
+    pos = resize_pos_embed(visual.positional_embedding, visual.grid_size, (h, w))
+    return visual.ln_pre(x + (pos.to(x.dtype) if cast else pos))
+
+
+def vision_trunk(
+    visual: torch.nn.Module, images: torch.Tensor, attention_blocks: int = 0, cast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CLIP vision trunk up to its last block: (the residual-stream input of the last block
+    (B, 1 + hw, D), the attention mean (B, hw, hw) or None) for normalised (B, 3, H, W) images.
+
+    The one implementation of the trunk: the frozen encoder (features, Grad-CAM, CAA) and the
+    demo CLIP's trainer run it. With ``attention_blocks`` > 0 the head-averaged attention is
+    averaged over that many final blocks (the last one included), class-token row and column
+    dropped, rows not renormalised; 0: none computed (every block runs its own forward).
+    ``cast``: see :func:`vision_embed`.
+    """
+    blocks = visual.transformer.resblocks
+    first = len(blocks) - attention_blocks
+    x = vision_embed(visual, images, cast)
+    total = None
+    for i, block in enumerate(blocks[:-1]):
+        if i < first:
+            x = block(x)
+        else:
+            x, att = block_forward(block, x)
+            total = att if total is None else total + att
+    if not attention_blocks:
+        return x, None
+    last_att = attention_probs(blocks[-1], blocks[-1].ln_1(x)).mean(dim=1)
+    total = last_att if total is None else total + last_att
+    return x, (total / attention_blocks)[:, 1:, 1:]
+
+
 class FrozenClip(torch.nn.Module):
     """An open_clip CLIP model, frozen, with the image encoder split at its last block."""
 
@@ -231,21 +267,11 @@ class FrozenClip(torch.nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch + class tokens + resized positional embedding, ``ln_pre``: (B, 1 + hw, D)."""
-        v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))
-        h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + resize_pos_embed(v.positional_embedding, v.grid_size, (h, w)).to(x.dtype)
-        return v.ln_pre(x)
+        return vision_embed(self.visual, images)
 
     def encode_to_last_block(self, images: torch.Tensor) -> torch.Tensor:
         """Residual-stream input of the last block, (B, 1 + hw, D), for normalised (B,3,H,W)."""
-        x = self.embed(images)
-        for block in self.visual.transformer.resblocks[:-1]:
-            x = block(x)
-        return x
+        return vision_trunk(self.visual, images)[0]
 
     def encode_with_attention(
         self, images: torch.Tensor, attention_blocks: int = 8
@@ -260,19 +286,7 @@ class FrozenClip(torch.nn.Module):
         blocks = self.visual.transformer.resblocks
         if not 1 <= attention_blocks <= len(blocks):
             raise ValueError(f"attention_blocks must be in [1, {len(blocks)}], got {attention_blocks}")
-        first = len(blocks) - attention_blocks
-        x = self.embed(images)
-        total = None
-        for i, block in enumerate(blocks[:-1]):
-            if i < first:
-                x = block(x)
-            else:
-                x_next, att = block_forward(block, x)
-                total = att if total is None else total + att
-                x = x_next
-        last_att = attention_probs(blocks[-1], blocks[-1].ln_1(x)).mean(dim=1)
-        total = last_att if total is None else total + last_att
-        return x, (total / attention_blocks)[:, 1:, 1:]
+        return vision_trunk(self.visual, images, attention_blocks)
 
     def last_block_attention_mean(self, images: torch.Tensor, attention_blocks: int = 8) -> torch.Tensor:
         """Mean over the last ``attention_blocks`` blocks of head-averaged attention, (B, hw, hw)."""

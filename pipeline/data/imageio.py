@@ -11,6 +11,10 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""File extensions taken as images (custom datasets, ``predict --images``)."""
+
+
 class ImageReadError(PipelineError, OSError):
     """An image file is missing or cannot be decoded."""
 

@@ -11,19 +11,24 @@ box NMS with level offsets, crop NMS, small-region clean-up, occupation filter, 
 quasi-superpixels are what the method would get from a SAM that knows the world, no better.
 
 It only knows the demo world: it needs the rendered :class:`~pipeline.demo.world.WorldImage` of
-each image. Its results are labelled ``sam_oracle`` wherever they are read.
+each image, which its masker (:func:`world_oracle_masker`, the ``sam_masks`` stage's per-image
+model) re-renders from ``dataset.demo.seed`` and the image's id. Its results are labelled
+``sam_oracle`` wherever they are read (its store and metrics say ``sam_oracle: true``).
 """
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from pipeline.demo.world import WorldImage, point_masks
+from pipeline.demo.dataset import demo_index
+from pipeline.demo.world import WorldImage, point_masks, render
+from pipeline.errors import PipelineError
 from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, QuasiSuperpixels
 
-#: The ``sam.model`` name of the stand-in.
+#: The ``sam.model`` name of the stand-in (registered in ``pipeline/demo/registry.py``).
 WORLD_ORACLE = "world-oracle"
 
 #: Logit magnitude of the oracle's masks: far from the mask threshold (0) on both sides, so the
@@ -104,3 +109,31 @@ class WorldOracleGenerator(QuasiSuperpixelGenerator):
         masks = masks if len(index) == len(masks) else masks[index]
         logits = torch.where(masks, torch.tensor(ORACLE_LOGIT), torch.tensor(-ORACLE_LOGIT))
         return iou_preds, index, logits
+
+
+def world_oracle_masker(model, checkpoint, checkpoint_sha256, mask_threshold, device, precision,
+                        world_seed, **settings):
+    """The oracle's masker (its generator entry; it needs no weights and no device):
+    ``(image_id, image) -> QuasiSuperpixels`` of the world ``world_seed`` (``dataset.demo.seed``)."""
+    generator = WorldOracleGenerator(precision=precision, **settings)
+    return partial(world_oracle_masks, generator, world_seed)
+
+
+def world_oracle_masks(generator, world_seed: int, image_id: str, image):
+    """The oracle needs the image's world: re-rendered from the seed and the id's index."""
+    try:
+        sample = render(world_seed, demo_index(image_id))
+    except ValueError as exc:
+        raise PipelineError(f"image {image_id}: {exc}; sam.model {WORLD_ORACLE} "
+                            "knows only the demo world") from exc
+    if sample.image.shape != image.shape:
+        raise PipelineError(
+            f"image {image_id} is {image.shape[0]}x{image.shape[1]} but demo world "
+            f"{world_seed} renders it {sample.image.shape[0]}x{sample.image.shape[1]}: "
+            "is the index from another dataset.demo.seed? (rerun prepare)")
+    return generator.generate_world(image, sample)
+
+
+def oracle_provenance(model, checkpoint, checkpoint_sha256) -> dict:
+    """No weights: the store records where its masks come from instead of a checksum."""
+    return {"sha256": "none (the demo world's own masks)", "untrained": False}

@@ -26,6 +26,7 @@ class ClipViTEncoder(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid = img_size // patch_size
+        self.grid_size = (self.grid, self.grid)  # open_clip's name: the positional embedding's grid
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -46,16 +47,11 @@ class ClipViTEncoder(nn.Module):
         """The trunk's patch tokens (B, width, h, w) of a normalised input whose sides are
         multiples of the patch size. The positional embedding is resized to the h x w grid as the
         pipeline resizes CLIP's (SAM's square input is always the encoder's own grid)."""
-        from pipeline.clip.model import resize_pos_embed
+        from pipeline.clip.model import vision_embed
 
-        x = self.conv1(x)  # (B, width, h, w)
-        b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        cls = self.class_embedding.view(1, 1, -1).expand(b, 1, -1).to(x.dtype)
-        pos = resize_pos_embed(self.positional_embedding, (self.grid, self.grid), (h, w))
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
-        x = self.transformer(x)[:, 1:]
-        return x.transpose(1, 2).reshape(b, c, h, w)
+        b, h, w = x.shape[0], x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.transformer(vision_embed(self, x))[:, 1:]  # CLIP's patch + class + position, ln_pre
+        return x.transpose(1, 2).reshape(b, -1, h, w)
 
 
 def load_clip_visual(encoder: ClipViTEncoder, clip_state: dict) -> list[str]:

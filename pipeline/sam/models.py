@@ -1,14 +1,14 @@
 """SAM predictors: the official ViT-H/L/B checkpoints, or a tiny random model for offline demos.
 
-Architecture and weights are resolved separately (as open_clip does): every model, tiny included,
-is assembled from segment-anything's own modeling classes exactly as its ``_build_sam`` does, so
-the tiny demo model exercises the same code path as the real one; only the sizes differ. Weights
+Architecture and weights are resolved separately (as open_clip does: :mod:`pipeline.sam.specs`
+and :mod:`pipeline.sam.pretrained`): every model, tiny included, is assembled from
+segment-anything's own modeling classes exactly as its ``_build_sam`` does, so the tiny demo
+model exercises the same code path as the real one; only the sizes differ. Weights
 are never downloaded here: a real model's checkpoint is a path from params, verified by SHA-256.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from segment_anything.modeling import (
 )
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
+from pipeline.sam.pretrained import SamWeights, pretrained_weights
+from pipeline.sam.specs import SamSpec, sam_spec
 from pipeline.weights import (
     CheckpointError, check_file, load_torch_file, mismatch_message, sha256sum,
 )
@@ -37,57 +39,6 @@ CHECKPOINT_PARAM = "sam.checkpoint"
 #: Seed of the tiny model's random initialisation: fixed so every process (dask workers
 #: included) builds the same weights and produces the same masks.
 TINY_SEED = 0
-
-
-@dataclass(frozen=True)
-class SamSpec:
-    """Architecture of one SAM variant (the arguments of segment-anything's ``_build_sam``)."""
-
-    encoder_embed_dim: int
-    encoder_depth: int
-    encoder_num_heads: int
-    encoder_global_attn_indexes: tuple[int, ...]
-    image_size: int = 1024
-    patch_size: int = 16
-    window_size: int = 14
-    prompt_embed_dim: int = 256
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_num_heads: int = 8
-    iou_head_hidden_dim: int = 256
-    image_encoder: str = "sam_vit"
-    """``sam_vit``: segment-anything's ``ImageEncoderViT`` (SAM's pixel normalisation);
-    ``clip_vit``: :class:`pipeline.sam.clip_encoder.ClipViTEncoder`, an open_clip-shaped ViT
-    (CLIP's pixel normalisation) that can start from a trained CLIP's vision tower."""
-    checkpoint_name: str | None = None
-    """File name of the official checkpoint (None: no checkpoint exists, random init)."""
-    checkpoint_sha256: str | None = None
-    """Published SHA-256 of the official checkpoint."""
-
-
-SPECS: dict[str, SamSpec] = {
-    # The three official variants: sizes as in segment_anything/build_sam.py.
-    "vit_h": SamSpec(1280, 32, 16, (7, 15, 23, 31), checkpoint_name="sam_vit_h_4b8939.pth",
-                     checkpoint_sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
-    "vit_l": SamSpec(1024, 24, 16, (5, 11, 17, 23), checkpoint_name="sam_vit_l_0b3195.pth",
-                     checkpoint_sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "vit_b": SamSpec(768, 12, 12, (2, 5, 8, 11), checkpoint_name="sam_vit_b_01ec64.pth",
-                     checkpoint_sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
-    # Embedded default: two CPU cores must run the whole demo DAG in minutes, so the encoder sees
-    # 256 px (SamPredictor resizes the long side to the encoder's img_size) on a 16x16 token grid
-    # with 32-dim features. Random weights: its masks are meaningless but every step runs.
-    "tiny": SamSpec(32, 2, 2, (1,), image_size=256, window_size=4, prompt_embed_dim=32,
-                    decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
-    # Trained on the demo world by `wsss demo-models` (no weights committed yet, so no checksum
-    # is pinned here; sam.checkpoint_sha256 can pin one): 256 px input on a 16x16 token grid,
-    # 64x64 low-res masks (SAM's own 4 input px per low-res px). The image encoder has the demo
-    # CLIP's vision tower's shape (6 blocks of width 128, 2 heads, patch 16) so that training
-    # starts from it; the decoder runs once per prompt point, so its width (64, the masks read 8
-    # channels) is what two CPU cores can afford for hundreds of points per image.
-    "demo": SamSpec(128, 6, 2, (), image_size=256, prompt_embed_dim=64,
-                    decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64,
-                    image_encoder="clip_vit", checkpoint_name="sam_demo.pth", checkpoint_sha256=None),
-}
 
 
 SAM_PIXEL_MEAN, SAM_PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -170,15 +121,16 @@ def build_sam(spec: SamSpec) -> Sam:
     return sam.eval()
 
 
-def _spec(model: str) -> SamSpec:
-    if model not in SPECS:
-        raise ValueError(f"unknown SAM model {model!r} (known: {', '.join(SPECS)})")
-    return SPECS[model]
+def _weights(model: str) -> SamWeights | None:
+    """The known checkpoint of ``model`` (None: random init); ValueError for an unknown model."""
+    sam_spec(model)
+    return pretrained_weights(model)
 
 
 def expected_sha256(model: str, checkpoint_sha256: str | None) -> str | None:
     """The checksum a checkpoint must have: the one given in params, else the published one."""
-    return checkpoint_sha256 or _spec(model).checkpoint_sha256
+    weights = _weights(model)
+    return checkpoint_sha256 or (weights.sha256 if weights is not None else None)
 
 
 def verify_checkpoint(
@@ -188,11 +140,11 @@ def verify_checkpoint(
 
     Stages call this up front so a missing file fails before any work starts.
     """
-    spec = _spec(model)
-    if spec.checkpoint_name is None:
+    weights = _weights(model)
+    if weights is None:
         return None
     expected = expected_sha256(model, checkpoint_sha256)
-    what = f"SAM {model} ({spec.checkpoint_name})"
+    what = f"SAM {model} ({weights.file_name})"
     check_file(checkpoint, expected, what, CHECKPOINT_SOURCE, CHECKPOINT_PARAM)
     # Hash once per process and file version: a ViT-H file is 2.5 GB and each worker verifies it.
     stat = os.stat(checkpoint)
@@ -224,8 +176,8 @@ def build_sam_predictor(
 
     ``mask_threshold`` is the logit threshold that binarises SAM's masks (SAM's own is 0.0).
     """
-    spec = _spec(model)
-    if spec.checkpoint_name is None:
+    spec = sam_spec(model)
+    if pretrained_weights(model) is None:
         # fork_rng: seed the init without disturbing the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -249,8 +201,7 @@ def build_sam_predictor(
 
 def sam_provenance(model: str, checkpoint: str | Path | None, checkpoint_sha256: str | None) -> dict:
     """What produced the masks: model name, checkpoint path and SHA-256, whether it is trained."""
-    spec = _spec(model)
-    untrained = spec.checkpoint_name is None
+    untrained = _weights(model) is None
     return {
         "model": model,
         "checkpoint": None if untrained or checkpoint is None else str(checkpoint),

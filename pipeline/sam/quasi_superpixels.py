@@ -82,13 +82,6 @@ class QuasiSuperpixels:
         "crop_box_xywh": np.int64,
     }
 
-    STORE_ARRAYS = {
-        "masks": ("bool", 3), "levels": ("uint8", 1), "predicted_iou": ("float32", 1),
-        "stability_score": ("float32", 1), "bbox_xywh": ("int64", 2), "point_coords": ("float64", 2),
-        "crop_box_xywh": ("int64", 2),
-    }
-    """(dtype, ndim) of each array of a ``sam_masks.zarr`` group (``ImageStore(path, arrays=...)``)."""
-
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 

@@ -6,7 +6,7 @@ trained on the world's own images (``wsss demo-models``). This network is that t
 (:class:`pipeline.sam.clip_encoder.ClipViTEncoder`, CLIP's parameter layout, the positional
 embedding resized to each input's grid), SAM's neck as the head's convolutions, and a 1x1
 classifier; the stride-16 logits are upsampled bilinearly to the input size. Inputs arrive
-ImageNet-normalised (:func:`pipeline.segmenter.model.to_input`, shared with DeepLabV3+) and are
+ImageNet-normalised (:func:`pipeline.segmenter.inputs.to_input`, shared with DeepLabV3+) and are
 re-normalised to CLIP's statistics inside :meth:`ClipViTSegmenter.forward`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.clip.model import CLIP_MEAN, CLIP_STD
 from pipeline.sam.clip_encoder import ClipViTEncoder
-from pipeline.segmenter.model import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.segmenter.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ClipViTSegmenter(nn.Module):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.segmenter.model import to_input
+from pipeline.segmenter.inputs import to_input
 from pipeline.segmenter.training import SegmentationAugment, collate
 
 #: First entropy words of the two random streams (see the module docstring).

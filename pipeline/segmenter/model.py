@@ -1,10 +1,11 @@
 """The final segmenter (algorithms.md §9): DeepLabV3+ built by name, saved, loaded, and run.
 
-Like open_clip's factory, architectures are named configs and weights are resolved separately:
-``deeplabv3plus_r101`` is the paper's model (ResNet-101 encoder, ImageNet-1k weights read from a
-local file), ``tiny`` is the embedded default (ResNet-18 encoder, narrow decoder, random weights).
-Both go through :func:`build_segmenter`; nothing here downloads. The encoder's output stride is an
-argument: §9's ``d3p-r1d8`` runs used 8 (the last two ResNet stages dilated instead of strided).
+Like open_clip's factory, architectures are named configs (:mod:`pipeline.segmenter.archs`) and
+weights are resolved separately: ``deeplabv3plus_r101`` is the paper's model (ResNet-101 encoder,
+ImageNet-1k weights read from a local file), ``tiny`` is the embedded default (ResNet-18 encoder,
+narrow decoder, random weights). Both go through :func:`build_segmenter`; nothing here downloads.
+The encoder's output stride is an argument: §9's ``d3p-r1d8`` runs used 8 (the last two ResNet
+stages dilated instead of strided).
 
 Inference (:func:`predict_probs`) is multi-scale + flip: softmax probabilities of every scale and
 flip, resized back to the original size and averaged. SAMS post-processing of those probabilities
@@ -14,7 +15,6 @@ is :func:`pipeline.seeds.sams.sams_postprocess`. Forward passes run under
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,11 +24,14 @@ import torch.nn.functional as F
 
 from pipeline import tensorfile
 from pipeline.precision import autocast
+from pipeline.segmenter.archs import (
+    ENCODER_WEIGHTS_SOURCE,
+    REFERENCE_OUTPUT_STRIDE,
+    SegmenterArch,
+    get_arch,
+)
+from pipeline.segmenter.inputs import to_input
 from pipeline.weights import CheckpointError, load_torch_file, resolve_checkpoint
-
-#: Normalisation of the ImageNet-pretrained encoders (torchvision's statistics, RGB 0-1 scale).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Label of pixels the loss ignores (VOC boundary band, and the padding of augmented crops).
 IGNORE_INDEX = 255
@@ -36,52 +39,6 @@ IGNORE_INDEX = 255
 #: Version of the segmenter file layout written by :func:`save_segmenter`. Format 2 added the
 #: output stride (format 1 files were all built at 16) and the training ``info``.
 CHECKPOINT_FORMAT = 2
-
-#: Output strides DeepLabV3+ supports; §9 (``d3p-r1d8``): 8. At 8, smp's default ASPP rates
-#: (12, 24, 36) are the DeepLabV3+ paper's rates for that stride.
-OUTPUT_STRIDES = (8, 16)
-REFERENCE_OUTPUT_STRIDE = 8
-
-
-@dataclass(frozen=True)
-class SegmenterArch:
-    """A named segmenter configuration: DeepLabV3+ (segmentation_models_pytorch) or the demo's
-    CLIP-ViT network (:mod:`pipeline.segmenter.clip_vit`)."""
-
-    encoder_name: str
-    """smp encoder name (torchvision ResNet layout, so ImageNet state dicts load directly), or
-    the open_clip model whose vision tower is the encoder (``family`` clip_vit)."""
-    decoder_channels: int
-    """Channels of the ASPP/decoder convolutions (DeepLabV3+: 256; clip_vit: its head's)."""
-    needs_encoder_weights: bool
-    """True when the model is meaningless without its pretrained encoder weights."""
-    family: str = "deeplabv3plus"
-    """deeplabv3plus (output stride 8 or 16) or clip_vit (a ViT: output stride 16 only)."""
-    weights_source: str = (
-        "torchvision's ImageNet-1k ResNet-101 weights (https://download.pytorch.org/models/"
-        "resnet101-63fe2227.pth) or any torchvision-layout ResNet-101 state dict"
-    )
-    """What ``segmenter.encoder_weights`` should be, for error messages."""
-
-    @property
-    def output_strides(self) -> tuple[int, ...]:
-        return OUTPUT_STRIDES if self.family == "deeplabv3plus" else (16,)
-
-
-ARCHS: dict[str, SegmenterArch] = {
-    # Paper: DeepLabV3+ ResNet-101 (ImageNet-1k).
-    "deeplabv3plus_r101": SegmenterArch("resnet101", 256, True),
-    # The same network family, small enough to train on two CPU cores (random init).
-    "tiny": SegmenterArch("resnet18", 32, False),
-    # Embedded default: the demo CLIP's vision tower (the demo world's "pretrained encoder",
-    # as ImageNet is the paper's) with a small head; see pipeline/segmenter/clip_vit.py.
-    "demo_clip_vit": SegmenterArch(
-        "wsss-demo-ViT-16", 64, True, family="clip_vit",
-        weights_source="the demo CLIP (pipeline/demo/weights/clip_demo.pt, or any open_clip state "
-                       "dict of wsss-demo-ViT-16)"),
-}
-
-ENCODER_WEIGHTS_SOURCE = ARCHS["deeplabv3plus_r101"].weights_source
 
 
 def build_segmenter(
@@ -95,7 +52,7 @@ def build_segmenter(
     """A DeepLabV3+ network with ``num_classes`` outputs (background + foreground classes).
 
     Args:
-        model: a key of :data:`ARCHS`.
+        model: a registered architecture (:func:`pipeline.segmenter.archs.get_arch`).
         num_classes: output channels, K + 1.
         encoder_weights: path of a torchvision-layout ImageNet state dict for the encoder
             (``fc.*`` entries are ignored). Required for models that need it; optional otherwise.
@@ -105,15 +62,16 @@ def build_segmenter(
             multiple of it (:func:`input_multiple`). Weights do not depend on it (dilation only).
 
     Raises:
-        ValueError: unknown model name or output stride.
+        pipeline.config.ConfigError: unknown model name (a ValueError).
+        ValueError: output stride not supported by the architecture.
         pipeline.weights.CheckpointError: required encoder weights missing, wrong checksum, or a
             state dict that does not fit the encoder.
     """
-    arch = _arch(model)
+    arch = get_arch(model)
     _check_output_stride(output_stride, arch)
     weights_path = None
     if arch.family == "clip_vit" and not encoder_weights_sha256 and encoder_weights is not None:
-        from pipeline.clip.model import known_sha256
+        from pipeline.clip.pretrained import known_sha256
 
         # a CLIP file whose checksum is known (the committed demo CLIP) is verified like in clip.*
         encoder_weights_sha256 = known_sha256(arch.encoder_name, encoder_weights)
@@ -130,12 +88,6 @@ def build_segmenter(
         else:
             _load_encoder_weights(net.encoder, weights_path)
     return net
-
-
-def _arch(model: str) -> SegmenterArch:
-    if model not in ARCHS:
-        raise ValueError(f"unknown segmenter model {model!r} (known: {', '.join(sorted(ARCHS))})")
-    return ARCHS[model]
 
 
 def _check_output_stride(output_stride: int, arch: SegmenterArch) -> None:
@@ -249,16 +201,14 @@ def load_segmenter(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no trained segmenter at {path} (run `wsss train-segmenter`)")
-    try:
-        ckpt = tensorfile.load(path, "segmenter checkpoint", "rerun `wsss train-segmenter`")
-    except tensorfile.TensorFileError as exc:
-        raise CheckpointError(str(exc)) from exc
+    # a file holding anything but tensors and plain data: TensorFileError, one line naming it
+    ckpt = tensorfile.load(path, "segmenter checkpoint", "rerun `wsss train-segmenter`")
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not a segmenter checkpoint (format 1 to {CHECKPOINT_FORMAT})")
     # Format 1 did not record the stride; every format-1 file was trained at 16. The weights
     # would load at either stride, so guessing would silently change the predictions.
     output_stride = int(ckpt.get("output_stride", 16))
-    net = _network(_arch(ckpt["model"]), len(ckpt["class_names"]) + 1, 0, output_stride)
+    net = _network(get_arch(ckpt["model"]), len(ckpt["class_names"]) + 1, 0, output_stride)
     net.load_state_dict(ckpt["state_dict"])
     net.to(device).eval()
     meta = {"model": ckpt["model"], "output_stride": output_stride,
@@ -267,17 +217,6 @@ def load_segmenter(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.
 
 
 # -- tensors ------------------------------------------------------------------------------------
-
-
-def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) or (H, W, 3) uint8 RGB -> (B, 3, H, W) float32, ImageNet-normalised."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.ndim == 3:
-        x = x[None]
-    x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def input_multiple(net: torch.nn.Module) -> int:

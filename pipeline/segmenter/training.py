@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.precision import autocast
-from pipeline.segmenter.model import IGNORE_INDEX, IMAGENET_MEAN, forward_padded, to_input
+from pipeline.segmenter.inputs import IMAGENET_MEAN, to_input
+from pipeline.segmenter.model import IGNORE_INDEX, forward_padded
 
 #: Image padding colour: the normalisation mean, so padded pixels are 0 after :func:`to_input`.
 PAD_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)

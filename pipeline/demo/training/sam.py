@@ -1,7 +1,7 @@
 """Training the demo's tiny SAM on the procedural world's sub-part / part / whole masks.
 
 The model is segment-anything's own :class:`Sam` (its ``PromptEncoder`` and ``MaskDecoder``) built
-from the ``demo`` spec of ``pipeline.sam.models``; its image encoder is a CLIP-shaped ViT
+from the ``demo`` spec (registered by ``pipeline.demo.registry``); its image encoder is a CLIP-shaped ViT
 (``pipeline.sam.clip_encoder``) that starts from the trained demo CLIP's vision tower
 (``init="clip"``), as real SAM starts from a pretrained encoder. It is trained as SAM's automatic
 mask generator uses it: one positive point prompt, ``multimask_output=True``, and multimask slot
@@ -39,14 +39,15 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.demo.clip_training import jpeg_roundtrip, load_resume_state, save_atomic
+from pipeline.demo.training.clip import jpeg_roundtrip, load_resume_state, save_atomic
 from pipeline.demo.world import TRAINING_STREAM, WorldImage, point_masks, render
-from pipeline.sam.models import SPECS, SamSpec, build_sam
+from pipeline.sam.models import build_sam
+from pipeline.sam.specs import SamSpec, sam_spec
 
 LEVELS = ("subpart", "part", "whole")
-DEMO_SAM_FILE = Path(__file__).resolve().parent / "weights" / "sam_demo.pth"
+DEMO_SAM_FILE = Path(__file__).resolve().parents[1] / "weights" / "sam_demo.pth"
 """The committed demo SAM (segment-anything state dict), made by ``wsss demo-models --only sam``;
-its SHA-256 is pinned in ``SPECS["demo"].checkpoint_sha256``."""
+its SHA-256 is pinned where ``pipeline.demo.registry`` registers its weights (none yet)."""
 STATE_FILE = "sam_training_state.pt"
 """Resume state of a demo SAM run, in its output folder."""
 
@@ -199,7 +200,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
 def build_demo_sam(seed: int, spec: SamSpec | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_sam(spec or SPECS["demo"])
+        return build_sam(spec or sam_spec("demo"))
 
 
 def _lr_factor(step: int, cfg: SamTrainingConfig) -> float:

@@ -44,15 +44,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import tensorfile
-from pipeline.clip.model import OPENAI_FILES, PATCH, resize_pos_embed, to_model_input
+from pipeline.clip.model import PATCH, to_model_input, vision_trunk
+from pipeline.clip.pretrained import known_sha256
 from pipeline.demo.world import BACKGROUND_KINDS, DEMO_CLASSES, TRAINING_STREAM, WorldImage, render
 from pipeline.prompts.learner import encode_prompt_embeddings
 
 DEMO_CLIP_MODEL = "wsss-demo-ViT-16"
 """open_clip config of the demo CLIP (pipeline/clip/model_configs)."""
-DEMO_CLIP_FILE = Path(__file__).resolve().parent / "weights" / "clip_demo.pt"
+DEMO_CLIP_FILE = Path(__file__).resolve().parents[1] / "weights" / "clip_demo.pt"
 """The committed demo CLIP (open_clip state dict, fp16), made by ``wsss demo-models --only clip``."""
-DEMO_CLIP_SHA256 = OPENAI_FILES[DEMO_CLIP_MODEL][1]
+DEMO_CLIP_SHA256 = known_sha256(DEMO_CLIP_MODEL, DEMO_CLIP_FILE)
 """SHA-256 of ``DEMO_CLIP_FILE`` (verified like OpenAI's published file: ``clip.checkpoint_sha256``
 may stay empty)."""
 
@@ -242,7 +243,7 @@ def patch_features(model, images: torch.Tensor) -> torch.Tensor:
 
     The positional embedding is resized to the view's grid as the pipeline does at inference.
     """
-    return _last_block_features(model, _vision_trunk(model, images)[0])
+    return _last_block_features(model, vision_trunk(model.visual, images, cast=False)[0])
 
 
 def _last_block_features(model, x: torch.Tensor) -> torch.Tensor:
@@ -279,35 +280,6 @@ def training_images(cfg: ClipTrainingConfig) -> tuple[list[np.ndarray], list[np.
         images.append(jpeg_roundtrip(s.image))
         concepts.append(concept_map(s))
     return images, concepts
-
-
-def _vision_trunk(model, images: torch.Tensor, attention_blocks: int = 0):
-    """(B, 1 + hw, D) inputs of the last vision block and the view's grid (pipeline geometry);
-    with ``attention_blocks`` also the mean head-averaged attention (B, hw, hw) of that many final
-    blocks, class token dropped, as ``FrozenClip.encode_with_attention`` computes it."""
-    from pipeline.clip.model import attention_probs, block_forward
-
-    v = model.visual
-    x = v.conv1(images)
-    h, w = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)
-    cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + resize_pos_embed(v.positional_embedding, v.grid_size, (h, w))
-    x = v.ln_pre(x)
-    blocks = v.transformer.resblocks
-    first = len(blocks) - attention_blocks
-    total = None
-    for i, block in enumerate(blocks[:-1]):
-        if i < first:
-            x = block(x)
-        else:
-            x, att = block_forward(block, x)
-            total = att if total is None else total + att
-    if not attention_blocks:
-        return x, (h, w)
-    last = attention_probs(blocks[-1], blocks[-1].ln_1(x)).mean(dim=1)
-    total = last if total is None else total + last
-    return x, (h, w), (total / attention_blocks)[:, 1:, 1:]
 
 
 def _affinity_loss(att: torch.Tensor, hist: np.ndarray, object_share: float) -> torch.Tensor:
@@ -492,9 +464,11 @@ class _Trainer:
         """The step's total loss and its weighted terms (the views are sampled on the CPU, then
         moved: the same batches on every device)."""
         cfg, model = self.cfg, self.model
-        trunk = _vision_trunk(model, to_model_input(np.stack(views)).to(self.device),
-                              cfg.attention_blocks if phase.affinity_weight > 0 else 0)
-        x, grid = trunk[:2]
+        images = to_model_input(np.stack(views)).to(self.device)
+        # the trunk of the pipeline's frozen encoder (pipeline.clip.model), embeddings uncast
+        x, attention = vision_trunk(model.visual, images, cfg.attention_blocks if phase.affinity_weight > 0 else 0,
+                                    cast=False)
+        grid = (images.shape[-2] // PATCH, images.shape[-1] // PATCH)
         feats = _last_block_features(model, x)
         B, L, E = feats.shape
         hist = np.stack([patch_histograms(c) for c in cons]).reshape(B, L, N_CONCEPTS)
@@ -528,7 +502,7 @@ class _Trainer:
             losses["cam"] = (phase.cam_weight, _cam_loss(model, x[:k], grid, hist[:k],
                                                          self.encoder(model, self.cam_texts)))
         if phase.affinity_weight > 0:
-            losses["affinity"] = (phase.affinity_weight, _affinity_loss(trunk[2], hist, cfg.object_share))
+            losses["affinity"] = (phase.affinity_weight, _affinity_loss(attention, hist, cfg.object_share))
         return sum(w * v for w, v in losses.values()), losses
 
 
