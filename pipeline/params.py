@@ -9,6 +9,7 @@ here reads a file.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, TypeVar
 
@@ -18,6 +19,24 @@ from pipeline.precision import PRECISIONS
 from pipeline.provenance import fingerprint
 
 T = TypeVar("T")
+
+#: The committed placeholder a checkpoint param holds for a model without weights (sam.model
+#: tiny or world-oracle, clip.model tiny, segmenter.model tiny). dvc.yaml lists each checkpoint a
+#: stage loads as a dep (``${clip.checkpoint}``), and DVC cannot list null; the configs read
+#: the placeholder as None (:func:`no_checkpoint`), so it enters no fingerprint or provenance.
+NO_CHECKPOINT = "pipeline/no_checkpoint.txt"
+
+
+def no_checkpoint(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """``path``, or None when it is null or :data:`NO_CHECKPOINT` (relative, as params.yaml holds
+    it, or any absolute path ending in it: no file is read)."""
+    if path is None:
+        return None
+    norm = os.path.normpath(os.fspath(path))
+    if norm == NO_CHECKPOINT or (os.path.isabs(norm) and norm.endswith(os.sep + NO_CHECKPOINT)):
+        return None
+    return path
+
 
 # sam: params that choose the model rather than configure the generator.
 _SAM_MODEL_KEYS = ("model", "checkpoint", "checkpoint_sha256", "mask_threshold")
@@ -109,7 +128,8 @@ class SamConfig:
     """vit_h | vit_l | vit_b | demo (trained on the demo world) | tiny (random weights, offline
     demo) | world-oracle (the demo world's own masks, a stand-in for a trained demo SAM)."""
     checkpoint: str | None = None
-    """Path of the official checkpoint (ignored by tiny and world-oracle)."""
+    """Path of the official checkpoint (ignored by tiny and world-oracle); null or
+    :data:`NO_CHECKPOINT`: none (read as None)."""
     checkpoint_sha256: str | None = None
     """Expected SHA-256; None: the published checksum of the official file."""
     points_per_side: int = param(32, ge=1)
@@ -137,6 +157,7 @@ class SamConfig:
     speed do."""
 
     def __post_init__(self):
+        object.__setattr__(self, "checkpoint", no_checkpoint(self.checkpoint))
         names = sam_generator_names()
         if self.model not in names:
             raise ConfigError(f"sam.model must be one of {', '.join(names)}, got {self.model!r}")
@@ -152,7 +173,8 @@ class ClipConfig:
     model: str = "ViT-B-16"
     """open_clip architecture (``ViT-B-16`` in the paper) or ``tiny`` (random, embedded default)."""
     checkpoint: str | None = None
-    """Local file with the OpenAI weights for ``model`` (verified by SHA-256 when pinned)."""
+    """Local file with the OpenAI weights for ``model`` (verified by SHA-256 when pinned); null or
+    :data:`NO_CHECKPOINT`: none (read as None)."""
     checkpoint_sha256: str | None = None
     """Expected SHA-256 of ``checkpoint``; null: not pinned."""
     pretrained_tag: str | None = None
@@ -169,9 +191,11 @@ class ClipConfig:
     memory and the cache grow with the square of the pixel count without it. null: native."""
 
     def __post_init__(self):
+        object.__setattr__(self, "checkpoint", no_checkpoint(self.checkpoint))
         if self.model != "tiny" and self.checkpoint is None and self.pretrained_tag is None:
             raise ConfigError(
-                f"clip.checkpoint is null for clip.model {self.model!r}; set it to the "
+                f"clip.checkpoint is null (or {NO_CHECKPOINT}: no weights) for clip.model "
+                f"{self.model!r}; set it to the "
                 f"OpenAI weights file (get it from {CLIP_SOURCE}) or use clip.model: tiny"
             )
 
@@ -336,7 +360,8 @@ class SegmenterConfig:
     ``demo_clip_vit`` (embedded default: the demo CLIP's vision tower and a small head)."""
     encoder_weights: str | None = None
     """Path of the pretrained encoder: the ImageNet ResNet-101 state dict (required for
-    deeplabv3plus_r101) or the demo CLIP file (required for demo_clip_vit)."""
+    deeplabv3plus_r101) or the demo CLIP file (required for demo_clip_vit); null or
+    :data:`NO_CHECKPOINT`: none (read as None)."""
     encoder_weights_sha256: str | None = None
     """Expected SHA-256 of ``encoder_weights`` (null: not checked)."""
     output_stride: Literal[8, 16] = 8
@@ -368,6 +393,7 @@ class SegmenterConfig:
     thread). Results do not depend on it, so it is not part of the training fingerprint."""
 
     def __post_init__(self):
+        object.__setattr__(self, "encoder_weights", no_checkpoint(self.encoder_weights))
         ARCHS = segmenter_archs()
         if self.model not in ARCHS:
             raise ConfigError(f"segmenter.model must be one of {sorted(ARCHS)}, got {self.model!r}")

@@ -71,6 +71,9 @@ def test_linked_outputs_survive_resume_rerun_reset_and_checkout(tmp_path):
 
     # a rerun that keeps the fingerprint but changes the store attrs (the checkpoint's location
     # is provenance only) rewrites zarr.json: by replacing it, so its cache object stays as it was
+    # (the file must exist: it is a dep of the stage; the tiny SAM loads no weights from it)
+    (repo / "elsewhere").mkdir()
+    (repo / "elsewhere" / "sam.pth").write_bytes(b"the tiny SAM ignores its checkpoint")
     _set(repo, "sam", "checkpoint", "elsewhere/sam.pth")
     out = sh("dvc", "repro", "sam_masks", cwd=repo, env=env)
     assert "0 images computed, 5 already" in out, out

@@ -105,7 +105,8 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
     assert attrs["checkpoint_sha256"] == "random-init"
     assert attrs["untrained"] is True and attrs["sam_oracle"] is False
     assert attrs["package_version"]
-    assert attrs["sam"] == {**params["sam"], "crop_overlap_ratio": cfg.crop_overlap_ratio}
+    # params.yaml's placeholder pipeline/no_checkpoint.txt is no checkpoint: None in provenance
+    assert attrs["sam"] == {**params["sam"], "crop_overlap_ratio": cfg.crop_overlap_ratio, "checkpoint": None}
     assert attrs["precision"] == "fp32"
     assert attrs["fingerprint"] == store_attrs(cfg, "fp32")["fingerprint"]
 
