@@ -66,22 +66,41 @@ class WorkerResource:
 
     def acquire(self) -> tuple[Any, threading.Lock]:
         """The process's object (built on first use) and the lock its tasks hold when not
-        ``thread_safe``."""
+        ``thread_safe``.
+
+        A file the factory loads through :func:`pipeline.weights.read_checkpoint` is checked on the
+        bytes it loads (read and hashed once here, none loaded unverified); any other file of
+        ``files`` is hashed (once per process and file version) after the build, and before the
+        factory's own error when it fails."""
         key = self.key()
         with _RESOURCE_LOCK:
             if key not in _RESOURCES:
                 kwargs = dict(self.kwargs)
                 if "device" in kwargs:
                     check_device(kwargs["device"])
-                for name, expected in self.digests:
-                    actual = _file_digest(_lookup(kwargs, name))
-                    if actual != expected:
-                        raise ResourceError(
-                            f"{_lookup(kwargs, name)}{_where()} is not the file the stage started with "
-                            f"(SHA-256 {_short(actual)}, expected {_short(expected)}): replaced while "
-                            "the stage ran, or another file at that path where this process runs")
-                _RESOURCES[key] = (self.factory(**kwargs), threading.Lock())
+                from pipeline.weights import expected_files
+
+                paths = {name: _lookup(kwargs, name) for name, _ in self.digests}
+                expected = {str(paths[name]): digest for name, digest in self.digests if paths[name] is not None}
+                with expected_files(expected, _changed) as checked:
+                    try:
+                        built = self.factory(**kwargs)
+                    except ResourceError:
+                        raise
+                    except PipelineError:
+                        self._check_files(paths, checked)  # a replaced file explains the failure
+                        raise
+                self._check_files(paths, checked)
+                _RESOURCES[key] = (built, threading.Lock())
             return _RESOURCES[key]
+
+    def _check_files(self, paths: Mapping[str, Any], checked: set[str]) -> None:
+        for name, expected in self.digests:
+            path = paths[name]
+            if path is None or str(path) not in checked:
+                actual = _file_digest(path)
+                if actual != expected:
+                    raise _changed(path, actual, expected)
 
     def get(self) -> Any:
         return self.acquire()[0]
@@ -100,6 +119,13 @@ def _file_digest(path: Any) -> str | None:
     from pipeline.weights import sha256sum
 
     return sha256sum(path)
+
+
+def _changed(path: Any, actual: str | None, expected: str | None) -> ResourceError:
+    return ResourceError(
+        f"{path}{_where()} is not the file the stage started with (SHA-256 {_short(actual)}, "
+        f"expected {_short(expected)}): replaced while the stage ran, or another file at that path "
+        "where this process runs")
 
 
 def _short(digest: str | None) -> str:

@@ -47,16 +47,20 @@ def create_clip(
     checkpoint: str | Path | None = None,
     pretrained_tag: str | None = None,
     seed: int = 0,
+    checkpoint_sha256: str | None = None,
 ) -> "FrozenClip":
     """Build the frozen CLIP through ``open_clip.create_model``.
 
     Args:
         model_name: ``"ViT-B-16"`` (the paper's) or ``"tiny"`` (random, for the embedded default).
-        checkpoint: local OpenAI-weights file for real models (already verified by the caller).
+        checkpoint: local OpenAI-weights file for real models, read once and checked on the bytes
+            loaded (:func:`load_weights`).
         pretrained_tag: open_clip tag (e.g. ``"openai"``); open_clip may download it, so only
             when the user allows it.
         seed: torch seed of the random initialisation (tiny / unweighted models are then
             identical in every process, which the per-image workers rely on).
+        checkpoint_sha256: ``clip.checkpoint_sha256``, the checksum the file must have (None:
+            not pinned; a TorchScript archive then loads only if it is a known official file).
     """
     name = MODEL_ALIASES.get(model_name, model_name)
     register_model_configs()
@@ -69,28 +73,36 @@ def create_clip(
             name, pretrained=pretrained, force_quick_gelu=checkpoint is not None or pretrained is not None
         )
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, checkpoint_sha256)
     return FrozenClip(model, untrained=checkpoint is None and pretrained is None)
 
 
-def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+CHECKPOINT_SOURCE = "https://huggingface.co/timm/vit_base_patch16_clip_224.openai or OpenAI's ViT-B-16.pt"
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path, sha256: str | None = None) -> None:
     """Load an OpenAI-format CLIP state dict into an open_clip model, from either file format:
     a ``torch.save``d state dict (open_clip_pytorch_model.bin) or OpenAI's TorchScript archive
-    (ViT-B-16.pt). A truncated or foreign file raises one CheckpointError naming it."""
-    import zipfile
+    (ViT-B-16.pt). The file is read once and its SHA-256 checked on those bytes (``sha256``:
+    pinned), which are the ones loaded. A TorchScript archive runs code from the file, so it loads
+    only when its checksum is pinned or a known official file's (:func:`check_torchscript`). A
+    truncated or foreign file raises one CheckpointError naming it."""
+    import io
 
-    from pipeline.weights import CheckpointError, load_torch_file
+    from pipeline.weights import CheckpointError, load_torch_file, read_checkpoint
 
     path = Path(checkpoint)
-    source = "https://huggingface.co/timm/vit_base_patch16_clip_224.openai or OpenAI's ViT-B-16.pt"
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    data, actual = read_checkpoint(path, sha256, "CLIP", CHECKPOINT_SOURCE, "clip.checkpoint")
+    if is_torchscript(data):
+        check_torchscript(path, actual, sha256)
         try:
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
         except Exception as exc:  # TorchScript errors have many types
             raise CheckpointError(f"CLIP checkpoint {path} is a TorchScript archive that cannot be "
-                                  f"loaded ({type(exc).__name__}); get it again from {source}.") from exc
+                                  f"loaded ({type(exc).__name__}); get it again from {CHECKPOINT_SOURCE}.") from exc
     else:
-        state = load_torch_file(path, "CLIP", source)
+        state = load_torch_file(path, "CLIP", CHECKPOINT_SOURCE, data=data)
+    del data
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     # OpenAI's archive also holds its hyper-parameters as tensors, and an archive traced from an
@@ -103,6 +115,40 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
         lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
         raise CheckpointError(f"CLIP checkpoint {path} does not fit this architecture "
                               f"({lines[1] if len(lines) > 1 else lines[0]})"[:400] + ": is clip.model right?") from exc
+
+
+def is_torchscript(file: bytes | str | Path) -> bool:
+    """Whether ``file`` (its bytes, or its path) is a TorchScript archive: a zip holding
+    ``constants.pkl`` (``torch.save``'s zip files have none)."""
+    import io
+    import zipfile
+
+    handle = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else file
+    try:
+        return zipfile.is_zipfile(handle) and any(
+            n.endswith("/constants.pkl") for n in zipfile.ZipFile(handle).namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def check_torchscript(path: str | Path, sha256: str, pinned: str | None) -> None:
+    """Refuse a TorchScript archive (loading it runs code from the file) whose SHA-256 is neither
+    ``pinned`` (``clip.checkpoint_sha256``) nor a known official file's (by content: a file named
+    like OpenAI's ViT-B-16.pt with other bytes is not it). One line says how to go on."""
+    from pipeline.clip.pretrained import known_checksum, named_like_known_file
+    from pipeline.weights import CheckpointError
+
+    if (pinned and sha256 == pinned.lower()) or known_checksum(sha256) is not None:
+        return
+    name = named_like_known_file(path)
+    alike = (f" (it is named {name}, but its content is not that known file's: truncated, corrupt "
+             "or another file)") if name else ""
+    raise CheckpointError(
+        f"CLIP checkpoint {path} is a TorchScript archive (loading it runs code from the file) whose "
+        f"SHA-256 {sha256} is neither pinned nor a known official file's{alike}: if you trust this "
+        f"file, set 'clip.checkpoint_sha256: {sha256}'; or convert it to a state dict, where you trust "
+        f"it (torch.save(torch.jit.load(path).state_dict(), 'clip_state_dict.pt')), and set "
+        "clip.checkpoint to that file.")
 
 
 def inference_size(

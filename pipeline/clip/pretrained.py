@@ -3,7 +3,9 @@ from its ``model_configs/``).
 
 An architecture (``pipeline/clip/model_configs``, open_clip's own configs) says how to build a
 model; this module says which weight files are known and their SHA-256, so a known file is
-verified without ``clip.checkpoint_sha256``. OpenAI's file is the core's entry; others register
+verified without ``clip.checkpoint_sha256``. A file is known by its content (its SHA-256 is a
+known file's), never by its name: only such a file, or one whose checksum is pinned, may be a
+TorchScript archive (code that runs when it loads). OpenAI's file is the core's entry; others register
 with :func:`register_known_file` (the demo's CLIP does, from ``pipeline/demo/registry.py``).
 Plain data only: ``pipeline.params`` imports :data:`CLIP_SOURCE` from here.
 """
@@ -42,7 +44,24 @@ def known_files() -> dict[str, tuple[str, str]]:
 
 
 def known_sha256(model_name: str, checkpoint: str | Path) -> str | None:
-    """The published checksum of ``checkpoint`` if it is a known official file, else None (the
-    Hugging Face conversions' checksums are not published; callers record the file's own)."""
+    """The checksum a file named like ``model_name``'s known file must have (None: another name).
+
+    A lookup by name: what a file of that name is expected to be, so a truncated download is
+    refused. It never makes a file trusted; that is :func:`known_checksum`, by content."""
     name, sha = known_files().get(model_name, (None, None))
     return sha if Path(checkpoint).name == name else None
+
+
+def known_checksum(sha256: str | None) -> tuple[str, str] | None:
+    """(architecture, file name) of the known file whose SHA-256 is ``sha256``, else None: a file
+    is a known official file by its content, whatever its name."""
+    for model_name, (name, sha) in known_files().items():
+        if sha256 is not None and sha256.lower() == sha.lower():
+            return model_name, name
+    return None
+
+
+def named_like_known_file(checkpoint: str | Path) -> str | None:
+    """The known file name ``checkpoint`` carries, if any (for messages only)."""
+    names = {name for name, _ in known_files().values()}
+    return Path(checkpoint).name if Path(checkpoint).name in names else None

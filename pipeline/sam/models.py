@@ -8,8 +8,7 @@ are never downloaded here: a real model's checkpoint is a path from params, veri
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from pipeline.sam.pretrained import SamWeights, pretrained_weights
 from pipeline.sam.specs import SamSpec, sam_spec
 from pipeline.weights import (
-    CheckpointError, check_file, load_torch_file, mismatch_message, sha256sum,
+    CheckpointError, check_file, load_torch_file, mismatch_message, read_checkpoint, sha256sum,
 )
 
 CHECKPOINT_SOURCE = (
@@ -146,18 +145,11 @@ def verify_checkpoint(
     expected = expected_sha256(model, checkpoint_sha256)
     what = f"SAM {model} ({weights.file_name})"
     check_file(checkpoint, expected, what, CHECKPOINT_SOURCE, CHECKPOINT_PARAM)
-    # Hash once per process and file version: a ViT-H file is 2.5 GB and each worker verifies it.
-    stat = os.stat(checkpoint)
-    actual = _cached_sha256(str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns)
+    actual = sha256sum(checkpoint)  # once per process and file version: a ViT-H file is 2.5 GB
     if expected and actual != expected.lower():
         raise CheckpointError(mismatch_message(checkpoint, actual, expected, what,
                                                CHECKPOINT_SOURCE, CHECKPOINT_PARAM))
     return Path(checkpoint)
-
-
-@lru_cache(maxsize=8)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256sum(path)
 
 
 def build_sam_predictor(
@@ -183,9 +175,14 @@ def build_sam_predictor(
             torch.manual_seed(TINY_SEED)
             sam = build_sam(spec)
     else:
-        path = verify_checkpoint(model, checkpoint, checkpoint_sha256)
+        # Read once, checked on the bytes loaded: a file swapped after the check is never loaded.
+        data, _ = read_checkpoint(checkpoint, expected_sha256(model, checkpoint_sha256),
+                                  f"SAM {model} ({pretrained_weights(model).file_name})",
+                                  CHECKPOINT_SOURCE, CHECKPOINT_PARAM)
+        path = Path(checkpoint)
+        state = load_torch_file(path, f"SAM {model}", CHECKPOINT_SOURCE, data=data)
+        del data  # the raw bytes go before the network is built (a ViT-H file is 2.5 GB)
         sam = build_sam(spec)
-        state = load_torch_file(path, f"SAM {model}", CHECKPOINT_SOURCE)
         try:
             sam.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:

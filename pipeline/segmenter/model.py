@@ -31,7 +31,7 @@ from pipeline.segmenter.archs import (
     get_arch,
 )
 from pipeline.segmenter.inputs import to_input
-from pipeline.weights import CheckpointError, load_torch_file, resolve_checkpoint
+from pipeline.weights import CheckpointError, check_digest, load_torch_file, read_checkpoint
 
 #: Label of pixels the loss ignores (VOC boundary band, and the padding of augmented crops).
 IGNORE_INDEX = 255
@@ -69,25 +69,36 @@ def build_segmenter(
     """
     arch = get_arch(model)
     _check_output_stride(output_stride, arch)
-    weights_path = None
     if arch.family == "clip_vit" and not encoder_weights_sha256 and encoder_weights is not None:
         from pipeline.clip.pretrained import known_sha256
 
         # a CLIP file whose checksum is known (the committed demo CLIP) is verified like in clip.*
         encoder_weights_sha256 = known_sha256(arch.encoder_name, encoder_weights)
+    state = None
     if encoder_weights is not None or arch.needs_encoder_weights:
         what = "ImageNet encoder" if arch.family == "deeplabv3plus" else "pretrained encoder"
-        weights_path = resolve_checkpoint(
-            encoder_weights, encoder_weights_sha256, f"{arch.encoder_name} {what}",
-            arch.weights_source, "segmenter.encoder_weights",
-        )
+        weights_path, state = _read_encoder_weights(
+            encoder_weights, encoder_weights_sha256, arch, f"{arch.encoder_name} {what}")
     net = _network(arch, num_classes, seed, output_stride)
-    if weights_path is not None:
+    if state is not None:
         if arch.family == "clip_vit":
-            _load_clip_encoder_weights(net.encoder, weights_path, arch)
+            _load_clip_encoder_weights(net.encoder, weights_path, state, arch)
         else:
-            _load_encoder_weights(net.encoder, weights_path)
+            _load_encoder_weights(net.encoder, weights_path, state)
     return net
+
+
+def _read_encoder_weights(path, sha256: str | None, arch: SegmenterArch, what: str) -> tuple[Path, Any]:
+    """The encoder's state, from the file's bytes read once and checked (pinned checksum, else
+    torchvision's name rule) before they are loaded."""
+    param = "segmenter.encoder_weights"
+    data, actual = read_checkpoint(path, sha256, what, arch.weights_source, param)
+    if not sha256:
+        check_digest(path, actual, None, what, arch.weights_source, param)
+    load_what = ("ImageNet encoder" if arch.family == "deeplabv3plus"
+                 else f"{arch.encoder_name} pretrained encoder")
+    source = ENCODER_WEIGHTS_SOURCE if arch.family == "deeplabv3plus" else arch.weights_source
+    return Path(path), load_torch_file(path, load_what, source, data=data)
 
 
 def _check_output_stride(output_stride: int, arch: SegmenterArch) -> None:
@@ -126,10 +137,9 @@ def _clip_vit_network(arch: SegmenterArch, num_classes: int) -> torch.nn.Module:
     )
 
 
-def _load_clip_encoder_weights(encoder: torch.nn.Module, path: Path, arch: SegmenterArch) -> None:
+def _load_clip_encoder_weights(encoder: torch.nn.Module, path: Path, state: Any, arch: SegmenterArch) -> None:
     from pipeline.sam.clip_encoder import load_clip_visual
 
-    state = load_torch_file(path, f"{arch.encoder_name} pretrained encoder", arch.weights_source)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
@@ -139,8 +149,7 @@ def _load_clip_encoder_weights(encoder: torch.nn.Module, path: Path, arch: Segme
                               f"({exc}); expected {arch.weights_source}") from exc
 
 
-def _load_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
-    state = load_torch_file(path, "ImageNet encoder", ENCODER_WEIGHTS_SOURCE)
+def _load_encoder_weights(encoder: torch.nn.Module, path: Path, state: Any) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
