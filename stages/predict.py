@@ -34,9 +34,9 @@ from pipeline.params import (
 from pipeline.provenance import image_inputs
 from pipeline.schemas import open_masks
 from pipeline.segmenter.model import load_segmenter
-from pipeline.segmenter.predict import PredictTotals, checkpoint_path, load_resources, summarise
-# (test_segmenter_stages imports predict_image from here)
-from pipeline.segmenter.predict import prediction_for_image as predict_image
+from pipeline.segmenter.predict import (
+    PredictTotals, checkpoint_path, load_resources, prediction_for_image, summarise,
+)
 from pipeline.store import ImageStore
 from stages.execution import run_per_image, worker_path
 from stages.resources import WorkerResource, check_stage_device
@@ -112,7 +112,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
                                  model_path=worker_path(model_path), device=compute.device,
                                  sam=sam)
     totals = PredictTotals()
-    run_per_image(predict_image, items, compute, resource, desc="predict", collect=totals.add)
+    run_per_image(prediction_for_image, items, compute, resource, desc="predict", collect=totals.add)
     metrics = summarise(totals, cfg, meta["class_names"], meta["model"], checkpoint, compute.precision)
     # Random upstream models (the seeds' CLIP/SAM, or the post-processing's SAM) make the scores a
     # plumbing check: every metrics file says so.

@@ -335,7 +335,7 @@ def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     from pipeline.segmenter.model import build_segmenter
     from pipeline.params import PredictConfig
     from pipeline.segmenter.predict import summarise
-    from stages.predict import predict_image
+    from pipeline.segmenter.predict import prediction_for_image
 
     image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "im.png")
@@ -348,7 +348,7 @@ def test_image_without_quasi_superpixels_keeps_its_raw_prediction(tmp_path):
     item = {"id": "im", "image": str(tmp_path / "im.png"), "label": str(tmp_path / "gt.png"),
             "scales": [1.0], "flip": False, "postprocess": True, "alpha": 1.0, "alpha_sweep": [2.0],
             "out": str(tmp_path / "out"), "sam_masks": str(tmp_path / "masks.zarr"), "precision": "fp32"}
-    result = predict_image(res, item)
+    result = prediction_for_image(res, item)
     raw = read_label(tmp_path / "out" / "raw" / "im.png")
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "im.png"), raw)
     assert result["no_masks"] is True
