@@ -69,35 +69,40 @@ def open_cams(path: str | os.PathLike) -> ImageStore:
 
 
 def write_masks(store: str, image_id: str, qs, height: int, width: int,
-                inputs: str | None = None) -> None:
-    """One image's group of the ``sam_masks`` store (``qs``: a ``QuasiSuperpixels``)."""
+                inputs: str | None = None, fingerprint: str | None = None) -> None:
+    """One image's group of the ``sam_masks`` store (``qs``: a ``QuasiSuperpixels``).
+    ``fingerprint`` (here and below): the store fingerprint the task computed for
+    (``pipeline.store.write_group``)."""
     write_group(store, image_id, qs.to_arrays(),
-                attrs=with_inputs({"height": height, "width": width}, inputs))
+                attrs=with_inputs({"height": height, "width": width}, inputs),
+                fingerprint=fingerprint)
 
 
 def write_views(store: str, image_id: str, tokens: np.ndarray, views: np.ndarray,
-                labels: np.ndarray, height: int, width: int, inputs: str | None = None) -> None:
+                labels: np.ndarray, height: int, width: int, inputs: str | None = None,
+                fingerprint: str | None = None) -> None:
     """One image's group of ``train_views.zarr``: tokens (K, 1+g², D) as fp16, one chunk per view."""
     write_group(store, image_id, {
         "tokens": tokens.astype(np.float16),
         "views": views.astype(np.float32),
         "labels": labels,
     }, attrs=with_inputs({"height": height, "width": width}, inputs),
-        chunks={"tokens": (1, *tokens.shape[1:])})
+        chunks={"tokens": (1, *tokens.shape[1:])}, fingerprint=fingerprint)
 
 
 def write_inference(store: str, image_id: str, tokens: np.ndarray, attention: np.ndarray,
-                    attrs: dict) -> None:
+                    attrs: dict, fingerprint: str | None = None) -> None:
     """One image's group of ``inference.zarr``: tokens as given (f32), attention as fp16."""
     write_group(store, image_id, {"tokens": tokens, "attention": attention.astype(np.float16)},
-                attrs=attrs)
+                attrs=attrs, fingerprint=fingerprint)
 
 
 def write_cams(store: str, image_id: str, arrays: dict, height: int, width: int,
-               inputs: str | None = None) -> None:
+               inputs: str | None = None, fingerprint: str | None = None) -> None:
     """One image's group of a CAM store: ``cam``, ``fg_cls`` (and ``cam_caa``), image size."""
     write_group(store, image_id, arrays,
-                attrs=with_inputs({"height": height, "width": width}, inputs))
+                attrs=with_inputs({"height": height, "width": width}, inputs),
+                fingerprint=fingerprint)
 
 
 def seed_path(seeds_dir: str | os.PathLike, image_id: str) -> Path:

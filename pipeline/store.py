@@ -22,7 +22,7 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import zarr
@@ -46,6 +46,8 @@ _LAYOUT_KEY = "wsss_store_layout"
 IMAGE_SUFFIX = ".zip"
 #: Group attribute of an image: the digest of what it was computed from (``ImageStore.todo``).
 INPUTS_KEY = "inputs"
+#: Group attribute of an image: the store fingerprint its task computed it for (``ImageStore.todo``).
+FINGERPRINT_KEY = "store_fingerprint"
 # Fixed member timestamps: the same arrays give the same bytes, so DVC hashes of a rerun (or of
 # a dask run) equal those of the first run.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -56,8 +58,22 @@ def with_inputs(attrs: Mapping[str, Any], inputs: str | None) -> dict:
     return {**attrs, INPUTS_KEY: inputs} if inputs is not None else dict(attrs)
 
 
+class StoreRecord(NamedTuple):
+    """What an image of a store records it was computed from."""
+
+    inputs: str | None
+    """The digest of its own inputs (``INPUTS_KEY``)."""
+    fingerprint: str | None
+    """The store fingerprint its task computed it for (``FINGERPRINT_KEY``)."""
+
+
 class StoreError(PipelineError, RuntimeError):
     """A store exists but cannot be used as asked (wrong producer, unreadable, busy)."""
+
+
+class StaleResultError(StoreError):
+    """A task's result is for another store fingerprint than the store now has (the store was
+    reset for new parameters while the task ran): it is not written."""
 
 
 class StoreBusyError(StoreError):
@@ -173,6 +189,11 @@ class ImageStore:
     def recorded_inputs(self, image_id: str) -> str | None:
         """The digest of what image ``image_id`` was computed from (its group attribute
         ``inputs``, see :meth:`todo`); None when it recorded none. Reads one zip member."""
+        return self.record(image_id).inputs
+
+    def record(self, image_id: str) -> StoreRecord:
+        """What image ``image_id`` records it was computed from (its inputs' digest and the
+        store fingerprint of its task; None where it recorded none). Reads one zip member."""
         path = self.image_path(image_id)
         try:
             with zipfile.ZipFile(path) as zf:
@@ -180,21 +201,35 @@ class ImageStore:
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise StoreError(f"cannot read {path}: {exc} (delete the file and rerun the stage "
                              "to recompute this image)") from exc
-        value = doc.get("attributes", {}).get(INPUTS_KEY) if isinstance(doc, dict) else None
-        return value if isinstance(value, str) else None
+        attributes = doc.get("attributes", {}) if isinstance(doc, dict) else {}
+        inputs, fp = attributes.get(INPUTS_KEY), attributes.get(FINGERPRINT_KEY)
+        return StoreRecord(inputs if isinstance(inputs, str) else None,
+                           fp if isinstance(fp, str) else None)
 
     def todo(self, inputs: Mapping[str, str]) -> list[str]:
         """The ids of ``inputs`` (image id -> digest of what the image is computed from) that
-        this store lacks or holds computed from other inputs: what a resumed stage computes.
+        this store lacks or holds computed from other inputs or for another store fingerprint:
+        what a resumed stage computes.
 
         The store fingerprint covers what all images share (parameters, models, code); the
         per-image digest covers what is the image's own (its content, its labels, the upstream
         artifact it reads), so an image replaced under the same id is recomputed, not served
-        stale, and only the images whose inputs changed are.
+        stale, and only the images whose inputs changed are. Each image also records the store
+        fingerprint its task was given (``FINGERPRINT_KEY``): a result that a task started before
+        a reset wrote afterwards (a dask task cannot be cancelled once running) is recomputed,
+        never kept; so is an image that records none.
         """
         stored = set(self.ids())
-        return [i for i, digest in inputs.items()
-                if i not in stored or self.recorded_inputs(i) != digest]
+        current = self._attrs.get("fingerprint")
+        todo = []
+        for i, digest in inputs.items():
+            if i not in stored:
+                todo.append(i)
+                continue
+            record = self.record(i)
+            if record.inputs != digest or (current is not None and record.fingerprint != current):
+                todo.append(i)
+        return todo
 
     def read_attrs(self, image_id: str) -> dict:
         with self._open(image_id) as store:
@@ -367,6 +402,7 @@ def write_group(
     arrays: Mapping[str, np.ndarray],
     attrs: Mapping[str, Any] | None = None,
     chunks: Mapping[str, tuple[int, ...]] | None = None,
+    fingerprint: str | None = None,
 ) -> None:
     """Write ``arrays`` as image ``image_id`` of the store at ``store_path``, atomically.
 
@@ -374,13 +410,27 @@ def write_group(
     view, so a reader of one view decompresses only that one). The group is encoded in memory,
     written as one zip file under the store's ``.partial`` folder and renamed into place. A
     function of paths only, so dask workers in other processes can call it.
+
+    ``fingerprint``: the store fingerprint the task computed the image for. It is recorded with
+    the image (``FINGERPRINT_KEY``), and when the store's fingerprint is another one by the time
+    the image is complete (the store was reset for new parameters while the task ran), nothing
+    is written and :class:`StaleResultError` is raised. A rename racing a reset is still caught:
+    the image then records the old fingerprint, and :meth:`ImageStore.todo` recomputes it.
     """
     store_path = Path(store_path)
     final = store_path / f"{_check_id(image_id)}{IMAGE_SUFFIX}"
+    if fingerprint is not None:
+        attrs = {**(attrs or {}), FINGERPRINT_KEY: fingerprint}
     members = _encode_group(arrays, attrs, chunks or {})
     # Disk full, read-only, killed: nothing half-written stays behind.
     with atomic_path(final, _partial_dir(store_path) / f"{image_id}.{uuid.uuid4().hex}{IMAGE_SUFFIX}") as tmp:
         _write_zip(tmp, members)
+        if fingerprint is not None:
+            current = _read_root(store_path).get("fingerprint")
+            if current != fingerprint:
+                raise StaleResultError(
+                    f"image {image_id} was computed for store fingerprint {fingerprint} but "
+                    f"{store_path} now has {current} (reset while the task ran): not written")
 
 
 def _encode_group(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None,

@@ -45,7 +45,7 @@ from pipeline.provenance import (
 from pipeline.schemas import INFERENCE_STORE, open_inference
 from pipeline.store import ImageStore, finish
 from pipeline.weights import sha256sum
-from stages.execution import run_per_image, worker_path
+from stages.execution import fill_store, worker_path
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 from stages.resources import WorkerResource, check_stage_device
 
@@ -104,17 +104,21 @@ def command(which, params_path, features, prompts, index_dir, out) -> None:
                                    inference.attrs.get("fingerprint"), code_digest(*CODE_MODULES)),
     }
     store = ImageStore.open_for_writing(out, attrs)
-    pending = set(store.todo({r.id: labelled_inputs(r) for r in records}))
-    todo = [r for r in records if r.id in pending]
-    for r in todo:  # before any work: never CAMs of features of another version of the image
-        check_inputs(inference, r.id, image_inputs(r), "wsss clip-features")
-    items = [CamsTask(r.id, tuple(r.labels), worker_path(features_store), worker_path(store.path),
-                      cfg.caa, compute.precision, labelled_inputs(r)) for r in todo]
+
+    def plan() -> list[CamsTask]:
+        pending = set(store.todo({r.id: labelled_inputs(r) for r in records}))
+        todo = [r for r in records if r.id in pending]
+        for r in todo:  # before any work: never CAMs of features of another version of the image
+            check_inputs(inference, r.id, image_inputs(r), "wsss clip-features")
+        return [CamsTask(r.id, tuple(r.labels), worker_path(features_store), worker_path(store.path),
+                         cfg.caa, compute.precision, labelled_inputs(r), attrs["fingerprint"])
+                for r in todo]
+
     resource = WorkerResource.of(_build, files=("prompts", "checkpoint"), thread_safe=True,
                                  prompts=worker_path(prompts), cam_iteration=cam_iteration,
                                  **{**clip_kwargs(clip_cfg, compute.device),
                                     "checkpoint": worker_path(clip_cfg.checkpoint)})
-    run_per_image(cams_for_image, items, compute, resource, desc=f"cams {which}")
+    computed = fill_store(cams_for_image, plan, compute, resource, desc=f"cams {which}")
     finish(out)
-    log.info("cams@%s: %d images computed, %d resumed -> %s", which, len(items),
-             len(records) - len(items), out)
+    log.info("cams@%s: %d images computed, %d resumed -> %s", which, computed,
+             len(records) - computed, out)

@@ -47,7 +47,7 @@ from pipeline.provenance import (
 )
 from pipeline.schemas import CLIP_FEATURES_LAYOUT, INFERENCE_STORE, VIEWS_STORE
 from pipeline.store import ImageStore, finish
-from stages.execution import run_per_image, worker_path
+from stages.execution import fill_store, worker_path
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 from stages.resources import WorkerResource, check_stage_device
 
@@ -97,25 +97,30 @@ def command(params_path: str, index_dir: str, out: str) -> None:
     out_dir = Path(out)
     views = ImageStore.open_for_writing(out_dir / VIEWS_STORE, views_attrs)
     inference = ImageStore.open_for_writing(out_dir / INFERENCE_STORE, inf_attrs)
-    items = []
-    pending_v = set(views.todo({r.id: labelled_inputs(r) for r in records}))
-    pending_i = set(inference.todo({r.id: image_inputs(r) for r in records}))
-    for r in records:
-        todo_v = r.id in pending_v
-        todo_i = r.id in pending_i
-        if todo_v or todo_i:
-            items.append(FeaturesTask(
-                r.id, worker_path(r.image), tuple(r.labels), len(split.class_names),
-                worker_path(views.path) if todo_v else None,
-                worker_path(inference.path) if todo_i else None,
-                cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks, clip_cfg.max_side,
-                compute.precision, labelled_inputs(r), image_inputs(r),
-            ))
+
+    def plan() -> list[FeaturesTask]:
+        items = []
+        pending_v = set(views.todo({r.id: labelled_inputs(r) for r in records}))
+        pending_i = set(inference.todo({r.id: image_inputs(r) for r in records}))
+        for r in records:
+            todo_v = r.id in pending_v
+            todo_i = r.id in pending_i
+            if todo_v or todo_i:
+                items.append(FeaturesTask(
+                    r.id, worker_path(r.image), tuple(r.labels), len(split.class_names),
+                    worker_path(views.path) if todo_v else None,
+                    worker_path(inference.path) if todo_i else None,
+                    cfg.n_views, cfg.seed, cfg.augment, clip_cfg.attention_blocks,
+                    clip_cfg.max_side, compute.precision, labelled_inputs(r), image_inputs(r),
+                    r.digest, views_attrs["fingerprint"], inf_attrs["fingerprint"],
+                ))
+        return items
+
     resource = WorkerResource.of(build_clip, files=("checkpoint",), thread_safe=True,
                                  **{**clip_kwargs(clip_cfg, compute.device),
                                     "checkpoint": worker_path(clip_cfg.checkpoint)})
-    run_per_image(features_for_image, items, compute, resource, desc="clip features")
+    computed = fill_store(features_for_image, plan, compute, resource, desc="clip features")
     finish(views.path)
     finish(inference.path)
-    log.info("clip_features: %d images computed, %d resumed, in %s", len(items),
-             len(records) - len(items), out_dir)
+    log.info("clip_features: %d images computed, %d resumed, in %s", computed,
+             len(records) - computed, out_dir)

@@ -95,6 +95,35 @@ def run_per_image(
     return results
 
 
+def fill_store(
+    task: Callable[[Any, Any], Any],
+    plan: Callable[[], list[Any]],
+    compute: ComputeConfig,
+    resource: WorkerResource | None = None,
+    desc: str = "images",
+) -> int:
+    """Run ``task`` over ``plan()`` (the items a store still lacks: missing, computed from other
+    inputs or for another store fingerprint), then ask ``plan()`` again: an image that a task of
+    an earlier run replaced meanwhile (a dask task cannot be cancelled once running, and may end
+    after its store was reset for new parameters) is computed again, never kept. Returns the
+    number of images the store lacked at the start (the rest were resumed)."""
+    items = plan()
+    run_per_image(task, items, compute, resource, desc=desc)
+    if not items:
+        return 0
+    late = plan()
+    if late:
+        log.warning("%s: %d images were replaced by results of an earlier run while this one ran "
+                    "(computed for other parameters); computing them again", desc, len(late))
+        run_per_image(task, late, compute, resource, desc=desc)
+        again = plan()
+        if again:
+            raise PipelineError(f"{desc}: {len(again)} images keep being replaced by results of "
+                                "another run (another stage process or dask tasks of a killed "
+                                "run still write this store): stop them and rerun")
+    return len(items)
+
+
 def _cuda_devices(device: str) -> list[str] | None:
     """The GPUs that ``local-cluster`` workers share out for ``device`` (entries of
     ``CUDA_VISIBLE_DEVICES``, or indices), or None when the workers do not run on CUDA or the

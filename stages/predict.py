@@ -96,7 +96,7 @@ def command(params_path, index_dir, images_dir, segmenter_dir, sam_masks, out, m
             raise PipelineError(f"the segmenter was trained on classes {meta['class_names']}, the "
                                 f"index has {split.class_names}")
         items = [{"id": r.id, "image": worker_path(r.image), "label": worker_path(r.label),
-                  "sam_inputs": image_inputs(r)}
+                  "sam_inputs": image_inputs(r), "digest": r.digest}
                  for r in split.good()]
         if cfg.postprocess:
             store = open_masks(sam_masks)

@@ -26,7 +26,7 @@ from pipeline.provenance import code_digest, fingerprint, image_inputs, package_
 from pipeline.sam.generators import sam_generator
 from pipeline.sam.maskers import MasksTask, build_masker, masks_for_image, masks_provenance, verify_weights
 from pipeline.store import ImageStore, finish
-from stages.execution import run_per_image, worker_path
+from stages.execution import fill_store, worker_path
 from stages.resources import WorkerResource, check_stage_device
 from stages.params import INDEX_OPTION, PARAMS_OPTION, load_params
 
@@ -76,11 +76,12 @@ def store_attrs(cfg: SamConfig, precision: str, world_seed: int | None = None) -
     }
 
 
-def _items(index_dir: str, dataset: DatasetConfig, store: str) -> list[MasksTask]:
+def _items(index_dir: str, dataset: DatasetConfig, store: str, fp: str) -> list[MasksTask]:
     items: dict[str, MasksTask] = {}
     for split in (dataset.train_split, dataset.eval_split):
         for r in load_split(index_dir, split).good():
-            items.setdefault(r.id, MasksTask(r.id, worker_path(r.image), store, image_inputs(r)))
+            items.setdefault(r.id, MasksTask(r.id, worker_path(r.image), store, image_inputs(r),
+                                             r.digest, fp))
     return list(items.values())
 
 
@@ -104,17 +105,21 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
     verify_weights(cfg)
     check_stage_device(compute)  # here with `local`, else on each worker before its first image
     world_seed = dataset.demo.seed if generator.world_seed else None
-    items = _items(index_dir, dataset, worker_path(out))
-    store = ImageStore.open_for_writing(out, store_attrs(cfg, compute.precision, world_seed))
-    pending = set(store.todo({it.image_id: it.inputs for it in items}))
-    todo = [it for it in items if it.image_id in pending]
+    attrs = store_attrs(cfg, compute.precision, world_seed)
+    items = _items(index_dir, dataset, worker_path(out), attrs["fingerprint"])
+    store = ImageStore.open_for_writing(out, attrs)
+
+    def plan() -> list[MasksTask]:
+        pending = set(store.todo({it.image_id: it.inputs for it in items}))
+        return [it for it in items if it.image_id in pending]
+
     resource = WorkerResource.of(
         build_masker, files=("checkpoint",), world_seed=world_seed, model=cfg.model,
         checkpoint=worker_path(cfg.checkpoint), checkpoint_sha256=cfg.checkpoint_sha256,
         mask_threshold=cfg.mask_threshold,
         device=compute.device, precision=compute.precision, **cfg.generator_settings(),
     )
-    run_per_image(masks_for_image, todo, compute, resource, desc="sam masks")
+    computed = fill_store(masks_for_image, plan, compute, resource, desc="sam masks")
     finish(out)
     if metrics_path:
         stats = quasi_superpixel_stats([store.read(it.image_id, ("levels",))["levels"] for it in items])
@@ -124,4 +129,4 @@ def command(params_path: str, index_dir: str, out: str, metrics_path: str | None
         log.info("sam_masks: %.1f quasi-superpixels per image, all three levels in %.0f%% of images",
                  stats.get("masks_per_image", 0), 100 * stats.get("three_level_fraction", 0))
     log.info("sam_masks: %d images computed, %d already in the store (resumed), %d in %s",
-             len(todo), len(items) - len(todo), len(items), out)
+             computed, len(items) - computed, len(items), out)

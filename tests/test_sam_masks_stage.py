@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.data.datasets import load_split
-from pipeline.data.imageio import read_rgb
+from pipeline.data.imageio import image_digest, read_rgb
 from pipeline.sam.quasi_superpixels import QuasiSuperpixels
-from pipeline.store import INPUTS_KEY, ImageStore
+from pipeline.store import FINGERPRINT_KEY, INPUTS_KEY, ImageStore
 from stages import sam_masks as sam_masks_stage
 from stages.cli import main as cli
 from pipeline.provenance import image_inputs
@@ -122,7 +122,8 @@ def test_store_has_every_image_with_contract_arrays_and_provenance(demo):
                             ("crop_box_xywh", (s, 4))):
             assert arrays[name].shape == shape, name
         assert store.read_attrs(r.id) == {"height": r.height, "width": r.width,
-                                          INPUTS_KEY: image_inputs(r)}
+                                          INPUTS_KEY: image_inputs(r),
+                                          FINGERPRINT_KEY: attrs["fingerprint"]}
         # Generator order: wholes, then parts, then sub-parts.
         assert np.all(np.diff(arrays["levels"].astype(int)) <= 0)
         # The store holds exactly what the generator computes for the image.
@@ -202,18 +203,28 @@ def test_corrupt_image_fails_with_one_line_naming_id_and_path(demo, tmp_path):
         path.write_text(path.read_text().replace(str(index), str(bad_index)))
     bad_image = Path(record.image.replace(str(index), str(bad_index)))
     bad_image.write_bytes(b"\xff\xd8 this is not a jpeg")
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "sam-masks", "--params", str(params),
-         "--index", str(bad_index), "--out", str(tmp_path / "out.zarr")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1
-    # A terminal shows what follows a carriage return (tqdm's redraw) as its own line.
-    lines = re.split(r"[\r\n]", proc.stderr)
-    errors = [line for line in lines if "Error" in line]
-    assert len(errors) == 1 and errors[0].startswith("Error: "), proc.stderr
-    assert f"image {record.id} ({bad_image})" in errors[0] and "cannot read image" in errors[0]
-    assert "Traceback" not in proc.stderr
+
+    def run() -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.cli", "sam-masks", "--params", str(params),
+             "--index", str(bad_index), "--out", str(tmp_path / "out.zarr")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 1
+        # A terminal shows what follows a carriage return (tqdm's redraw) as its own line.
+        lines = re.split(r"[\r\n]", proc.stderr)
+        errors = [line for line in lines if "Error" in line]
+        assert len(errors) == 1 and errors[0].startswith("Error: "), proc.stderr
+        assert f"image {record.id} ({bad_image})" in errors[0]
+        assert "Traceback" not in proc.stderr
+        return errors[0]
+
+    # The bytes differ from those prepare indexed: refused before decoding.
+    assert "changed after the index was made" in run()
+    # An index that records these very bytes: they are decoded, and fail as an unreadable image.
+    path = bad_index / "val.json"
+    path.write_text(path.read_text().replace(record.digest, image_digest(bad_image.read_bytes())))
+    assert "cannot read image" in run()
     # Images before the bad one are stored complete; the bad one is not.
     store = ImageStore(tmp_path / "out.zarr")
     assert record.id not in store

@@ -196,3 +196,42 @@ def test_seeds_refuse_quasi_superpixels_of_another_image_version(before, tmp_pat
                      "--cams", out / "cls.zarr", "--sam-masks", stale, "--out", tmp_path / "seeds",
                      "--metrics", tmp_path / "m.json", "--plots", tmp_path / "p.json", expect=1)
     assert "image a in" in result.output and "rerun `wsss sam-masks`" in result.output
+
+
+def _copy_with_index(work: Path, dest: Path) -> Path:
+    """The custom dataset and its index copied to ``dest`` (index paths pointed at the copy)."""
+    shutil.copytree(work / "data", dest / "data")
+    shutil.copytree(work / "index", dest / "index")
+    for path in (dest / "index").glob("*.json"):
+        path.write_text(path.read_text().replace(str(work / "data"), str(dest / "data")))
+    return dest / "index"
+
+
+@pytest.mark.parametrize("stage", ["sam-masks", "clip-features"])
+def test_an_image_edited_after_prepare_stops_the_stage_that_reads_it(before, tmp_path, stage):
+    """The stage is run directly (not through DVC, which would rerun prepare first): the image's
+    bytes are hashed as they are read, and bytes other than the index's stop it in one line."""
+    work, params, _ = before
+    index = _copy_with_index(work, tmp_path)
+    # Same id and size, other pixels (than both versions the other tests index).
+    _image(tmp_path / "data" / "images" / "b.png", 1234)
+    out = tmp_path / "out"
+    result = _invoke(stage, "--params", params, "--index", index, "--out", out, expect=1)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "image b (" in errors[0], result.output
+    assert "b.png changed after the index was made" in errors[0]
+    assert "rerun `wsss prepare`" in errors[0]
+    stores = [out] if stage == "sam-masks" else [out / "train_views.zarr", out / "inference.zarr"]
+    for store in stores:
+        assert "b" not in ImageStore(store)
+
+
+def test_predict_hashes_the_image_it_reads(before, tmp_path):
+    from pipeline.data.imageio import ImageChangedError, image_digest
+    from pipeline.segmenter.predict import prediction_for_image
+
+    work, _, _ = before
+    image = work / "data" / "images" / "d.png"
+    item = {"id": "d", "image": str(image), "digest": image_digest(b"other bytes")}
+    with pytest.raises(ImageChangedError, match="d.png changed after the index was made"):
+        prediction_for_image({"generator": None}, item)

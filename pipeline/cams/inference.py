@@ -104,6 +104,8 @@ class CamsTask(NamedTuple):
     precision: str
     inputs: str | None = None
     """What the CAMs are computed from (the image, through its features, and its labels)."""
+    fingerprint: str | None = None
+    """The CAM store's fingerprint the task computes for (``pipeline.store.write_group``)."""
 
 
 def cams_for_image(model: CamModel, task: CamsTask) -> str:
@@ -114,5 +116,5 @@ def cams_for_image(model: CamModel, task: CamsTask) -> str:
     arrays = cams_with_caa(model, data["tokens"], data["attention"], task.labels, grid, task.caa,
                            task.precision)
     write_cams(task.out, task.image_id, arrays, int(attrs["height"]), int(attrs["width"]),
-               task.inputs)
+               task.inputs, task.fingerprint)
     return task.image_id

@@ -105,12 +105,18 @@ class FeaturesTask(NamedTuple):
     """What the views are computed from (image and labels), recorded with them."""
     inference_inputs: str | None = None
     """What the inference features are computed from (the image)."""
+    digest: str | None = None
+    """The image file's content digest as the index recorded it (checked on the bytes read)."""
+    views_fingerprint: str | None = None
+    """The fingerprint of the views store the task computes for (``pipeline.store.write_group``)."""
+    inference_fingerprint: str | None = None
+    """The fingerprint of the inference store the task computes for."""
 
 
 def features_for_image(clip, task: FeaturesTask) -> str:
     """Both caches of one image (whichever is missing), each written atomically. Returns the id."""
     try:
-        image = read_rgb(task.image)
+        image = read_rgb(task.image, task.digest)
     except ImageReadError as exc:
         raise PipelineError(f"image {task.image_id} ({task.image}): {exc}") from exc
     h, w = image.shape[:2]
@@ -120,12 +126,14 @@ def features_for_image(clip, task: FeaturesTask) -> str:
         labels = np.zeros(task.n_classes, np.uint8)
         labels[list(task.labels)] = 1
         write_views(task.views_store, task.image_id, tokens.cpu().numpy(),
-                    np.stack([v.to_array() for v in views]), labels, h, w, task.views_inputs)
+                    np.stack([v.to_array() for v in views]), labels, h, w, task.views_inputs,
+                    task.views_fingerprint)
     if task.inference_store is not None:
         x, att, (gh, gw), (ih, iw) = inference_features(
             clip, image, task.attention_blocks, task.max_side, task.precision)
         write_inference(task.inference_store, task.image_id, x.cpu().numpy(), att.cpu().numpy(),
                         attrs=with_inputs({"height": h, "width": w, "input_height": ih,
                                            "input_width": iw, "grid_h": gh, "grid_w": gw},
-                                          task.inference_inputs))
+                                          task.inference_inputs),
+                        fingerprint=task.inference_fingerprint)
     return task.image_id

@@ -19,6 +19,10 @@ class ImageReadError(PipelineError, OSError):
     """An image file is missing or cannot be decoded."""
 
 
+class ImageChangedError(ImageReadError):
+    """An image file's bytes are not those the index recorded (edited after ``prepare``)."""
+
+
 def voc_palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map, (n, 3) uint8 (bit-interleaved class index)."""
     palette = np.zeros((n, 3), np.uint8)
@@ -36,10 +40,35 @@ def voc_palette(n: int = 256) -> np.ndarray:
 VOC_PALETTE = voc_palette()
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB; grayscale, palette and RGBA are converted."""
+def read_rgb(path: str | os.PathLike, digest: str | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB; grayscale, palette and RGBA are converted.
+
+    ``digest``: the image's :func:`image_digest` as the index recorded it. The bytes read are then
+    hashed and decoded (one read), and bytes that differ raise :class:`ImageChangedError`: a
+    per-image artifact records the index's digest as what it was computed from, so it must never
+    be computed from another version of the file (one edited after ``prepare``, or a change
+    DVC's inode/mtime cache did not see)."""
+    import io
+
+    if digest is None:
+        return _decode_rgb(path, path)
     try:
-        with Image.open(path) as im:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file not found: {path}") from exc
+    except OSError as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+    found = image_digest(data)
+    if found != digest:
+        raise ImageChangedError(
+            f"{path} changed after the index was made (content digest {found}, the index "
+            f"says {digest}): rerun `wsss prepare` (`dvc repro` does), then this stage")
+    return _decode_rgb(io.BytesIO(data), path)
+
+
+def _decode_rgb(source, name) -> np.ndarray:
+    try:
+        with Image.open(source) as im:
             im.load()
             if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
                 # Composite on black rather than dropping alpha blindly.
@@ -48,9 +77,9 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 im = Image.alpha_composite(background, im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError as exc:
-        raise ImageReadError(f"image file not found: {path}") from exc
+        raise ImageReadError(f"image file not found: {name}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
 
 
 def image_size(path, name: str | os.PathLike | None = None) -> tuple[int, int]:

@@ -85,7 +85,7 @@ class BatchSource:
 
     def _image(self, record) -> np.ndarray:
         try:
-            return read_rgb(record.image)
+            return read_rgb(record.image, record.digest)
         except ImageReadError as exc:
             raise PipelineError(f"image {record.id} ({record.image}): {exc}") from exc
 

@@ -80,15 +80,20 @@ class MasksTask(NamedTuple):
     store: str
     inputs: str | None = None
     """Digest of the image's content (``pipeline.provenance.image_inputs``), recorded with its masks."""
+    digest: str | None = None
+    """The image file's content digest as the index recorded it (checked on the bytes read)."""
+    fingerprint: str | None = None
+    """The store fingerprint the masks are computed for (``pipeline.store.write_group``)."""
 
 
 def masks_for_image(masker, task: MasksTask) -> str:
     """Quasi-superpixels of one image (``masker``: :func:`build_masker`'s), written as its store
     group. Returns the image id."""
     try:
-        image = read_rgb(task.image)
+        image = read_rgb(task.image, task.digest)
     except ImageReadError as exc:
         raise PipelineError(f"image {task.image_id} ({task.image}): {exc}") from exc
     h, w = image.shape[:2]
-    write_masks(task.store, task.image_id, masker(task.image_id, image), h, w, task.inputs)
+    write_masks(task.store, task.image_id, masker(task.image_id, image), h, w, task.inputs,
+                task.fingerprint)
     return task.image_id

@@ -27,7 +27,7 @@ from pipeline.segmenter.model import predict_labels
 def load_eval_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
     """A val image and its ground truth, at the size the index records (batches group by it)."""
     try:
-        image, gt = read_rgb(record.image), read_label(record.label)
+        image, gt = read_rgb(record.image, record.digest), read_label(record.label)
     except (ImageReadError, OSError) as exc:
         raise PipelineError(f"image {record.id}: {exc}") from exc
     if image.shape[:2] != gt.shape or gt.shape != (record.height, record.width):

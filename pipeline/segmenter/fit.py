@@ -103,7 +103,7 @@ def data_digest(
 def load_pair(record: Record, seeds_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """A training image and its seed."""
     try:
-        image = read_rgb(record.image)
+        image = read_rgb(record.image, record.digest)
         seed = read_label(seed_path(seeds_dir, record.id))
     except (ImageReadError, OSError) as exc:
         raise PipelineError(f"image {record.id}: {exc}") from exc

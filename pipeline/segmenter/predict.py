@@ -121,7 +121,7 @@ def prediction_for_image(res: dict[str, Any], item: dict[str, Any]) -> dict[str,
     Returns ``no_masks`` (post-processing had no quasi-superpixel) and, with ground truth, the
     confusion matrices ``raw`` and ``post`` (per alpha); without ground truth those are None."""
     image_id = item["id"]
-    image = read_rgb(item["image"])
+    image = read_rgb(item["image"], item.get("digest"))
     qs = None
     if item["postprocess"]:
         if res["generator"] is not None:
