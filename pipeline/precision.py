@@ -12,9 +12,12 @@ with a ``GradScaler``), which ``prompts.<which>.amp`` asks for on CUDA (:func:`t
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -25,6 +28,8 @@ class PrecisionError(PipelineError, ValueError):
 
 def autocast(device: torch.device | str, precision: str):
     """A context in which eligible ops run in ``precision`` on ``device`` (fp32: no change)."""
+    import torch  # here, not at import: the params schema imports this module
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device_type = torch.device(device).type
@@ -40,6 +45,8 @@ def training_precision(precision: str, amp: bool, device: torch.device | str) ->
     autocast, whose gradients underflow without a GradScaler, is a CUDA recipe); else
     ``precision`` (``compute.precision``). ``amp`` with a ``precision`` other than fp32 is two
     precisions at once: ValueError."""
+    import torch  # here, not at import: the params schema imports this module
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if amp and precision != "fp32":
@@ -50,6 +57,8 @@ def training_precision(precision: str, amp: bool, device: torch.device | str) ->
 
 def training_autocast(device: torch.device | str, precision: str):
     """The autocast of a training step in ``precision`` (one of :data:`TRAINING_PRECISIONS`)."""
+    import torch  # here, not at import: the params schema imports this module
+
     if precision not in TRAINING_PRECISIONS:
         raise ValueError(f"precision must be one of {TRAINING_PRECISIONS}, got {precision!r}")
     dtype = torch.float16 if precision == "fp16-amp" else torch.bfloat16
@@ -58,12 +67,16 @@ def training_autocast(device: torch.device | str, precision: str):
 
 def grad_scaler(device: torch.device | str, precision: str) -> "torch.amp.GradScaler":
     """The loss scaler of a training step in ``precision``: enabled for ``fp16-amp`` only."""
+    import torch  # here, not at import: the params schema imports this module
+
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16-amp")
 
 
 def check_bf16(device: torch.device | str, precision: str) -> None:
     """PrecisionError (a ValueError, one line) when bf16 is asked on a CUDA device without bfloat16
     support."""
+    import torch  # here, not at import: the params schema imports this module
+
     device = torch.device(device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)

@@ -202,3 +202,16 @@ def test_dvc_code_deps_are_the_stages_import_closure():
         assert deps - closure <= registered, (
             f"{stage}: dvc.yaml lists code the stage does not run {sorted(deps - closure - registered)}")
         assert all((ROOT / d).is_file() for d in deps), f"{stage}: a listed file does not exist"
+
+
+def test_light_commands_do_not_import_torch():
+    """prepare, configure and report touch no network: importing torch would add ~1 s and
+    ~570 MiB of peak RSS to each (the params schema once pulled it in through pipeline.precision)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.prepare, stages.configure, stages.report, pipeline.params; "
+            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out
