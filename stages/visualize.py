@@ -7,6 +7,11 @@ predictions are drawn as class-colour overlays on the image, and a legend names 
 Ids may come from the train or the eval split. A missing input (image not yet in a store, seed or
 prediction not yet written) leaves its panel blank rather than failing, so the command works
 part-way through a run.
+
+``--sample N`` draws the first N usable images of the train split and the first N of the eval
+split (index order: the same images every run and every experiment). The DVC stage ``panels``
+writes them to ``cache/plots/panels/``, an image plot: ``dvc plots show`` draws them with the
+curves, and ``dvc plots diff`` shows two revisions' panels side by side.
 """
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ def _open(path: str) -> ImageStore | None:
 
 
 @click.command("visualize")
-@click.option("--ids", "ids", multiple=True, required=True, help="Image id (repeatable).")
+@click.option("--ids", "ids", multiple=True, help="Image id (repeatable).")
+@click.option("--sample", type=click.IntRange(min=1), default=None,
+              help="Also the first N train and the first N eval images (a fixed sample).")
 @click.option("--which", type=click.Choice(["coarse", "fine"]), default="fine", show_default=True)
 @PARAMS_OPTION
 @INDEX_OPTION
@@ -49,15 +56,22 @@ def _open(path: str) -> ImageStore | None:
               help="Segmenter predictions (eval-split images).")
 @click.option("--out", default="cache/visualize", show_default=True,
               type=click.Path(file_okay=False))
-def command(ids: tuple[str, ...], which: str, params_path: str, index_dir: str, cams: str | None,
-            sam_masks: str, seeds_dir: str | None, predictions_dir: str, out: str) -> None:
+def command(ids: tuple[str, ...], sample: int | None, which: str, params_path: str, index_dir: str,
+            cams: str | None, sam_masks: str, seeds_dir: str | None, predictions_dir: str,
+            out: str) -> None:
     """PNG panels (image | masks by level | CAM | seed | ground truth) for a few ids."""
+    if not ids and sample is None:
+        raise click.UsageError("give image ids (--ids, repeatable) or --sample N")
     dataset = section(load_params(params_path), "dataset", DatasetConfig)
     train = load_split(index_dir, dataset.train_split)
     records, class_names = {r.id: r for r in train.good()}, train.class_names
+    drawn = [r.id for r in train.good()[:sample or 0]]
     if dataset.eval_split != dataset.train_split and split_path(index_dir, dataset.eval_split).is_file():
-        for r in load_split(index_dir, dataset.eval_split).good():
+        evaluated = load_split(index_dir, dataset.eval_split).good()
+        drawn += [r.id for r in evaluated[:sample or 0]]
+        for r in evaluated:
             records.setdefault(r.id, r)
+    ids = tuple(dict.fromkeys((*ids, *drawn)))
     unknown = [i for i in ids if i not in records]
     if unknown:
         raise PipelineError(f"image id {unknown[0]!r} is not a usable image of split "

@@ -1,6 +1,7 @@
 """The whole pipeline through DVC on a small embedded default: full run, selective reruns,
 experiments, a killed stage resumed, and the per-image stages on a 2-worker dask cluster."""
 import csv
+import json
 import filecmp
 import io
 import os
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.slow
 
 ALL_STAGES = {
     "prepare", "sam_masks", "clip_features", "train_prompts@cls", "cams@cls", "seeds@coarse",
-    "train_prompts@seg", "cams@seg", "seeds@fine", "train_segmenter", "predict",
+    "train_prompts@seg", "cams@seg", "seeds@fine", "train_segmenter", "predict", "panels",
 }
+# The fixed sample of the panels stage: the first 4 train and the first 4 val images.
+PANELS = {f"cache/plots/panels/demo_{i:04d}.png" for i in (0, 1, 2, 3, 6, 7, 8)}
 SMALL = {
     "dataset": {"demo": {"n_train": 6, "n_val": 3, "seed": 0}},
     "compute": {"scheduler": "local", "device": "cpu"},
@@ -77,7 +80,7 @@ def test_alpha_change_reruns_only_seeds_fine_and_after(project):
     assert "seeds@fine" in status and "seeds@coarse" not in status and "sam_masks" not in status
     out = sh("dvc", "repro", cwd=repo, env=env)
     ran = ran_stages(out)
-    assert "seeds@fine" in ran and ran <= {"seeds@fine", "train_segmenter", "predict"}, out
+    assert "seeds@fine" in ran and ran <= {"seeds@fine", "train_segmenter", "predict", "panels"}, out
     sh("git", "commit", "-q", "-am", "alpha", cwd=repo, env=env)
 
 
@@ -112,6 +115,19 @@ def test_dvc_exp_run_with_set_param(project):
         assert base[0][col] not in ("!", ""), (col, base[0][col])
     diff = sh("dvc", "metrics", "diff", cwd=repo, env=env)
     assert "seeds_fine.json" in diff or "No changes" in diff or diff.strip() == "", diff
+    # The panels of both revisions, side by side (in this tiny graph alpha 0.8 and 0.9 may give the
+    # same seeds, hence the same pictures: each revision's is its own file, the experiment's is
+    # the workspace's, where `dvc exp run` leaves its outputs).
+    name = sh("dvc", "exp", "list", "--name-only", cwd=repo, env=env).split()[0]
+    plots = json.loads(sh("dvc", "plots", "diff", "HEAD", name, "--json", cwd=repo, env=env))
+    images = {path: {e["revisions"][0]: e["url"] for e in entries if e.get("type") == "image"}
+              for path, entries in plots.get("data", plots).items() if path.endswith(".png")}
+    assert set(images) == PANELS, sorted(images)
+    train_panel = images["cache/plots/panels/demo_0000.png"]
+    assert set(train_panel) == {"HEAD", name}, train_panel
+    assert Path(train_panel["HEAD"]) != Path(train_panel[name])
+    assert Path(train_panel[name]).read_bytes() == (repo / "cache/plots/panels/demo_0000.png").read_bytes()
+    assert Path(train_panel["HEAD"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plots_render_offline(project, tmp_path):
@@ -120,6 +136,10 @@ def test_plots_render_offline(project, tmp_path):
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "vegaEmbed(" in page and "cdn.jsdelivr" not in page
     assert "<script src=" not in page  # everything the page runs is in the page
+    # The panels are drawn in the same page as the curves.
+    for panel in PANELS:
+        assert Path(panel).name in page, panel
+    assert len(list((tmp_path / "plots").rglob("*demo_0000.png"))) == 1
 
 
 def _same_tree(a: Path, b: Path) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 ALL_STAGES = {
     "prepare", "sam_masks", "clip_features", "train_prompts@cls", "cams@cls", "seeds@coarse",
-    "train_prompts@seg", "cams@seg", "seeds@fine", "train_segmenter", "predict",
+    "train_prompts@seg", "cams@seg", "seeds@fine", "train_segmenter", "predict", "panels",
 }
 # A real run's recipe (configure) with its run lengths cut down; model sizes stay real.
 SHORT = {

@@ -333,6 +333,14 @@ def test_visualize_writes_panel_of_expected_size(tmp_path):
     assert (tmp_path / "vis" / "a.png").read_bytes() == first  # deterministic colours
     bad = CliRunner().invoke(main, [*args[:2], "nope", *args[5:]])
     assert bad.exit_code == 1 and "'nope'" in bad.output
+    # A fixed sample: the first N usable train images (no eval split in this index), in order.
+    sampled = CliRunner().invoke(main, ["visualize", "--sample", "2", *args[5:],
+                                        "--out", str(tmp_path / "sample")])
+    assert sampled.exit_code == 0, sampled.output
+    assert sorted(p.name for p in (tmp_path / "sample").iterdir()) == ["a.png", "b.png"]
+    assert (tmp_path / "sample" / "a.png").read_bytes() == first
+    none = CliRunner().invoke(main, ["visualize", *args[5:]])
+    assert none.exit_code == 2 and "--sample" in none.output
 
 
 def test_seeds_image_without_present_class_is_background(tmp_path):
