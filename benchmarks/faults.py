@@ -17,8 +17,12 @@ command (dash) stays between DVC and the stage, outliving the kill.
 
 Checks (each printed as ``ok`` or ``FAIL``, and the script exits non-zero on any ``FAIL``):
 
-- the stage process (and anything else under ``dvc``) is gone within 15 s of the kill, and it
-  stopped before its store was complete (it did not run on to the end as an orphan);
+- the stage process (and anything else under ``dvc``) is gone within 15 s of the kill;
+- the orphan wrote at most what was in flight at the kill, then nothing more: the script lists
+  the store (the remote for ``push``) with every process under ``dvc`` stopped, at the kill; once
+  they are gone, the listing holds every entry complete at the kill plus at most the tasks in
+  flight at it (``IN_FLIGHT_LOCAL``: one image for a stage on the ``local`` scheduler, none for
+  the killed ``dvc push``), and ``SETTLE_S`` later it is unchanged;
 - the rerun recomputes nothing that was complete: every image file present after a kill keeps
   its inode and mtime through the reruns (DVC's commit moves it into the cache and hardlinks it
   back, which keeps both), and the stage's log says how many images it resumed;
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -52,6 +55,15 @@ from harness import print_ratio, sh
 from scale import bench_env, build, compare_trees
 
 CHECKS: list[tuple[str, bool]] = []
+#: Images a stage may still complete after the kill: on ``compute.scheduler: local`` (the
+#: projects' scheduler, ``scale.TRAINING``) ``stages.execution.run_per_image`` runs one task at
+#: a time in the stage's process, and the stage exits (SIGTERM raised as SystemExit between two
+#: bytecodes) before it starts another, so only the image in hand can be renamed into the store.
+IN_FLIGHT_LOCAL = 1
+#: Seconds to wait once the processes are gone before listing the store again: four polls of
+#: the die-with-parent watchdog (``stages.watch.die_with_parent``, 0.5 s); a stage still writing
+#: would add an image every 0.02-0.1 s with the demo's models.
+SETTLE_S = 2.0
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
@@ -60,13 +72,14 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
     return ok
 
 
-def count_files(folder: Path, suffix: str | None = None) -> int:
+def list_files(folder: Path, suffix: str | None = None) -> set[str]:
+    """Files under ``folder`` (relative paths), or of its entries those named ``*suffix``."""
     if not folder.is_dir():
-        return 0
+        return set()
     if suffix is None:
-        return sum(1 for p in folder.rglob("*") if p.is_file())
+        return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     with os.scandir(folder) as entries:
-        return sum(1 for e in entries if e.name.endswith(suffix))
+        return {e.name for e in entries if e.name.endswith(suffix)}
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -107,28 +120,72 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def kill_midway(args: list[str], repo: Path, env: dict, watch, target: int, what: str,
-                log: Path, total: int | None = None) -> int:
-    """Run ``args``; SIGKILL the process when ``watch()`` reaches ``target``; check that its
-    descendants stop by themselves. Returns watch() after the kill."""
+def stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (or the process is gone): a system call it was in
+    has returned, so nothing it does shows up later."""
+    try:
+        tasks = list((Path("/proc") / str(pid) / "task").iterdir())
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] not in "TtZX":
+            return False
+    return True
+
+
+def orphan_writes(at_kill: set[str], after: set[str], later: set[str], in_flight: int) -> list[str]:
+    """What breaks "the store holds no more than the entries complete or in flight at the kill,
+    and nothing more appears": ``at_kill``, the store's entries at the kill (every process
+    stopped); ``after``, once the processes are gone; ``later``, a while after that. Empty when
+    it holds."""
+    problems = []
+    lost = sorted(at_kill - after)
+    if lost:
+        problems.append(f"{len(lost)} entries complete at the kill are gone (e.g. {lost[:3]})")
+    new = sorted(after - at_kill)
+    if len(new) > in_flight:
+        problems.append(f"{len(new)} entries appeared after the kill, more than the {in_flight} "
+                        f"in flight (e.g. {new[:3]})")
+    if later != after:
+        problems.append(f"the listing changed {SETTLE_S:.0f} s after the processes were gone: "
+                        f"{len(later - after)} new, {len(after - later)} gone")
+    return problems
+
+
+def kill_midway(args: list[str], repo: Path, env: dict, listing, target: int, what: str,
+                log: Path, in_flight: int, total: int | None = None) -> None:
+    """Run ``args``; SIGKILL the process when ``listing()`` (the names in the store it writes)
+    reaches ``target`` entries; check that its descendants stop by themselves and that the store
+    then holds at most the entries complete or (``in_flight`` of them) in flight at the kill,
+    with nothing more ``SETTLE_S`` later."""
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(args)}  (to be killed at {target})\n")
         out.flush()
         proc = subprocess.Popen(args, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        while watch() < target and proc.poll() is None:
+        while len(listing()) < target and proc.poll() is None:
             time.sleep(0.02)
     if proc.poll() is not None:
         check(f"{what}: the kill landed mid-way", False, f"{' '.join(args)} ended first ({proc.returncode})")
-        return watch()
+        return
     # Freeze dvc's process group at the count (one system call), so that the kill lands there
     # however fast the images go and however long listing the processes takes; the stage gets
     # the continue signal right after dvc's SIGKILL and must then stop by itself.
     os.killpg(proc.pid, signal.SIGSTOP)
-    at_kill = watch()
     kids = descendants(proc.pid)
     for k in kids:
         _signal(k, signal.SIGSTOP)  # any child that left dvc's process group
+    # SIGSTOP lands when a thread returns to user space: list the store once every thread is
+    # stopped, so that no rename in progress completes after the listing
+    deadline = time.time() + 10
+    while not (all_stopped := all(stopped(p) for p in [proc.pid, *kids])) and time.time() < deadline:
+        time.sleep(0.01)
+    names_at_kill = listing()
+    at_kill = len(names_at_kill)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     for k in kids:
@@ -153,7 +210,26 @@ def kill_midway(args: list[str], repo: Path, env: dict, watch, target: int, what
     for k in left:  # ours: stop them so the rerun is not blocked (the check above failed)
         os.kill(k, signal.SIGKILL)
     time.sleep(0.5)
-    return watch()
+    after = listing()
+    time.sleep(SETTLE_S)
+    later = listing()
+    problems = orphan_writes(names_at_kill, after, later, in_flight)
+    if not all_stopped:
+        problems.append("a process under dvc had not stopped 10 s after SIGSTOP: the listing at the "
+                        "kill may miss what it wrote")
+    check(f"{what}: the store holds no more than the entries complete or in flight ({in_flight}) "
+          f"at the kill, and nothing more {SETTLE_S:.0f} s later", not problems,
+          f"{at_kill} at the kill, {len(after)} once its processes were gone, {len(later)} "
+          f"{SETTLE_S:.0f} s later" + (f"; {'; '.join(problems)}" if problems else ""))
+
+
+def in_flight_tasks(repo: Path) -> int:
+    """Images a stage of the project may have in flight at a kill (``IN_FLIGHT_LOCAL``)."""
+    scheduler = yaml.safe_load((repo / "params.yaml").read_text())["compute"]["scheduler"]
+    if scheduler != "local":
+        raise SystemExit(f"compute.scheduler: {scheduler}: this script bounds the images in flight "
+                         "for the local scheduler only")
+    return IN_FLIGHT_LOCAL
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -230,15 +306,15 @@ def main() -> None:
             sam = repo / "cache" / "sam_masks.zarr"
             cls = repo / "cache" / "cams" / "cls.zarr"
             # 1. kill -9 of dvc repro half-way through sam_masks
-            kill_midway(["dvc", "repro"], repo, env, lambda: count_files(sam, ".zip"), n_all // 2,
-                        "repro in sam_masks", log, total=n_all)
+            stage_in_flight = in_flight_tasks(repo)
+            kill_midway(["dvc", "repro"], repo, env, lambda: list_files(sam, ".zip"), n_all // 2,
+                        "repro in sam_masks", log, stage_in_flight, total=n_all)
             sam_before = snapshot(sam)
-            check("repro in sam_masks: the orphaned stage stopped before its store was complete",
-                  len(sam_before) < n_all, f"{len(sam_before)} of {n_all} images complete after the kill "
-                  f"({time.time() - t0:.0f} s)")
+            print(f"  {len(sam_before)} of {n_all} images complete after the kill "
+                  f"({time.time() - t0:.0f} s)", flush=True)
             # 2. dvc repro again, kill -9 half-way through cams@cls
-            kill_midway(["dvc", "repro"], repo, env, lambda: count_files(cls, ".zip"), n // 2,
-                        "repro in cams@cls", log, total=n)
+            kill_midway(["dvc", "repro"], repo, env, lambda: list_files(cls, ".zip"), n // 2,
+                        "repro in cams@cls", log, stage_in_flight, total=n)
             m = last_log(repo, "sam_masks", r"(\d+) images computed, (\d+) already in the store")
             check("sam_masks resumed: computed only the images the kill left out",
                   m is not None and int(m[1]) == n_all - len(sam_before) and int(m[2]) == len(sam_before),
@@ -248,9 +324,8 @@ def main() -> None:
                   not changed, f"{len(sam_before) - len(changed)} of {len(sam_before)} unchanged"
                   + (f", e.g. {changed[:3]}" if changed else ""))
             cls_before = snapshot(cls)
-            check("repro in cams@cls: the orphaned stage stopped before its store was complete",
-                  len(cls_before) < n, f"{len(cls_before)} of {n} images complete after the kill "
-                  f"({time.time() - t0:.0f} s)")
+            print(f"  {len(cls_before)} of {n} images complete after the kill "
+                  f"({time.time() - t0:.0f} s)", flush=True)
             # 3. dvc repro to the end
             with open(log, "a") as out:
                 done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, stdout=out,
@@ -289,9 +364,10 @@ def main() -> None:
         sh("dvc", "remote", "add", "-d", "store", remote, cwd=repo, env=env)
         sh("git", "add", "-A", cwd=repo, env=env)
         sh("git", "commit", "-q", "-m", "run", cwd=repo, env=env)
-        objects = count_files(repo / ".dvc" / "cache" / "files")
-        kill_midway(["dvc", "push"], repo, env, lambda: count_files(remote),
-                    max(1, int(objects * args.push_kill_at)), "push", log)
+        objects = len(list_files(repo / ".dvc" / "cache" / "files"))
+        # in flight: none; the killed dvc push is the only writer, and its threads die with it
+        kill_midway(["dvc", "push"], repo, env, lambda: list_files(remote),
+                    max(1, int(objects * args.push_kill_at)), "push", log, 0)
         named = re.compile(r"files/md5/[0-9a-f]{2}/[0-9a-f]{30}(\.dir)?")
         in_flight = re.compile(r"files/md5/[0-9a-f]{2}/\.[\w-]+\.tmp")
         after = [str(p.relative_to(remote)) for p in remote_objects(remote)]

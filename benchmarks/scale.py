@@ -26,10 +26,22 @@ Per stage and size it prints:
 - ``files`` and ``disk``: files in the stage's outputs and their size (``du``: allocated blocks,
   a hardlink to DVC's cache counted once; the cache itself is not counted again).
 
-Last lines: ``RATIO per_image_growth`` (over the per-image stages, the largest of loop/img and of
+Memory, for every stage (training stages included): the marginal peak RSS per train image,
+``KiB/image``, the least-squares slope of the stage's peak RSS over the train-split sizes run
+(the fixed memory, libraries and models, is in the intercept, not in the slope), and what that
+slope adds at COCO train2014's 82,783 images (``COCO GiB``). One line per stage,
+``MEMORY stage=<name> kib_per_image=<slope> coco_gib=<slope x 82,783> target_kib=<target>
+allowed_kib=<target + noise> verdict=ok|over``, then ``MEMORY_VERDICT verdict=ok|over stages=<n>
+over=<n> [names=<stages>]``. Each stage's target is in ``MEMORY_TARGET_KIB``; the spread of peak RSS
+with no growth per image (``RSS_NOISE_MIB``, over the range of sizes run) is allowed on top, so
+a run over a wider range of sizes checks a tighter bound (``allowed_kib``). A stage over its
+allowance makes the script exit non-zero. The x of every slope is the train-split size: for
+``predict``, whose val images stay at ``--val``, the slope says whether it grows with the
+training data, not with the images it predicts.
+
+Last line: ``RATIO per_image_growth`` (over the per-image stages, the largest of loop/img and of
 wall/u at the largest size over the smallest, and of the marginal CPU seconds per image of the
-last size step over the first; want <= 1.3) and ``RATIO memory_growth`` (the same
-for the stage's peak RSS; want <= 1.5). ``--scheduler`` also runs the smallest size through a real
+last size step over the first; want <= 1.3). ``--scheduler`` also runs the smallest size through a real
 dask cluster (``dask scheduler`` and two ``dask worker --nthreads 1`` processes on 127.0.0.1, started
 in another directory than the project, stopped on exit) with ``compute.scheduler: tcp://...`` and
 checks that every file under ``cache/`` that a stage wrote is byte-identical to the serial run's.
@@ -73,11 +85,32 @@ STAGES = {
     "seeds@fine": (["cache/seeds/fine"], "image", "seeds fine"),
     "train_segmenter": (["cache/segmenter"], "step", None),
     "predict": (["cache/predictions"], "image", "predict"),
+    # a fixed sample of images (dvc.yaml's --sample) at every size: one unit per run
+    "panels": (["cache/plots/panels"], "run", None),
 }
 PER_IMAGE = [s for s, (_, _, desc) in STAGES.items() if desc is not None]
 #: Outputs of the per-image stages: compared file by file between the serial and the dask run.
 PER_IMAGE_OUTS = [o for s in PER_IMAGE for o in STAGES[s][0]]
 PROMPT_STEPS, SEGMENTER_STEPS = 10, 10
+#: COCO train2014's image count: the size the marginal memory per image is projected to.
+COCO_TRAIN_IMAGES = 82_783
+#: Marginal peak RSS each stage may add per train image (KiB/image), the exit status's target.
+#: What a stage holds for the whole run by design is per-image bookkeeping only: the split's
+#: index records and the task list (an index record is about 0.5 KiB as Python objects,
+#: tracemalloc; a task, a tuple of paths and digests, about as much); images, masks, CAMs,
+#: features and seeds are read one at a time (training: one batch at a time) and per-image
+#: results are summed as they arrive (seeds' and predict's confusion matrices), never kept.
+#: 8 KiB/image leaves several times that bookkeeping and keeps a stage under 0.63 GiB above its
+#: models at COCO train2014 size; a stage that kept every image's CLIP features (about 350 KiB
+#: per image even with the demo's tiny CLIP, docs/performance.md) would be far over it.
+MEMORY_TARGET_KIB = {stage: 8.0 for stage in STAGES}
+#: Peak RSS of one stage varies by this much with no growth per image: at 20, 40 and 80 train
+#: images train_prompts@seg peaked at 1,058, 1,026 and 1,012 MiB (its fixed-size batches are
+#: drawn from a different dataset at each size), and predict, on the same 8 val images at every
+#: size, at 947, 954 and 938 MiB. A rise smaller than this over the sizes run cannot be told
+#: from that, so RSS_NOISE_MIB / (largest - smallest size) is allowed on top of the target: the
+#: check resolves the target itself only over thousands of images (6,144 for twice the target).
+RSS_NOISE_MIB = 48.0
 #: Overrides of params.yaml, the same at every size: short trainings, and (unless
 #: ``--default-settings``) the end-to-end test's lighter per-image settings (SAM's point grid 8
 #: per side without crop layers, 2 cached views, one predict scale), so that thousands of images
@@ -198,6 +231,11 @@ def run_size(root: Path, n_train: int, n_val: int, log: Path, light: bool = True
     rusage = root / "rusage.jsonl"
     wrap_commands(repo, rusage)
     sh("git", "commit", "-q", "-am", "measured commands", cwd=repo, env=env)
+    graph = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    if sorted(graph) != sorted(STAGES):
+        # every stage of dvc.yaml is measured (its memory target included), and only those
+        raise SystemExit(f"dvc.yaml's stages {sorted(graph)} are not this script's {sorted(STAGES)}")
     rows = []
     for stage, (outs, unit, desc) in STAGES.items():
         before = rusage.read_text().count("\n") if rusage.exists() else 0
@@ -213,6 +251,8 @@ def run_size(root: Path, n_train: int, n_val: int, log: Path, light: bool = True
             n = PROMPT_STEPS
         elif stage == "sam_masks" or stage == "prepare":
             n = n_train + n_val
+        elif stage == "panels":
+            n = 1
         else:
             n = n_train
         loop = loop_seconds(repo, desc) if desc else None
@@ -394,7 +434,7 @@ def same_images(work: Path, small: int, large: int, n_ids: int = 50) -> dict[str
 
 # -- report ------------------------------------------------------------------------------------------
 
-def print_table(rows: list[dict], sizes: list[int]) -> tuple[float, float, dict]:
+def print_table(rows: list[dict], sizes: list[int]) -> tuple[float, dict]:
     by = {(r["stage"], r["size"]): r for r in rows}
     print()
     print(f"{'stage':<18} {'train':>6} {'units':>6} {'wall s':>8} {'wall/u':>9} {'loop/img':>9} "
@@ -403,7 +443,9 @@ def print_table(rows: list[dict], sizes: list[int]) -> tuple[float, float, dict]
     for stage, (_, unit, desc) in STAGES.items():
         prev = None
         for size in sizes:
-            r = by[(stage, size)]
+            r = by.get((stage, size))
+            if r is None:  # rows of a run from before the stage existed (--table-from)
+                continue
             marg = cpu_marg = ""
             if prev is not None and r["n"] != prev["n"]:
                 marg = f"{(r['wall'] - prev['wall']) / (r['n'] - prev['n']):.4f}"
@@ -416,12 +458,11 @@ def print_table(rows: list[dict], sizes: list[int]) -> tuple[float, float, dict]
                   f"{r['disk_bytes'] / 2**20:>9.1f}")
             prev = r
     small, large = sizes[0], sizes[-1]
-    growth, memory, detail = 1.0, 1.0, {}
+    growth, detail = 1.0, {}
     for stage in PER_IMAGE:
         a, b = by[(stage, small)], by[(stage, large)]
         wall_g = (b["wall"] / b["n"]) / (a["wall"] / a["n"])
         loop_g = (b["loop"] / b["n"]) / (a["loop"] / a["n"])
-        mem_g = b["stage_rss_mib"] / a["stage_rss_mib"]
         # CPU seconds do not depend on what else the machine runs, wall seconds do: the marginal
         # CPU seconds per image of the last step of sizes over the first (the whole process's
         # CPU for predict, whose image count does not change).
@@ -430,15 +471,77 @@ def print_table(rows: list[dict], sizes: list[int]) -> tuple[float, float, dict]
         else:
             a2, b2 = by[(stage, sizes[1])], by[(stage, sizes[-2])]
             cpu_g = ((b["cpu"] - b2["cpu"]) / (b["n"] - b2["n"])) / ((a2["cpu"] - a["cpu"]) / (a2["n"] - a["n"]))
-        detail[stage] = {"wall_growth": wall_g, "loop_growth": loop_g, "cpu_growth": cpu_g,
-                         "memory_growth": mem_g}
-        growth, memory = max(growth, wall_g, loop_g, cpu_g), max(memory, mem_g)
+        detail[stage] = {"wall_growth": wall_g, "loop_growth": loop_g, "cpu_growth": cpu_g}
+        growth = max(growth, wall_g, loop_g, cpu_g)
     print(f"\ngrowth from {small} to {large} train images (per image; largest over smallest; "
           "cpu: marginal CPU s per image of the last size step over the first):")
     for stage, d in detail.items():
         print(f"  {stage:<14} wall/u {d['wall_growth']:.2f}  loop/img {d['loop_growth']:.2f}  "
-              f"cpu marg {d['cpu_growth']:.2f}  stage RSS {d['memory_growth']:.2f}")
-    return growth, memory, detail
+              f"cpu marg {d['cpu_growth']:.2f}")
+    return growth, detail
+
+
+def rss_slope_kib(points: list[tuple[int, float]]) -> float:
+    """KiB per image: the least-squares slope of peak RSS (MiB) over images, from (images, MiB)
+    pairs of at least two distinct image counts."""
+    xs, ys = [x for x, _ in points], [y * 1024 for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("a slope needs at least two distinct image counts")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def memory_fits(rows: list[dict]) -> list[dict]:
+    """Per stage of ``MEMORY_TARGET_KIB``: the marginal peak RSS per train image over the rows'
+    sizes, its COCO train2014 projection, the target, the allowance (target + ``RSS_NOISE_MIB``
+    over the range of sizes) and ``ok``. A stage with no rows, or rows at one size only, is a
+    ``ValueError``: a stage left out is not a pass."""
+    fits = []
+    for stage, target in MEMORY_TARGET_KIB.items():
+        points = [(r["size"], r["stage_rss_mib"]) for r in rows if r["stage"] == stage]
+        if not points:
+            raise ValueError(f"no peak RSS measured for stage {stage}")
+        span = max(x for x, _ in points) - min(x for x, _ in points)
+        slope = rss_slope_kib(points)
+        allowed = target + RSS_NOISE_MIB * 1024 / span
+        fits.append({"stage": stage, "kib_per_image": slope,
+                     "coco_gib": slope * COCO_TRAIN_IMAGES / 2**20, "target_kib": target,
+                     "allowed_kib": allowed, "ok": slope <= allowed,
+                     "sizes": sorted({x for x, _ in points})})
+    return fits
+
+
+def memory_lines(fits: list[dict]) -> list[str]:
+    """The machine-readable lines: one ``MEMORY`` line per stage, then ``MEMORY_VERDICT``."""
+    lines = [f"MEMORY stage={f['stage']} kib_per_image={f['kib_per_image']:.1f} "
+             f"coco_gib={f['coco_gib']:.2f} target_kib={f['target_kib']:.1f} "
+             f"allowed_kib={f['allowed_kib']:.1f} verdict={'ok' if f['ok'] else 'over'}" for f in fits]
+    over = [f["stage"] for f in fits if not f["ok"]]
+    lines.append(f"MEMORY_VERDICT verdict={'over' if over or not fits else 'ok'} stages={len(fits)} "
+                 f"over={len(over)}" + (f" names={','.join(over)}" if over else ""))
+    return lines
+
+
+def print_memory(rows: list[dict]) -> bool:
+    """Print the marginal memory per image of every stage and the verdict; True when every stage
+    is within its allowance."""
+    try:
+        fits = memory_fits(rows)
+    except ValueError as exc:  # rows without a stage, or at one size: nothing to pass
+        print(f"\nMEMORY_VERDICT verdict=unmeasured ({exc})")
+        return False
+    sizes = fits[0]["sizes"]
+    print(f"\nmarginal peak RSS per train image (least-squares slope over {', '.join(map(str, sizes))} "
+          f"train images; COCO: x {COCO_TRAIN_IMAGES:,}; allowed: target + {RSS_NOISE_MIB:.0f} MiB "
+          f"of peak-RSS spread over {sizes[-1] - sizes[0]} images):")
+    print(f"  {'stage':<18} {'KiB/image':>10} {'COCO GiB':>9} {'target':>7} {'allowed':>8}")
+    for f in fits:
+        print(f"  {f['stage']:<18} {f['kib_per_image']:>10.1f} {f['coco_gib']:>9.2f} "
+              f"{f['target_kib']:>7.1f} {f['allowed_kib']:>8.1f}" + ("" if f["ok"] else "  OVER"))
+    for line in memory_lines(fits):
+        print(line)
+    return all(f["ok"] for f in fits)
 
 
 def projection(rows: list[dict], sizes: list[int]) -> None:
@@ -494,15 +597,19 @@ def main() -> None:
     if args.table_from:
         rows = json.loads(args.table_from.read_text())
         sizes = sorted({r["size"] for r in rows})
-        growth, memory, _ = print_table(rows, sizes)
+        growth, _ = print_table(rows, sizes)
         projection(rows, sizes)
         if args.same_images:
             print()
             same_images(args.same_images, sizes[0], sizes[-1])
+        memory_ok = print_memory(rows)
         print_ratio("per_image_growth", growth)
-        print_ratio("memory_growth", memory)
+        if not memory_ok:
+            raise SystemExit(1)
         return
-    sizes = sorted(args.images)
+    sizes = sorted(set(args.images))
+    if len(sizes) < 2:
+        ap.error("--images: at least two distinct sizes (the marginal memory per image is a slope)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wsss-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
@@ -523,14 +630,14 @@ def main() -> None:
     finally:
         if args.workdir is None and not os.environ.get("WSSS_SCALE_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
-    growth, memory, _ = print_table(rows, sizes)
+    growth, _ = print_table(rows, sizes)
     projection(rows, sizes)
     print(f"\ntotal {time.time() - t0:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
+    memory_ok = print_memory(rows)
     for problem in PROBLEMS:
         print(f"PROBLEM: {problem}")
     print_ratio("per_image_growth", growth)
-    print_ratio("memory_growth", memory)
-    if PROBLEMS:
+    if PROBLEMS or not memory_ok:
         raise SystemExit(1)
 
 
