@@ -259,8 +259,10 @@ class PromptsConfig:
     """Background prompts with the real names, or context + "." only (VOC seg)."""
     init_std: float = param(0.015, ge=0)
     """Std of the context initialisation (cls 0.015, VOC seg 0.0125)."""
-    init: Literal["random", "cls"] = "random"
-    """seg only: start from N(0, init_std²) contexts (the reference) or from the trained
+    init: str = "random"
+    """``random``: N(0, init_std²) contexts (the reference). A phrase (``"a photo of a"``): its
+    word embeddings fill the context positions next to the class name, the rest stays random
+    (CoOp's initialisation from words; not in the paper). seg only, ``cls``: the trained
     classification context (a warm start, not in the paper; needs the cls prompts' layout:
     shared context, class at the end, the same background names, as COCO's seg prompts have)."""
     iterations: int = param(1800, ge=1)
@@ -298,6 +300,9 @@ class PromptsConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.init, str) or not self.init.strip():
+            raise ConfigError("prompts.*.init must be random, cls (seg only) or a phrase such as "
+                              "'a photo of a'")
         if self.warmup_iterations > self.iterations:
             raise ConfigError("prompts.*.warmup_iterations must be in [0, iterations]")
         if self.sub_batches > self.batch_size:

@@ -46,6 +46,7 @@ METHOD: dict[str, dict[str, Any]] = {
         "dataset.eval_split": "val",
         "seeds.coarse.alpha": 0.6,
         "seeds.fine.alpha": 0.7,
+        "prompts.cls.init": "random",  # the paper's start, whatever the demo uses
         "cams.cls.caa.enabled": True,
         "cams.cls.caa.t_box": 0.4,
         "cams.cls.caa.propagate": "score",
@@ -60,6 +61,7 @@ METHOD: dict[str, dict[str, Any]] = {
         "dataset.eval_split": "val",
         "clip_features.augment.long_side_range": [318, 530],
         "prompts.seg.loss_classes": "image",
+        "prompts.cls.init": "random",
         # COCO uses the classification-style prompts for both sets (§2).
         "prompts.seg.shared_context": True,
         "prompts.seg.class_position": "end",

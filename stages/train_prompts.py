@@ -43,6 +43,7 @@ from pipeline.prompts.batches import BatchSource
 from pipeline.prompts.checkpoints import (
     build_learner,
     load_learner,  # noqa: F401  (test_golden_prompt imports it from here)
+    phrase_start,
     warm_start,
 )
 from pipeline.prompts.loop import train
@@ -80,8 +81,9 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     if which == "cls" and "loss_classes" in params["prompts"]["cls"]:
         raise PipelineError("params.yaml: prompts.cls.loss_classes has no effect (classification prompts "
                          "learn from the image labels); it belongs to prompts.seg")
-    if which == "cls" and cfg.init != "random":
-        raise PipelineError("params.yaml: prompts.cls.init must be random (cls is what seg can start from)")
+    if which == "cls" and cfg.init == "cls":
+        raise PipelineError("params.yaml: prompts.cls.init must be random or a phrase such as "
+                            "'a photo of a' (cls is what seg can start from)")
     if which == "seg" and seeds is None:
         raise PipelineError("--seeds (the coarse seed directory) is required for --which seg")
     if seeds is not None and not Path(seeds).is_dir():
@@ -106,6 +108,8 @@ def command(which, params_path, features, index_dir, seeds, out, init_prompts, m
     learner = build_learner(clip, split.class_names, split.dataset, cfg)
     if cfg.init == "cls":
         warm_start(learner, clip, Path(init_prompts))
+    elif cfg.init != "random":
+        phrase_start(learner, clip, cfg.init, f"prompts.{which}.init")
     source = BatchSource(which, cfg, split, Path(features), Path(seeds) if seeds else None,
                          features_cfg, clip)
     provenance = clip_provenance(clip_cfg, sha)

@@ -351,7 +351,51 @@ def test_seg_prompts_can_start_from_the_cls_context(work, tmp_path):
         assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad.pt").exists()
     res = _invoke("train-prompts", "--which", "cls", "--params", _params(work, tmp_path, cls__init="cls"),
                   "--index", work / "index", "--features", work / "features", "--out", tmp_path / "x.pt")
-    assert res.exit_code == 1 and "prompts.cls.init must be random" in res.output
+    assert res.exit_code == 1 and "prompts.cls.init must be random or a phrase" in res.output
+
+
+def test_classification_prompts_start_from_a_phrase(work, tmp_path):
+    """``prompts.cls.init: "a photo of a"``: the context positions next to the class name start as
+    the phrase's word embeddings (the prompts read "... a photo of a cat."), the rest as random."""
+    from pipeline.clip.factory import build_clip, clip_kwargs
+    from pipeline.params import ClipConfig, section
+    from pipeline.prompts.learner import _tokenizer, phrase_context
+
+    def train(out, **overrides):
+        return _invoke("train-prompts", "--which", "cls", "--params",
+                       _params(work, tmp_path, cls__iterations=1, cls__warmup_iterations=1,
+                               cls__checkpoint_every=1, **overrides),
+                       "--index", work / "index", "--features", work / "features", "--out", out,
+                       "--metrics", out.with_suffix(".csv"))
+
+    params = yaml.safe_load(_params(work, tmp_path).read_text())
+    clip = build_clip(**clip_kwargs(section(params, "clip", ClipConfig), "cpu"))
+    learner = PromptLearner(clip.model, ["cat", "dog", "sky"], 2, n_ctx=6, seed=3)
+    ids = _tokenizer().encode("a photo of a")
+    words = clip.model.token_embedding.weight[ids].float()
+    ctx = phrase_context(learner, clip.model, "a photo of a")
+    torch.testing.assert_close(ctx[2:], words, rtol=0, atol=0)  # next to the class name
+    torch.testing.assert_close(ctx[:2], learner.ctx[:2].detach(), rtol=0, atol=0)
+    # the prompt embeddings of "cat" then hold exactly the tokens of "a photo of a cat."
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+    hand = clip.model.token_embedding.weight[_tokenizer().encode("a photo of a cat.")].float()
+    torch.testing.assert_close(learner.prompt_embeddings()[0, 3:3 + len(hand)], hand, rtol=0, atol=0)
+    front = PromptLearner(clip.model, ["cat"], 1, n_ctx=6, class_position="front", seed=3)
+    torch.testing.assert_close(phrase_context(front, clip.model, "a photo of a")[:4], words, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the context holds 1 to 6"):
+        phrase_context(learner, clip.model, "a photo of a very very small cat")
+
+    # The stage: a phrase start differs from the random start and is deterministic.
+    a, b, r = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "r.pt"
+    for out, init in ((a, "a photo of a"), (b, "a photo of a"), (r, "random")):
+        res = train(out, cls__init=init)
+        assert res.exit_code == 0, res.output
+    ctx = {k: torch.load(v, weights_only=True)["ctx"] for k, v in (("a", a), ("b", b), ("r", r))}
+    torch.testing.assert_close(ctx["a"], ctx["b"], rtol=0, atol=0)
+    assert not torch.equal(ctx["a"], ctx["r"])
+    long = train(tmp_path / "long.pt", cls__init=" ".join(["cat"] * 40))
+    assert long.exit_code == 1 and "prompts.cls.init" in long.output and "the context holds" in long.output
 
 
 def test_crop_320_trains_segmentation_prompts(work, tmp_path):

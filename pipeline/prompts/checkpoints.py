@@ -16,7 +16,7 @@ from pipeline import tensorfile
 from pipeline.errors import PipelineError
 from pipeline.params import PromptsConfig
 from pipeline.prompts.class_names import background_names, prompt_names
-from pipeline.prompts.learner import PromptLearner, warm_start_context
+from pipeline.prompts.learner import PromptLearner, phrase_context, warm_start_context
 
 PROMPTS_KEYS = ("spec", "ctx")
 """Keys every final prompts checkpoint holds."""
@@ -82,5 +82,16 @@ def warm_start(learner: PromptLearner, clip, path: Path) -> None:
     except ValueError as exc:
         raise PipelineError(f"prompts.seg.init is cls but the seg prompts differ from {path} in "
                          f"{exc} (a warm start needs the same prompt layout)") from exc
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+
+
+def phrase_start(learner: PromptLearner, clip, phrase: str, key: str) -> None:
+    """Start ``learner``'s context from ``phrase`` (``init: "a photo of a"``,
+    :func:`pipeline.prompts.learner.phrase_context`); ``key`` names the param in errors."""
+    try:
+        ctx = phrase_context(learner, clip.model, phrase)
+    except ValueError as exc:
+        raise PipelineError(f"params.yaml: {key}: {exc}") from exc
     with torch.no_grad():
         learner.ctx.copy_(ctx)

@@ -216,3 +216,23 @@ def warm_start_context(learner: PromptLearner, source: PromptLearner) -> torch.T
     if differs:
         raise ValueError(", ".join(differs))
     return ctx.detach().to(learner.ctx.device)
+
+
+def phrase_context(learner: PromptLearner, clip_model: torch.nn.Module, phrase: str) -> torch.Tensor:
+    """``learner``'s context started from a phrase (``prompts.<which>.init: "a photo of a"``,
+    CoOp's initialisation from words): the phrase's k token embeddings fill the k context
+    positions next to the class name (the last k when the class is at the end, the first k when
+    it is in front) of every prompt, so that the prompts start as the hand-written ones ("... a
+    photo of a cat."); the other ``n_ctx - k`` positions keep their random start. Raises
+    ValueError when the phrase is empty or has more tokens than the context."""
+    ids = _tokenizer().encode(phrase)
+    if not ids or len(ids) > learner.n_ctx:
+        raise ValueError(f"{phrase!r} is {len(ids)} tokens, the context holds 1 to {learner.n_ctx}")
+    with torch.no_grad():
+        weight = clip_model.token_embedding.weight
+        words = clip_model.token_embedding(torch.tensor(ids, device=weight.device)).float()
+        ctx = learner.ctx.detach().clone()
+        k = len(ids)
+        positions = slice(learner.n_ctx - k, None) if learner.class_position == "end" else slice(0, k)
+        ctx[..., positions, :] = words.to(ctx)
+    return ctx
