@@ -9,8 +9,10 @@ from pipeline.sam.quasi_superpixels import (
     QuasiSuperpixelGenerator,
     QuasiSuperpixels,
     occupation_filter,
+    occupation_filter_batched,
     remove_small_regions,
     threshold_logits,
+    threshold_logits_batched,
 )
 from tests.test_golden_samgen import fake_predictor
 
@@ -25,7 +27,12 @@ def row_mask(row: int, cols) -> np.ndarray:
 
 
 def kept(masks, levels, thresh=0.3) -> list[int]:
-    return occupation_filter(np.stack(masks), np.array(levels, np.uint8), thresh).tolist()
+    """The box-window filter's choice, checked against the batched filter's."""
+    masks, levels = np.stack(masks), np.array(levels, np.uint8)
+    out = occupation_filter(masks, levels, thresh).tolist()
+    batched = occupation_filter_batched(torch.from_numpy(masks), torch.from_numpy(levels), thresh)
+    assert batched.dtype == torch.int64 and batched.tolist() == out
+    return out
 
 
 # -- occupation filter --------------------------------------------------------------------------
@@ -78,6 +85,9 @@ def test_output_order_wholes_then_parts_then_sub_parts():
 def test_occupation_of_no_masks():
     out = occupation_filter(np.zeros((0, H, W), bool), np.zeros(0, np.uint8), 0.3)
     assert out.shape == (0,)
+    out = occupation_filter_batched(torch.zeros((0, H, W), dtype=torch.bool),
+                                    torch.zeros(0, dtype=torch.uint8), 0.3)
+    assert out.shape == (0,) and out.dtype == torch.int64
 
 
 def reference_occupation(masks: np.ndarray, levels: np.ndarray, thresh: float) -> list[int]:
@@ -109,6 +119,9 @@ def test_occupation_filter_matches_the_whole_image_reference(seed):
         got = occupation_filter(masks, levels, thresh, boxes=boxes)
         assert got.dtype == torch.int64 and got.tolist() == expected, thresh
         assert occupation_filter(masks, levels, thresh).tolist() == expected, thresh
+        batched = occupation_filter_batched(torch.from_numpy(masks), torch.from_numpy(levels),
+                                            thresh)
+        assert batched.tolist() == expected, thresh
     assert 0 < len(reference_occupation(masks, levels, 0.3)) < len(masks)
 
 
@@ -131,7 +144,9 @@ def test_threshold_logits_matches_segment_anything():
     logits[3, 4:9, 6:20] = np.nan
     logits[4, 10, 10] = np.inf
     logits[4, 11, 11] = -np.inf
-    logits[5] = np.round(logits[5])                     # many values at 0 and at +-1
+    # Values exactly at the thresholds (0, +-1, +-2) in a disc, -3 around it.
+    disc = np.hypot(yy - 20, xx - 25) < 12
+    logits[5] = np.where(disc, (yy + 2 * xx) % 5 - 2, -3)
     logits[6] = np.nan
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 6] + list(range(8, n, 2)))
     planes = torch.from_numpy(logits)
@@ -150,8 +165,17 @@ def test_threshold_logits_matches_segment_anything():
             pasted[y0:y1 + 1, x0:x1 + 1] = crop
             assert torch.equal(pasted, masks[k]), k
         assert crops([]) == []
+        b_stability, b_boxes, b_masks = threshold_logits_batched(planes, rows, threshold, offset)
+        assert b_stability.dtype == torch.float32 and b_boxes.dtype == torch.int64
+        np.testing.assert_array_equal(b_stability.numpy(), expected_stability.numpy())
+        assert torch.equal(b_boxes, boxes) and torch.equal(b_masks, masks)
+        every = threshold_logits_batched(chosen, None, threshold, offset)
+        np.testing.assert_array_equal(every[0].numpy(), b_stability.numpy())  # nan: 0/0
+        assert torch.equal(every[1], b_boxes) and torch.equal(every[2], b_masks)
     empty = threshold_logits(planes, torch.zeros(0, dtype=torch.int64), 0.0, 1.0)
     assert empty[0].shape == (0,) and empty[1].shape == (0, 4) and empty[2]([]) == []
+    empty = threshold_logits_batched(planes, torch.zeros(0, dtype=torch.int64), 0.0, 1.0)
+    assert empty[0].shape == (0,) and empty[1].shape == (0, 4) and empty[2].shape == (0, h, w)
 
 
 # -- small-region clean-up ----------------------------------------------------------------------

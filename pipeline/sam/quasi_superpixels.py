@@ -20,6 +20,16 @@ Every step gives the integers and bits the whole-image computation gives; skippi
 image-sized work is what makes the post-processing faster than stock on the same predictor
 (``benchmarks/sam_masks.py``).
 
+That box-crop path is the CPU's: it reads few pixels but issues several ops per mask, and on a GPU
+every op is a kernel launch. On any other device (``batched``) the masks of a prompt batch are
+thresholded, scored, boxed and filtered together (:func:`threshold_logits_batched`), kept at
+image size through the NMS, and the occupation filter is two matrix products
+(:func:`occupation_filter_batched`): a fixed number of ops per batch, crop and image, whatever the
+number of masks. The NMS and the small-region clean-up (OpenCV) run on the host, which gets the
+boxes, or all masks, in one copy and sends back what changed in one copy. Both paths give the
+same quasi-superpixels (tests/test_sam_batched.py); ``benchmarks/sam_masks.py --count-ops``
+counts the batched path's ops, syncs and copies on the simulated CUDA device.
+
 When the predictor holds a real segment-anything ``Sam``, the network side runs through
 :class:`pipeline.sam.point_decoder.PointDecoder` (the same numbers with less work: shared first
 block, IoU test before the mask upscaling) in prompt batches chosen from a memory budget (by
@@ -39,9 +49,6 @@ from segment_anything.utils.amg import (
     batched_mask_to_box,
     build_all_layer_point_grids,
     generate_crop_boxes,
-    is_box_near_crop_edge,
-    uncrop_boxes_xyxy,
-    uncrop_points,
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
@@ -111,19 +118,17 @@ class QuasiSuperpixels:
 
 def _box_from_profiles(in_height: torch.Tensor, in_width: torch.Tensor) -> torch.Tensor:
     """(N, 4) int64 XYXY boxes (inclusive max) from per-mask row and column occupancy (N, H) and
-    (N, W) bool; [0, 0, 0, 0] for an empty mask. segment-anything's ``batched_mask_to_box``
-    after its two max reductions, so the boxes are its boxes."""
+    (N, W) bool; [0, 0, 0, 0] for an empty mask: segment-anything's ``batched_mask_to_box``
+    after its two max reductions (the first and last occupied column and row), in a few ops."""
     h, w = in_height.shape[-1], in_width.shape[-1]
-    rows = torch.arange(h, device=in_height.device)
-    cols = torch.arange(w, device=in_width.device)
-    in_height_coords = in_height * rows[None, :]
-    bottom = in_height_coords.amax(-1)
-    top = (in_height_coords + h * (~in_height)).amin(-1)
-    in_width_coords = in_width * cols[None, :]
-    right = in_width_coords.amax(-1)
-    left = (in_width_coords + w * (~in_width)).amin(-1)
-    empty = (right < left) | (bottom < top)
-    return torch.stack([left, top, right, bottom], -1) * (~empty).unsqueeze(-1)
+    profiles = torch.cat([in_width, in_height], -1).view(torch.uint8)
+    # argmax gives the first maximum: the first occupied index, and in the flipped profiles
+    # (rows reversed, then columns reversed) the last.
+    flipped = profiles.flip(-1)
+    boxes = torch.stack([profiles[:, :w].argmax(-1), profiles[:, w:].argmax(-1),
+                         (w - 1) - flipped[:, h:].argmax(-1),
+                         (h - 1) - flipped[:, :h].argmax(-1)], -1)
+    return boxes * in_height.any(-1, keepdim=True)
 
 
 def occupation_filter(masks: torch.Tensor | np.ndarray, levels: torch.Tensor | np.ndarray,
@@ -147,6 +152,8 @@ def occupation_filter(masks: torch.Tensor | np.ndarray, levels: torch.Tensor | n
     """
     masks = torch.as_tensor(masks)
     device = masks.device
+    if device.type != "cpu":
+        return occupation_filter_batched(masks, torch.as_tensor(levels, device=device), thresh)
     levels = torch.as_tensor(levels).to(torch.int64).cpu().numpy()
     if boxes is None:
         boxes = batched_mask_to_box(masks)
@@ -175,6 +182,48 @@ def occupation_filter(masks: torch.Tensor | np.ndarray, levels: torch.Tensor | n
             candidates = candidates[(occupation < thresh).cpu().numpy()]
         selected = np.concatenate([selected, candidates])
     return torch.as_tensor(selected, dtype=torch.int64, device=device)
+
+
+def occupation_filter_batched(masks: torch.Tensor, levels: torch.Tensor, thresh: float,
+                              ) -> torch.Tensor:
+    """:func:`occupation_filter` in a fixed number of ops, on the masks' device.
+
+    Every intersection count of a candidate level with the masks selected before it comes from
+    one matrix product of the flattened masks (0/1 in float32: the products and their sums are
+    integers, exact below 2**24 pixels; float64 above). The CPU's box-window loop reads far
+    fewer pixels, which is what counts there; a device does the whole product faster than the
+    loop's launches. The level sizes are the one value read back before the last.
+    """
+    levels = levels.to(torch.int64)
+    device = masks.device
+    # Wholes, then parts, then sub-parts, each in mask order.
+    rank = WHOLE - levels
+    order = torch.sort(rank, stable=True).indices
+    n_whole, n_part, n_sub = torch.bincount(rank, minlength=3).tolist()
+    height, width = masks.shape[-2:]
+    dtype = torch.float32 if height * width < 2**24 else torch.float64
+    flat = masks.flatten(1)[order].to(dtype)
+    area = flat.sum(1).to(torch.float64)
+
+    def occupation(candidates: slice, selected: torch.Tensor, weights=None) -> torch.Tensor:
+        # max_s(|c ∩ s| / |c|) = max_s|c ∩ s| / |c| (division is monotonic); an empty
+        # candidate gives 0/0 = nan and is dropped, as the per-pair ratio would be.
+        inter = flat[candidates] @ selected.T
+        if weights is not None:  # selected masks that were dropped count 0 (counts are >= 0)
+            inter = inter * weights
+        return inter.amax(1).to(torch.float64) / area[candidates]
+
+    keep_part = torch.ones(n_part, dtype=torch.bool, device=device)
+    if n_whole and n_part:
+        keep_part = occupation(slice(n_whole, n_whole + n_part), flat[:n_whole]) < thresh
+    keep_sub = torch.ones(n_sub, dtype=torch.bool, device=device)
+    if n_sub and n_whole + n_part:
+        # With no wholes the parts were taken whole: the selection is empty only without both.
+        weights = torch.cat([keep_part.new_ones(n_whole), keep_part]).to(dtype)
+        keep_sub = occupation(slice(n_whole + n_part, None), flat[:n_whole + n_part],
+                              weights) < thresh
+    keep = torch.cat([keep_part.new_ones(n_whole), keep_part, keep_sub])
+    return order[torch.nonzero(keep).flatten()]
 
 
 def _clean_window(window: np.ndarray, min_area: int, exterior: tuple[bool, bool, bool, bool],
@@ -323,6 +372,7 @@ class QuasiSuperpixelGenerator:
         occupation_thresh: float = 0.3,
         max_batch_memory_mb: float | str | None = None,
         precision: str = "fp32",
+        batched: bool | None = None,
     ) -> None:
         """
         Arguments:
@@ -356,6 +406,10 @@ class QuasiSuperpixelGenerator:
             ``points_per_batch``.
           precision: ``fp32`` or ``bf16``: autocast of SAM's image encoder and mask decoder
             (:func:`pipeline.precision.autocast`); filters, NMS and clean-up stay float32.
+          batched: post-process all masks of a batch, crop or image at once on the predictor's
+            device (a fixed number of ops per batch: what a GPU needs) rather than mask by mask
+            in box crops (far less memory traffic: what a CPU needs). None: batched on any
+            device but the CPU. Both give the same quasi-superpixels.
         """
         self.predictor = predictor
         self.point_grids = build_all_layer_point_grids(
@@ -376,6 +430,8 @@ class QuasiSuperpixelGenerator:
         self.max_batch_memory_mb = max_batch_memory_mb
         autocast("cpu", precision)  # validates the name now rather than at the first image
         self.precision = precision
+        self.batched = batched
+        self._device_constants: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> QuasiSuperpixels:
@@ -396,10 +452,29 @@ class QuasiSuperpixelGenerator:
 
         if not len(data["levels"]):
             return QuasiSuperpixels.empty(*orig_size)
-        masks = _paste(data["crops"], data["boxes"], orig_size, data["levels"].device)
-        keep = occupation_filter(masks, data["levels"], self.occupation_thresh,
-                                 boxes=data["boxes"])
+        if "masks" in data:
+            masks = data.pop("masks")
+            keep = occupation_filter_batched(masks, data["levels"], self.occupation_thresh)
+        else:
+            masks = _paste(data.pop("crops"), data["boxes"], orig_size, data["levels"].device)
+            keep = occupation_filter(masks, data["levels"], self.occupation_thresh,
+                                     boxes=data["boxes"])
         return _to_quasi_superpixels(_take(data, keep), masks[keep])
+
+    def _is_batched(self, device: torch.device) -> bool:
+        return device.type != "cpu" if self.batched is None else self.batched
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``score_thresh_offset``, ``score_nms_offset``, ``stability_score_bias`` and the
+        :func:`stability_thresholds` on ``device``, copied there once."""
+        key = str(device)
+        if key not in self._device_constants:
+            thresholds = stability_thresholds(self.predictor.model.mask_threshold,
+                                              self.stability_score_offset)
+            table = torch.stack([self.score_thresh_offset, self.score_nms_offset,
+                                 self.stability_score_bias, thresholds]).to(device)
+            self._device_constants[key] = tuple(table)
+        return self._device_constants[key]
 
     def _process_crop(self, image, crop_box, layer_idx, orig_size) -> dict:
         x0, y0, x1, y1 = crop_box
@@ -414,29 +489,33 @@ class QuasiSuperpixelGenerator:
             batch_size = prompts_per_batch(budget, self.predictor.model, crop_size,
                                            self.points_per_batch)
         points_for_image = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
-        batches = [self._process_batch(points, crop_size, crop_box, orig_size, decoder)
+        # One copy for the crop: its box shift, the crop box and the image box.
+        frame = torch.tensor([[x0, y0, x0, y0], crop_box, [0, 0, orig_size[1], orig_size[0]]],
+                             dtype=torch.int64, device=self.predictor.device)
+        batches = [self._process_batch(points, crop_size, frame, decoder)
                    for (points,) in batch_iterator(batch_size, points_for_image)]
         del decoder
         self.predictor.reset_image()
         data = _concat(batches)
 
         # Whole-first NMS (change 2): the level offset only ranks, it is not stored.
-        device = data["iou_preds"].device
-        nms_scores = data["iou_preds"] + self.score_nms_offset.to(device)[data["levels"]]
+        nms_scores = data["iou_preds"] + self._constants(frame.device)[1][data["levels"]]
         data = _take(data, _nms(data["boxes"], nms_scores, self.box_nms_thresh))
 
-        # Crops are box-relative: uncropping moves the boxes only.
-        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
-        data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64, device=device).repeat(
-            len(data["levels"]), 1)
+        # segment-anything's uncrop_boxes_xyxy and uncrop_points. Box crops stay box-relative;
+        # batched masks go to image size.
+        data["boxes"] = data["boxes"] + frame[0]
+        data["points"] = data["points"] + frame[0, :2]
+        data["crop_boxes"] = frame[1].expand(len(data["levels"]), 4)
+        if "masks" in data:
+            data["masks"] = _uncrop_masks(data["masks"], crop_box, orig_size)
         return data
 
     def _iou_survivors(self, iou_preds: torch.Tensor) -> torch.Tensor:
         """(B, levels) bool: the masks that pass the IoU test with their level offsets."""
         if self.pred_iou_thresh <= 0.0:
             return torch.ones_like(iou_preds, dtype=torch.bool)
-        return iou_preds + self.score_thresh_offset.to(iou_preds.device) > self.pred_iou_thresh
+        return iou_preds + self._constants(iou_preds.device)[0] > self.pred_iou_thresh
 
     def _predict(self, points, crop_size, decoder):
         """IoU predictions (B, levels) float32, the IoU survivors' flat indices (point-major,
@@ -457,32 +536,41 @@ class QuasiSuperpixelGenerator:
         index = torch.nonzero(self._iou_survivors(iou_preds).flatten()).flatten()
         return iou_preds, index, logits.flatten(0, 1).float()
 
-    def _process_batch(self, points, crop_size, crop_box, orig_size, decoder) -> dict:
-        orig_h, orig_w = orig_size
+    def _process_batch(self, points, crop_size, frame, decoder) -> dict:
         iou_preds, index, logits = self._predict(points, crop_size, decoder)
         n_levels = iou_preds.shape[1]
         device = iou_preds.device
         # Point-major, level-minor: p0L0, p0L1, p0L2, p1L0, ...
-        iou_preds = iou_preds.flatten(0, 1)
-        levels = torch.arange(n_levels, device=device).repeat(len(points))
+        levels = index % n_levels
         mask_threshold = self.predictor.model.mask_threshold
-        rows = index if len(logits) != len(index) else torch.arange(len(index), device=device)
-        stability, boxes, crops = threshold_logits(logits, rows, mask_threshold,
-                                                   self.stability_score_offset)
+        every_row = len(logits) == len(index)
+        if self._is_batched(device):
+            stability, boxes, masks = threshold_logits_batched(
+                logits, None if every_row else index, mask_threshold,
+                self.stability_score_offset, self._constants(device)[3])
+        else:
+            rows = torch.arange(len(index), device=device) if every_row else index
+            stability, boxes, crops = threshold_logits(logits, rows, mask_threshold,
+                                                       self.stability_score_offset)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
-            keep = stability + self.stability_score_bias.to(device)[levels[index]] >= \
-                self.stability_score_thresh
-        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            keep = stability + self._constants(device)[2][levels] >= self.stability_score_thresh
+        keep &= ~_near_crop_edge(boxes, frame)
         keep = torch.nonzero(keep).flatten()
         index = index[keep]
         points = torch.as_tensor(points, device=device)
-        return dict(iou_preds=iou_preds[index], levels=levels[index], boxes=boxes[keep],
+        data = dict(iou_preds=iou_preds.flatten()[index], levels=levels[keep], boxes=boxes[keep],
                     stability_score=stability[keep],
-                    points=points[torch.div(index, n_levels, rounding_mode="floor")],
-                    crops=crops(keep.tolist()))
+                    points=points[torch.div(index, n_levels, rounding_mode="floor")])
+        if self._is_batched(device):
+            data["masks"] = masks[keep]
+        else:
+            data["crops"] = crops(keep.tolist())
+        return data
 
     def _clean_small_regions(self, data: dict, orig_size) -> dict:
+        if "masks" in data:
+            return self._clean_small_regions_batched(data, orig_size)
         device = data["boxes"].device
         crops, boxes, changed = _remove_small_regions_boxed(
             _to_host(data["crops"]), data["boxes"].cpu().numpy(), self.min_mask_region_area,
@@ -496,6 +584,31 @@ class QuasiSuperpixelGenerator:
         scores = torch.as_tensor(~changed, device=device).to(torch.float32)
         return _take(data, _nms(data["boxes"], scores,
                                 max(self.box_nms_thresh, self.crop_nms_thresh)))
+
+    def _clean_small_regions_batched(self, data: dict, orig_size) -> dict:
+        """The clean-up of image-size masks: OpenCV on the host, every mask in one copy there
+        and the changed ones in one copy back."""
+        masks, device = data["masks"], data["masks"].device
+        host = masks.cpu().numpy()
+        boxes = data["boxes"].cpu().numpy()
+        crops, boxes, changed = _remove_small_regions_boxed(
+            [host[i, y0:y1 + 1, x0:x1 + 1] for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())],
+            boxes, self.min_mask_region_area, *orig_size)
+        rows = np.flatnonzero(changed)
+        if len(rows):
+            cleaned = np.zeros((len(rows), *orig_size), bool)
+            for mask, i in zip(cleaned, rows.tolist()):
+                x0, y0, x1, y1 = boxes[i].tolist()
+                mask[y0:y1 + 1, x0:x1 + 1] = crops[i]
+            masks = masks.index_put((torch.from_numpy(rows).to(device),),
+                                    torch.from_numpy(cleaned).to(device))
+        # Unchanged masks win the re-NMS over changed ones (segment-anything's scoring), here on
+        # the host where the boxes are.
+        host_boxes = torch.from_numpy(boxes)
+        keep = _nms(host_boxes, torch.from_numpy(~changed).to(torch.float32),
+                    max(self.box_nms_thresh, self.crop_nms_thresh))
+        data = dict(data, masks=masks, boxes=host_boxes.to(device))
+        return _take(data, keep.to(device))
 
 
 def threshold_logits(logits: torch.Tensor, rows: torch.Tensor, mask_threshold: float,
@@ -552,6 +665,56 @@ def threshold_logits(logits: torch.Tensor, rows: torch.Tensor, mask_threshold: f
     return stability, boxes, crops
 
 
+def stability_thresholds(mask_threshold: float, offset: float, device=None) -> torch.Tensor:
+    """(3,) float32: the thresholds of a stability score's two masks and of the mask itself
+    (``mask_threshold + offset``, ``- offset``, ``+ 0``). A float32 tensor compared with a Python
+    float compares in float32, so these compare as the scalars do."""
+    return torch.tensor([mask_threshold + offset, mask_threshold - offset, mask_threshold],
+                        dtype=torch.float32, device=device)
+
+
+def threshold_logits_batched(logits: torch.Tensor, rows: torch.Tensor | None,
+                             mask_threshold: float, offset: float,
+                             thresholds: torch.Tensor | None = None):
+    """:func:`threshold_logits` in a fixed number of ops, on the logits' device.
+
+    ``rows`` None: every plane of ``logits``. ``thresholds``: :func:`stability_thresholds` of
+    ``mask_threshold`` and ``offset``, already on the device (made here when None: one copy).
+    Returns ``stability`` (K,) float32, ``boxes`` (K, 4) int64 and the thresholded masks
+    (K, H, W) bool, whole: the stability counts are segment-anything's comparisons summed over
+    each whole plane (a NaN is above no threshold), the boxes its ``batched_mask_to_box`` of the
+    masks' row and column occupancy. Each plane is compared three times where the CPU's windows
+    read little more than once, but in one op for all planes and thresholds.
+    """
+    planes = logits if rows is None else logits.index_select(0, rows)
+    if thresholds is None:
+        thresholds = stability_thresholds(mask_threshold, offset, planes.device)
+    above = planes.unsqueeze(0) > thresholds[:, None, None, None]
+    counts = above[:2].sum((-2, -1)).to(torch.int32)
+    stability = counts[0] / counts[1]
+    masks = above[2]
+    return stability, _box_from_profiles(masks.any(-1), masks.any(-2)), masks
+
+
+def _near_crop_edge(boxes: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``is_box_near_crop_edge`` of crop-frame ``boxes`` (K, 4) int64, with
+    ``frame`` (3, 4) int64 on their device: the box shift of the crop, the crop box and the image
+    box. Its ``isclose(atol=20, rtol=0)`` of float32 coordinates, as a difference of integers."""
+    uncropped = (boxes + frame[0]).float()
+    near = (uncropped[:, None, :] - frame[1:]).abs() <= 20  # (K, 2: crop, image, 4)
+    return (near[:, 0] & ~near[:, 1]).any(1)
+
+
+def _uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], size) -> torch.Tensor:
+    """segment-anything's ``uncrop_masks``: crop-frame masks (K, h, w) at image size (K, H, W)."""
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, size[1], size[0]):
+        return masks
+    out = masks.new_zeros((len(masks), *size))
+    out[:, y0:y1, x0:x1] = masks
+    return out
+
+
 def _take(data: dict, keep: torch.Tensor) -> dict:
     """``data`` (columns: tensors with one row per mask, or lists) at the rows ``keep``."""
     rows = keep.tolist() if any(isinstance(v, list) for v in data.values()) else None
@@ -561,15 +724,27 @@ def _take(data: dict, keep: torch.Tensor) -> dict:
 
 def _concat(parts: Sequence[dict]) -> dict:
     """One concatenation of all parts (concatenating part by part would copy per part)."""
+    if len(parts) == 1:
+        return dict(parts[0])
     return {key: ([item for part in parts for item in part[key]] if isinstance(value, list)
                   else torch.cat([part[key] for part in parts]))
             for key, value in parts[0].items()}
 
 
 def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """torchvision's single-category box NMS, exactly as segment-anything calls it."""
-    return batched_nms(boxes.float(), scores, torch.zeros(len(boxes), device=boxes.device),
+    """torchvision's single-category box NMS, exactly as segment-anything calls it on the CPU.
+
+    Boxes on another device are suppressed on the host (one copy each way): torchvision's
+    ``batched_nms`` takes another path there above 1,000 boxes (on the CPU it re-sorts the kept
+    boxes with an unstable sort, so tied scores, as in the cross-crop NMS, come out in another
+    order), and CUDA's NMS reads its suppression mask back to the host anyway."""
+    if boxes.device.type == "cpu":
+        return batched_nms(boxes.float(), scores, torch.zeros(len(boxes)),
+                           iou_threshold=iou_threshold)
+    host = torch.cat([boxes.float(), scores.float()[:, None]], 1).cpu()
+    keep = batched_nms(host[:, :4], host[:, 4], torch.zeros(len(host)),
                        iou_threshold=iou_threshold)
+    return keep.to(boxes.device)
 
 
 def _to_host(crops: Sequence[torch.Tensor]) -> list[np.ndarray]:
