@@ -46,7 +46,6 @@ METHOD: dict[str, dict[str, Any]] = {
         "dataset.eval_split": "val",
         "seeds.coarse.alpha": 0.6,
         "seeds.fine.alpha": 0.7,
-        "prompts.cls.init": "random",  # the paper's start, whatever the demo uses
         "cams.cls.caa.enabled": True,
         "cams.cls.caa.t_box": 0.4,
         "cams.cls.caa.propagate": "score",
@@ -61,7 +60,6 @@ METHOD: dict[str, dict[str, Any]] = {
         "dataset.eval_split": "val",
         "clip_features.augment.long_side_range": [318, 530],
         "prompts.seg.loss_classes": "image",
-        "prompts.cls.init": "random",
         # COCO uses the classification-style prompts for both sets (§2).
         "prompts.seg.shared_context": True,
         "prompts.seg.class_position": "end",
@@ -96,6 +94,11 @@ REAL_SCALE = {
     "clip.attention_blocks": 8,
     # the reference ran CLIP inference at native size (VOC: long side <= 500)
     "clip.max_side": None,
+    # the paper's context: 16 vectors from a random start (params.yaml may start from words,
+    # prompts.cls.init: "a photo of a"; docs/demo.md has what that does on the demo)
+    "prompts.cls.n_ctx": 16,
+    "prompts.seg.n_ctx": 16,
+    "prompts.cls.init": "random",
     "prompts.cls.lr": 1e-3,
     "prompts.seg.lr": 1e-3,
     "prompts.cls.iterations": 1800,

@@ -66,6 +66,7 @@ def test_configure_voc_rewrites_params_keeping_comments(tmp_path):
     assert seg["encoder_weights_sha256"] is None  # the demo CLIP's pin does not follow the ResNet
     assert tree["prompts"]["seg"]["init"] == "random"  # the paper's initialisation
     assert tree["prompts"]["cls"]["init"] == "random"  # whatever the demo starts from
+    assert tree["prompts"]["cls"]["n_ctx"] == tree["prompts"]["seg"]["n_ctx"] == 16
     # the demo's point grid gets the paper's; untouched keys stay as they were
     original = yaml.safe_load((REPO / "params.yaml").read_text())
     assert tree["sam"]["points_per_side"] == 32
