@@ -12,9 +12,10 @@ It raises :class:`DeviceMismatchError` where CUDA would raise:
 - a CPU generator feeds a CUDA factory.
 
 Tensors get their logical device from a ``device=`` argument, ``.to()``/``.cuda()``/``.cpu()``,
-or their inputs. Gradients (``.grad``, ``torch.autograd.grad``) take the device of what they are
-gradients of. The mode is per thread (PyTorch's modes are), so it covers in-process stages
-(``compute.scheduler: local``) and ``DataLoader(num_workers=0)``.
+or their inputs; a deep copy (``copy.deepcopy``) from its source. Gradients (``.grad``,
+``torch.autograd.grad``) take the device of what they are gradients of. The mode is per thread
+(PyTorch's modes are), so it covers in-process stages (``compute.scheduler: local``) and
+``DataLoader(num_workers=0)``.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ _HOST = {"tolist", "item", "__int__", "__float__", "__bool__", "__index__", "__l
          "__get__:is_mps", "__get__:is_xla", "__get__:is_nested", "__reduce_ex__",
          "__hash__", "_has_compatible_shallow_copy_type", "is_contiguous", "is_same_size",
          "_is_view", "is_set_to", "storage_offset", "untyped_storage", "__get__:_base",
-         "register_hook", "requires_grad_", "retain_grad", "__deepcopy__", "__setstate__"}
+         "register_hook", "requires_grad_", "retain_grad", "__setstate__"}
 # Getters that return tensors (every other ``Tensor`` property is host metadata).
 _TENSOR_GETTERS = {"__get__:grad", "__get__:data", "__get__:T", "__get__:mT", "__get__:H",
                    "__get__:mH", "__get__:real", "__get__:imag"}
@@ -121,6 +122,8 @@ class SimulatedCudaMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if name in _HOST or name.startswith("__get__:") and name not in _TENSOR_GETTERS:
             return func(*args, **kwargs)
+        if name == "__deepcopy__":
+            return self._deepcopy(func, args, kwargs)
         if name in ("to", "cuda", "cpu"):
             return self._move(func, name, args, kwargs)
         if name == "__get__:grad":
@@ -206,6 +209,17 @@ class SimulatedCudaMode(TorchFunctionMode):
         if out is src and target != logical_device(src):
             out = src.clone()  # a real move makes a copy; the source keeps its device
         return _tag(out, target)
+
+    def _deepcopy(self, func, args, kwargs):
+        """A deep copy lives where its source does, and so does its gradient. (Torch's
+        ``Tensor.__deepcopy__`` happens to copy ``__dict__``, the tag with it; the copy's device
+        must not hang on that, nor on a gradient never read under this mode.)"""
+        src = args[0]
+        out = func(*args, **kwargs)
+        _tag(out, logical_device(src))
+        if isinstance(out, torch.Tensor) and out.grad is not None:
+            _tag(out.grad, logical_device(src))
+        return out
 
     def _autograd_grad(self, func, args, kwargs):
         inputs = kwargs.get("inputs", args[1] if len(args) > 1 else None)
