@@ -7,17 +7,21 @@ layer, points downscaled by 2 in it, 256 points per batch, ...), and a third gen
 the paper's three changes off (:data:`NEUTRAL`), which computes stock's masks. Each generator has
 an untimed warm-up pass over the images (CUDA kernels, caches; its mask counts are kept), then
 ``repeats`` timed rounds, the generators interleaved image by image so that a load change hits
-all alike. Stock and ours-with-changes-off must find the same number of masks per image, within
-:func:`count_slack`.
+all alike. Each timed call is split into the image encoder, the mask decoder and the
+post-processing (everything else), the device synchronised at each boundary (``sam_masks.py``'s
+:class:`PhaseTimer`: every generator pays the same synchronisations); the line reports the
+medians per image. Stock and ours-with-changes-off must find the same number of masks per image,
+within :func:`count_slack`.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from harness import cuda_peak_gib, reset_cuda_peak, sync
-from sam_masks import NEUTRAL, _guarded_stock_class
+from sam_masks import NEUTRAL, PhaseTimedGenerator, PhaseTimer, TimedPredictor, _guarded_stock_class
 
 #: Settings that segment-anything's generator takes too (the rest are our changes and options).
 STOCK_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
@@ -25,6 +29,8 @@ STOCK_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stabili
               "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area")
 
 GENERATORS = ("stock", "ours", "ours, changes off")
+#: The phases a timed call is split into (post-processing: the call's time less the other two).
+PHASES = ("encoder", "decoder", "postprocess")
 
 
 def paper_settings(points_per_side: int | None = None) -> dict:
@@ -60,6 +66,13 @@ class SamComparison:
     """Generator -> masks per image (warm-up pass)."""
     peak_gib: dict[str, float | None]
     """Generator -> peak CUDA memory of its warm-up pass (None off CUDA)."""
+    phases: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    """Generator -> seconds of each timed call's :data:`PHASES`."""
+
+    def phase_ms(self, name: str) -> dict[str, float]:
+        """Median milliseconds per image of each of generator ``name``'s phases."""
+        return {phase: 1e3 * statistics.median(call[phase] for call in self.phases[name])
+                for phase in PHASES}
 
     def mismatches(self) -> list[str]:
         """Images where stock and ours with the changes off differ by more than :func:`count_slack`."""
@@ -71,21 +84,28 @@ class SamComparison:
         parts = []
         for name in GENERATORS:
             peak = self.peak_gib[name]
-            parts.append(f"{name} {statistics.median(self.seconds[name]):.3f} s/image, masks "
+            split = ""
+            if self.phases.get(name):
+                ms = self.phase_ms(name)
+                split = " (" + ", ".join(f"{phase} {ms[phase]:.1f} ms" for phase in PHASES) + ")"
+            parts.append(f"{name} {statistics.median(self.seconds[name]):.3f} s/image{split}, masks "
                          f"{self.masks[name]}" + (f", peak {peak:.2f} GiB" if peak is not None else ""))
         return "; ".join(parts)
 
 
-def generators(predictor, settings: dict) -> dict:
-    """name -> ``generate(image)`` of stock, ours and ours with the changes off, over ``predictor``."""
-    from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
-
+def generators(predictor, settings: dict) -> dict[str, tuple[Callable, PhaseTimer]]:
+    """name -> (``generate(image)``, its phase timer) of stock, ours and ours with the changes off,
+    over ``predictor`` (each through a :class:`TimedPredictor` of its own timer: the same
+    predictor object and image embedding path for all)."""
+    timers = {name: PhaseTimer(predictor.device) for name in GENERATORS}
     stock = _guarded_stock_class()(predictor.model, output_mode="binary_mask",
                                    **{key: settings[key] for key in STOCK_KEYS})
-    stock.predictor = predictor  # the same predictor object (and image embedding path) as ours
-    ours = QuasiSuperpixelGenerator(predictor, **settings)
-    neutral = QuasiSuperpixelGenerator(predictor, **{**settings, **NEUTRAL})
-    return {"stock": stock.generate, "ours": ours.generate, "ours, changes off": neutral.generate}
+    stock.predictor = TimedPredictor(predictor, timers["stock"])
+    ours = PhaseTimedGenerator(TimedPredictor(predictor, timers["ours"]), **settings)
+    neutral = PhaseTimedGenerator(TimedPredictor(predictor, timers["ours, changes off"]),
+                                  **{**settings, **NEUTRAL})
+    return {"stock": (stock.generate, timers["stock"]), "ours": (ours.generate, timers["ours"]),
+            "ours, changes off": (neutral.generate, timers["ours, changes off"])}
 
 
 def compare_generators(predictor, images, settings: dict, repeats: int, device) -> SamComparison:
@@ -93,18 +113,24 @@ def compare_generators(predictor, images, settings: dict, repeats: int, device) 
     gens = generators(predictor, settings)
     cuda = getattr(device, "type", str(device)).startswith("cuda")
     masks, peaks = {}, {}
-    for name, generate in gens.items():
+    for name, (generate, _) in gens.items():
         reset_cuda_peak(device)
         masks[name] = [len(generate(image)) for image in images]
         sync(device)
         peaks[name] = cuda_peak_gib(device) if cuda else None
     seconds = {name: [] for name in gens}
+    phases = {name: [] for name in gens}
     for _ in range(repeats):
         for image in images:
-            for name, generate in gens.items():
+            for name, (generate, timer) in gens.items():
+                timer.seconds.clear()
                 sync(device)
                 t0 = time.perf_counter()
                 generate(image)
                 sync(device)
-                seconds[name].append(time.perf_counter() - t0)
-    return SamComparison(seconds, masks, peaks)
+                total = time.perf_counter() - t0
+                seconds[name].append(total)
+                split = {phase: timer.seconds.get(phase, 0.0) for phase in PHASES[:2]}
+                split["postprocess"] = total - split["encoder"] - split["decoder"]
+                phases[name].append(split)
+    return SamComparison(seconds, masks, peaks, phases)

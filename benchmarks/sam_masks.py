@@ -675,6 +675,9 @@ class TimedPredictor:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    def __setattr__(self, name, value):  # predictor state (set_features) lives in the inner one
+        setattr(self._inner, name, value)
+
     def set_image(self, *args, **kwargs):
         with self._timer.phase("encoder"):
             return self._inner.set_image(*args, **kwargs)
@@ -685,12 +688,17 @@ class TimedPredictor:
 
 
 class PhaseTimedGenerator(QuasiSuperpixelGenerator):
-    """Ours, with each prompt batch's network call (fast decoder or ``predict_torch``) charged to
-    the ``decoder`` phase of ``timer``; give it a :class:`TimedPredictor` for the encoder."""
+    """Ours, with each encoder pass over several crops charged to the ``encoder`` phase of
+    ``timer`` and each prompt batch's network call (fast decoder or ``predict_torch``) to its
+    ``decoder`` phase; give it a :class:`TimedPredictor` for ``set_image``."""
 
     def __init__(self, predictor: TimedPredictor, **settings) -> None:
         super().__init__(predictor, **settings)
         self.timer = predictor._timer
+
+    def _encode(self, crops):
+        with self.timer.phase("encoder"):
+            return super()._encode(crops)
 
     def _predict(self, points, crop_size, decoder):
         if decoder is None:  # predict_torch: the predictor charges it

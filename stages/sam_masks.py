@@ -43,6 +43,7 @@ RESULT_NEUTRAL_KEYS = ("max_batch_memory_mb",)
 # stores depend on; dvc.yaml lists them for every model: a VOC store resumes with nothing to
 # compute when they change).
 CODE_MODULES = ("pipeline.sam.quasi_superpixels", "pipeline.sam.point_decoder",
+                "pipeline.sam.image_encoder",
                 "pipeline.sam.models", "pipeline.sam.specs", "pipeline.sam.pretrained",
                 "pipeline.sam.generators", "pipeline.sam.maskers", "pipeline.precision",
                 "pipeline.data.imageio")

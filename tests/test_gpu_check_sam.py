@@ -47,8 +47,8 @@ def setup():
 
 def test_stock_gets_the_same_settings(predictor, setup):
     settings, _ = setup
-    stock = generators(predictor, settings)["stock"].__self__
-    assert stock.predictor is predictor
+    stock = generators(predictor, settings)["stock"][0].__self__
+    assert stock.predictor._inner is predictor
     for key in gpu_check_sam.STOCK_KEYS:
         if key != "points_per_side":  # stock keeps it as its point grids
             assert getattr(stock, key) == settings[key], key
@@ -73,3 +73,18 @@ def test_a_mismatch_with_the_changes_left_on_is_reported(predictor, setup, monke
     result = compare_generators(predictor, images, settings, repeats=0, device=torch.device("cpu"))
     assert result.masks["ours, changes off"] == result.masks["ours"] != result.masks["stock"]
     assert result.mismatches() and "image 0: stock" in result.mismatches()[0]
+
+
+def test_each_call_is_split_into_encoder_decoder_and_postprocessing(predictor, setup):
+    """Issue 32, item 4: per image, the encoder, decoder and post-processing milliseconds of each
+    generator; ours' encoder passes (several crops at once, not set_image) are charged too."""
+    settings, images = setup
+    result = compare_generators(predictor, images, settings, repeats=2, device=torch.device("cpu"))
+    for name in gpu_check_sam.GENERATORS:
+        assert len(result.phases[name]) == 2
+        for call, total in zip(result.phases[name], result.seconds[name]):
+            assert set(call) == set(gpu_check_sam.PHASES)
+            assert call["encoder"] > 0 and call["decoder"] > 0 and call["postprocess"] > 0, (name, call)
+            assert sum(call.values()) == pytest.approx(total)
+        ms = result.phase_ms(name)
+        assert f"{name} " in result.line() and f"encoder {ms['encoder']:.1f} ms" in result.line()

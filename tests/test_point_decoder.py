@@ -188,8 +188,9 @@ def test_auto_prompt_batch_is_sized_from_free_cuda_memory(monkeypatch):
 
 
 def test_generator_asks_for_the_budget_of_the_predictor_device(monkeypatch):
-    """The generator sizes each crop's batches with batch_memory_bytes on the decoder's device
-    (auto by default), and its masks do not change."""
+    """The generator sizes its encoder passes and each crop's prompt batches with
+    batch_memory_bytes on the predictor's device (auto by default), and its masks do not
+    change."""
     predictor = build_sam_predictor("tiny", None, None)
     image = random_image(70, 110, seed=2)
     asked = []
@@ -201,7 +202,7 @@ def test_generator_asks_for_the_budget_of_the_predictor_device(monkeypatch):
 
     monkeypatch.setattr(qsp, "batch_memory_bytes", spy)
     auto = QuasiSuperpixelGenerator(predictor, **ONE_CROP).generate(image)
-    assert asked == [(None, torch.device("cpu"))]
+    assert asked == [(None, torch.device("cpu"))] * 2  # the encoder pass, the one crop's prompts
     fixed = QuasiSuperpixelGenerator(predictor, max_batch_memory_mb=1, **ONE_CROP).generate(image)
     assert asked[-1] == (1, torch.device("cpu"))
     assert len(auto) > 5

@@ -47,11 +47,19 @@ class ClipViTEncoder(nn.Module):
         """The trunk's patch tokens (B, width, h, w) of a normalised input whose sides are
         multiples of the patch size. The positional embedding is resized to the h x w grid as the
         pipeline resizes CLIP's (SAM's square input is always the encoder's own grid)."""
+        return self.token_grid(self.sequence(x), (x.shape[-2] // self.patch_size,
+                                                  x.shape[-1] // self.patch_size))
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's output sequence (B, 1 + h*w, width), class token first."""
         from pipeline.clip.model import vision_embed
 
-        b, h, w = x.shape[0], x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = self.transformer(vision_embed(self, x))[:, 1:]  # CLIP's patch + class + position, ln_pre
-        return x.transpose(1, 2).reshape(b, -1, h, w)
+        return self.transformer(vision_embed(self, x))  # CLIP's patch + class + position, ln_pre
+
+    @staticmethod
+    def token_grid(sequence: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The patch tokens of a :meth:`sequence` as (B, width, h, w)."""
+        return sequence[:, 1:].transpose(1, 2).reshape(sequence.shape[0], -1, *grid)
 
 
 def load_clip_visual(encoder: ClipViTEncoder, clip_state: dict) -> list[str]:

@@ -30,7 +30,9 @@ boxes, or all masks, in one copy and sends back what changed in one copy. Both p
 same quasi-superpixels (tests/test_sam_batched.py); ``benchmarks/sam_masks.py --count-ops``
 counts the batched path's ops, syncs and copies on the simulated CUDA device.
 
-When the predictor holds a real segment-anything ``Sam``, the network side runs through
+When the predictor holds a real segment-anything ``Sam``, the image and its crops go through the
+image encoder together, as many per pass as the memory budget allows
+(:mod:`pipeline.sam.image_encoder`), and the network side runs through
 :class:`pipeline.sam.point_decoder.PointDecoder` (the same numbers with less work: shared first
 block, IoU test before the mask upscaling) in prompt batches chosen from a memory budget (by
 default half the free memory of a CUDA device); any other object with ``SamPredictor``'s
@@ -39,7 +41,7 @@ interface goes through its ``predict_torch``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -53,6 +55,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms, box_area
 
 from pipeline.precision import autocast
+from pipeline.sam.image_encoder import crops_per_pass, encode_crops, set_features
 from pipeline.sam.point_decoder import (
     PointDecoder,
     batch_memory_bytes,
@@ -400,7 +403,8 @@ class QuasiSuperpixelGenerator:
             :func:`occupation_filter`.
           max_batch_memory_mb: working memory (MiB) of one prompt batch through a real SAM's
             decoder: the batch is the largest that fits (at least 4, at most
-            ``points_per_batch``). None or ``"auto"``: half the free memory of a CUDA device,
+            ``points_per_batch``); also of one image encoder pass, which takes as many of the
+            image's crops as fit (at least one, :mod:`pipeline.sam.image_encoder`). None or ``"auto"``: half the free memory of a CUDA device,
             1024 MiB elsewhere (:func:`~pipeline.sam.point_decoder.batch_memory_bytes`).
             Results do not depend on it. Predictors without a ``Sam`` always use
             ``points_per_batch``.
@@ -439,8 +443,9 @@ class QuasiSuperpixelGenerator:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data = _concat([self._process_crop(image, crop_box, layer_idx, orig_size)
-                        for crop_box, layer_idx in zip(crop_boxes, layer_idxs)])
+        data = _concat([self._process_crop(image, crop_box, layer_idx, orig_size, encoded)
+                        for crop_box, layer_idx, encoded
+                        in self._encoded(image, crop_boxes, layer_idxs)])
 
         if len(crop_boxes) > 1:
             # Prefer masks from smaller crops (segment-anything's rule; level plays no part).
@@ -476,12 +481,39 @@ class QuasiSuperpixelGenerator:
             self._device_constants[key] = tuple(table)
         return self._device_constants[key]
 
-    def _process_crop(self, image, crop_box, layer_idx, orig_size) -> dict:
+    def _encoded(self, image: np.ndarray, crop_boxes: list, layers: list) -> Iterator[tuple]:
+        """(crop box, layer index, image embedding and input size or None) of each crop, in
+        order. With a real ``Sam`` the crops (the whole image first) go through the image encoder
+        several at a time, as many as ``max_batch_memory_mb`` allows
+        (:mod:`pipeline.sam.image_encoder`: the same bits as one at a time); other predictors get
+        None and ``set_image`` each crop."""
+        if not has_sam(self.predictor):
+            for box, layer in zip(crop_boxes, layers):
+                yield box, layer, None
+            return
+        budget = batch_memory_bytes(self.max_batch_memory_mb, self.predictor.device)
+        per_pass = crops_per_pass(budget, self.predictor.model, len(crop_boxes))
+        for start in range(0, len(crop_boxes), per_pass):
+            boxes = crop_boxes[start:start + per_pass]
+            encoded = self._encode([image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes])
+            for box, layer, item in zip(boxes, layers[start:start + per_pass], encoded):
+                yield box, layer, item
+            del encoded
+
+    def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
+        """:func:`~pipeline.sam.image_encoder.encode_crops` of ``crops`` in one encoder pass."""
+        with autocast(self.predictor.device, self.precision):
+            return encode_crops(self.predictor, crops)
+
+    def _process_crop(self, image, crop_box, layer_idx, orig_size, encoded=None) -> dict:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
         with autocast(self.predictor.device, self.precision):
-            self.predictor.set_image(cropped)
+            if encoded is None:
+                self.predictor.set_image(cropped)
+            else:
+                set_features(self.predictor, encoded[0], crop_size, encoded[1])
             decoder = PointDecoder(self.predictor) if has_sam(self.predictor) else None
         batch_size = self.points_per_batch
         if decoder is not None:
