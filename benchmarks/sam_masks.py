@@ -689,8 +689,9 @@ class TimedPredictor:
 
 class PhaseTimedGenerator(QuasiSuperpixelGenerator):
     """Ours, with each encoder pass over several crops charged to the ``encoder`` phase of
-    ``timer`` and each prompt batch's network call (fast decoder or ``predict_torch``) to its
-    ``decoder`` phase; give it a :class:`TimedPredictor` for ``set_image``."""
+    ``timer`` and each prompt batch's network call (fast decoder, packed crops or
+    ``predict_torch``) to its ``decoder`` phase; give it a :class:`TimedPredictor` for
+    ``set_image``."""
 
     def __init__(self, predictor: TimedPredictor, **settings) -> None:
         super().__init__(predictor, **settings)
@@ -699,6 +700,10 @@ class PhaseTimedGenerator(QuasiSuperpixelGenerator):
     def _encode(self, crops):
         with self.timer.phase("encoder"):
             return super()._encode(crops)
+
+    def _predict_together(self, decoder, groups):
+        with self.timer.phase("decoder"):
+            return super()._predict_together(decoder, groups)
 
     def _predict(self, points, crop_size, decoder):
         if decoder is None:  # predict_torch: the predictor charges it

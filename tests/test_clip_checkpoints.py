@@ -3,8 +3,6 @@ import logging
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
 from pipeline.clip.model import TINY_MODEL, create_clip
 from pipeline.clip import pretrained

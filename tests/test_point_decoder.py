@@ -241,20 +241,22 @@ def test_generator_output_does_not_depend_on_the_memory_budget():
     predictor = build_sam_predictor("tiny", None, None)
     image = random_image(70, 110, seed=2)
     batches = []
-    original = PointDecoder.predict
+    original = PointDecoder.predict_images
 
-    def spy(self, coords, select):
-        batches.append(len(coords))
-        return original(self, coords, select)
+    def spy(self, groups, select):
+        batches.append(sum(len(coords) for _, coords in groups))
+        return original(self, groups, select)
 
     outputs = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PointDecoder, "predict", spy)
+        mp.setattr(PointDecoder, "predict_images", spy)
         for budget in (1, 1024):
             batches.clear()
             outputs.append(QuasiSuperpixelGenerator(
                 predictor, max_batch_memory_mb=budget, **SURVIVING).generate(image))
-            assert max(batches) == (4 if budget == 1 else 64)
+            # 1 MiB: crop by crop, 4 prompts a batch; 1024 MiB: the whole image and its four
+            # crops (64 + 4 x 16 prompts) in batches of 64, crops packed together
+            assert batches == ([4] * 32 if budget == 1 else [64, 64])
     assert len(outputs[0]) > 5
     assert_same_output(*outputs)
 

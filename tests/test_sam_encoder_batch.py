@@ -1,6 +1,8 @@
-"""An image's crops through SAM's image encoder together (issue 32, item 2): the embeddings are
-the bits ``set_image`` gives one crop at a time, so the quasi-superpixels are identical however
-many crops a pass takes; the memory budget decides how many."""
+"""An image's crops through SAM's image encoder together, and their prompts through the decoder
+packed into shared batches (issue 32, item 2): the embeddings are the bits ``set_image`` gives one
+crop at a time and each crop's decoder outputs the bits of a decoder of its own, so the
+quasi-superpixels are identical however many crops a pass takes; the memory budget decides how
+many."""
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,10 @@ from segment_anything.utils.amg import generate_crop_boxes
 import pipeline.demo.registry  # noqa: F401  (registers the demo SAM's CLIP-shaped encoder)
 from pipeline.sam import image_encoder
 from pipeline.sam.models import build_sam
-from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator
+from pipeline.sam.point_decoder import PointDecoder
+from pipeline.sam.quasi_superpixels import QuasiSuperpixelGenerator, _pack_prompts
 from pipeline.sam.specs import SamSpec, sam_spec
+from tests.simulated_cuda import logical_device, simulated_cuda
 from tests.test_sam_batched import same
 
 #: ViT-B's blocks (width 768, 12 heads, rel-pos windowed and global attention) at a 256 px input.
@@ -101,3 +105,67 @@ def test_crops_per_pass_follows_the_memory_budget():
     assert 3 * 2**30 < image_encoder.encoder_image_bytes(big) < 4 * 2**30
     assert image_encoder.crops_per_pass(1024 * 2**20, big, 5) == 1  # the CPU's default budget
     assert image_encoder.crops_per_pass(39 * 2**30, big, 5) == 5  # half an H100's free memory
+
+
+@pytest.mark.parametrize("spec", ["tiny", "vit_b blocks"])
+def test_prompts_of_several_crops_in_one_batch_are_the_bits_of_each_alone(spec):
+    """PointDecoder.predict_images: groups of odd sizes (padded to keep each group's alignment),
+    in any order, give each crop what a decoder of that crop alone gives."""
+    pred = predictor(VIT_B_256 if spec == "vit_b blocks" else sam_spec(spec))
+    parts = crops(image(375, 500))[1:4]
+    encoded = image_encoder.encode_crops(pred, parts)
+    decoder = PointDecoder.of_images(pred.model, [(f, size, part.shape[:2])
+                                                  for part, (f, size) in zip(parts, encoded)])
+    rng = np.random.default_rng(0)
+    coords = [pred.transform.apply_coords(rng.uniform(0, 250, (n, 2)), part.shape[:2])
+              for n, part in zip((7, 6, 5), parts)]
+    alone = []
+    for i in range(3):
+        image_encoder.set_features(pred, encoded[i][0], parts[i].shape[:2], encoded[i][1])
+        alone.append(PointDecoder(pred))
+    ious = torch.cat([d.predict(torch.as_tensor(c), torch.ones_like)[0]
+                      for d, c in zip(alone, coords)])
+    threshold = ious.median()
+    select = lambda iou: iou > threshold  # noqa: E731 - about half the slots
+    order = [2, 0, 1]
+    together = decoder.predict_images([(i, coords[i]) for i in order], select)
+    for i, (iou, index, logits) in zip(order, together):
+        want = alone[i].predict(torch.as_tensor(coords[i]), select)
+        assert 0 < len(want[1]) < 3 * len(coords[i])
+        for got, expected in zip((iou, index, logits), want):
+            assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_prompts_are_packed_in_aligned_batches():
+    assert _pack_prompts([64, 16, 16, 16, 16], 64) == [
+        [(0, 0, 64)], [(1, 0, 16), (2, 0, 16), (3, 0, 16), (4, 0, 16)]]
+    # a part that does not fill its batch is padded to PROMPT_ALIGN (4) prompts
+    assert _pack_prompts([5, 7], 8) == [[(0, 0, 5)], [(1, 0, 7)]]
+    assert _pack_prompts([6, 6], 12) == [[(0, 0, 6), (1, 0, 4)], [(1, 4, 6)]]
+    assert _pack_prompts([256] * 4, 28)[0] == [(0, 0, 28)]
+    batches = _pack_prompts([1024, 256, 256, 256, 256], 256)
+    assert len(batches) == 8 and all(sum(z - a for _, a, z in b) == 256 for b in batches)
+
+
+def test_on_the_simulated_cuda_device_crops_go_together_and_give_the_cpu_masks(monkeypatch):
+    """With half of 40 GB free as the budget, the whole image and its four crops go through the
+    encoder in one pass and the decoder in shared batches, every tensor on the device, and the
+    quasi-superpixels are the CPU's, crop by crop."""
+    img = image()
+    cpu = QuasiSuperpixelGenerator(predictor(sam_spec("tiny")), max_batch_memory_mb=0.01,
+                                   **SETTINGS).generate(img)
+    packed = []
+    original = QuasiSuperpixelGenerator._decode_together
+
+    def spy(self, group, orig_size):
+        packed.append((len(group), logical_device(group[0][2][0])))
+        return original(self, group, orig_size)
+
+    monkeypatch.setattr(QuasiSuperpixelGenerator, "_decode_together", spy)
+    with simulated_cuda():
+        pred = predictor(sam_spec("tiny"))
+        pred.model.to("cuda")
+        pred = SamPredictor(pred.model)
+        out = QuasiSuperpixelGenerator(pred, **SETTINGS).generate(img)
+    assert packed == [(5, torch.device("cuda", 0))]
+    assert same(out, cpu)

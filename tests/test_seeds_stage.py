@@ -1,6 +1,5 @@
 """`wsss seeds`, `wsss import-cams` and `wsss visualize` on small hand-made stores."""
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
@@ -205,18 +206,33 @@ def _stock_strided_linear(layer: nn.Linear, x: Tensor) -> Tensor:
 class PointDecoder:
     """The mask decoder of a :class:`SamPredictor` whose image is set, for single-point prompts.
 
-    Build one per set image (``PointDecoder(predictor)``); it holds the per-image shared
-    tensors. :meth:`predict` gives what ``predict_torch(points, labels=1,
-    multimask_output=True, return_logits=True)`` gives, restricted to the mask slots chosen by a
-    callback that sees the predicted IoUs first.
+    Build one per set image (``PointDecoder(predictor)``), or one for several images encoded
+    together (:meth:`of_images`: an image's crops); it holds the per-image shared tensors.
+    :meth:`predict` gives what ``predict_torch(points, labels=1, multimask_output=True,
+    return_logits=True)`` gives, restricted to the mask slots chosen by a callback that sees the
+    predicted IoUs first; :meth:`predict_images` does it for prompts of several images in one
+    batch, each image's the bits it gets alone.
     """
 
     def __init__(self, predictor) -> None:
-        sam: Sam = predictor.model
-        features = predictor.features
+        self._setup(predictor.model, [(predictor.features, predictor.input_size,
+                                       predictor.original_size)])
+
+    @classmethod
+    def of_images(cls, sam: Sam, images) -> "PointDecoder":
+        """A decoder for several images: ``images`` is a sequence of (image embedding (1, C, h,
+        w), input size, original size), what ``set_image`` leaves in a predictor's ``features``,
+        ``input_size`` and ``original_size`` (:func:`pipeline.sam.image_encoder.encode_crops`)."""
+        decoder = cls.__new__(cls)
+        decoder._setup(sam, list(images))
+        return decoder
+
+    def _setup(self, sam: Sam, images: list) -> None:
         self.sam = sam
-        self.input_size = predictor.input_size
-        self.original_size = predictor.original_size
+        self.input_sizes = [tuple(size) for _, size, _ in images]
+        self.original_sizes = [tuple(size) for _, _, size in images]
+        self.input_size, self.original_size = self.input_sizes[0], self.original_sizes[0]
+        features = images[0][0]
         self.device = features.device
         decoder = sam.mask_decoder
         self.decoder = decoder
@@ -225,22 +241,25 @@ class PointDecoder:
         self.embedding_shape = (c, h, w)
 
         # Stock: src = repeat(features) + dense "no mask" embedding, pos = repeat(dense PE); both
-        # are the same for every prompt, so they are built once and broadcast.
+        # are the same for every prompt, so they are built once per image and broadcast.
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        src = features + dense
         pos = sam.prompt_encoder.get_dense_pe()
-        # (1, HW, C) permuted views, as in TwoWayTransformer.forward.
-        self.keys0 = src.flatten(2).permute(0, 2, 1)
         self.key_pe = pos.flatten(2).permute(0, 2, 1)
         first = self.transformer.layers[0]
-        k0 = self.keys0 + self.key_pe
         heads = self.transformer.num_heads
-        self.first_t2i_k = _heads_t(
-            _stock_strided_linear(first.cross_attn_token_to_image.k_proj, k0), heads)
-        self.first_t2i_v = _heads(
-            _stock_strided_linear(first.cross_attn_token_to_image.v_proj, self.keys0), heads)
-        self.first_i2t_q = _heads(
-            _stock_strided_linear(first.cross_attn_image_to_token.q_proj, k0), heads)
+        shared = []
+        for features, _, _ in images:  # image by image: each the bits of a decoder of its own
+            # (1, HW, C) permuted views, as in TwoWayTransformer.forward.
+            keys0 = (features + dense).flatten(2).permute(0, 2, 1)
+            k0 = keys0 + self.key_pe
+            shared.append((
+                keys0,
+                _heads_t(_stock_strided_linear(first.cross_attn_token_to_image.k_proj, k0), heads),
+                _heads(_stock_strided_linear(first.cross_attn_token_to_image.v_proj, keys0), heads),
+                _heads(_stock_strided_linear(first.cross_attn_image_to_token.q_proj, k0), heads)))
+        #: Per image: (1, ...) or, for several, (N, ...) stacks picked per prompt.
+        self.keys0, self.first_t2i_k, self.first_t2i_v, self.first_i2t_q = (
+            parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*shared))
         self.output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
 
     # -- network ----------------------------------------------------------------------------------
@@ -256,10 +275,13 @@ class PointDecoder:
                                             masks=None)
         return sparse[:b]
 
-    def _transformer(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """TwoWayTransformer.forward over B prompts: (queries (B, T, C), keys (B, HW, C))."""
+    def _transformer(self, tokens: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """TwoWayTransformer.forward over B prompts: (queries (B, T, C), keys (B, HW, C)).
+        ``image`` (B,): each prompt's image, for a decoder of several; None: the one image."""
         tr = self.transformer
         heads = tr.num_heads
+        shared = (self.keys0, self.first_t2i_k, self.first_t2i_v, self.first_i2t_q)
+        keys0, t2i_k, t2i_v, i2t_q = shared if image is None else (t[image] for t in shared)
         point_embedding = tokens
         queries = tokens
         keys = None
@@ -275,8 +297,7 @@ class PointDecoder:
             if i == 0:
                 # Image tokens are still the same for every prompt: reuse their projections.
                 t2i = layer.cross_attn_token_to_image
-                attn_out = _attend(t2i, _heads(_linear(t2i.q_proj, q), heads), self.first_t2i_k,
-                                   self.first_t2i_v)
+                attn_out = _attend(t2i, _heads(_linear(t2i.q_proj, q), heads), t2i_k, t2i_v)
             else:
                 k = keys + self.key_pe  # once per block: both cross attentions use it
                 attn_out = _attention(layer.cross_attn_token_to_image, q, k, keys)
@@ -288,9 +309,9 @@ class PointDecoder:
             q = queries + point_embedding
             i2t = layer.cross_attn_image_to_token
             if i == 0:
-                attn_out = _attend(i2t, self.first_i2t_q, _heads_t(_linear(i2t.k_proj, q), heads),
+                attn_out = _attend(i2t, i2t_q, _heads_t(_linear(i2t.k_proj, q), heads),
                                    _heads(_linear(i2t.v_proj, queries), heads))
-                keys = self.keys0 + attn_out
+                keys = keys0 + attn_out
             else:
                 attn_out = _attention(i2t, k, q, queries)
                 keys = keys + attn_out
@@ -318,7 +339,7 @@ class PointDecoder:
         _, cu, hu, wu = upscaled.shape
         return (hyper_in @ upscaled.view(b, cu, hu * wu)).view(b, -1, hu, wu)
 
-    def _to_image(self, low_res: Tensor) -> Tensor:
+    def _to_image(self, low_res: Tensor, image: int = 0) -> Tensor:
         """Sam.postprocess_masks of (N, 4h, 4w) low-res logits -> (N, H, W).
 
         Stock upsamples (B, 3, 4h, 4w) (three multimask slots per prompt). With one torch
@@ -330,8 +351,8 @@ class PointDecoder:
         pad = -n % slots
         if pad:
             low_res = torch.cat([low_res, low_res.new_zeros(pad, hl, wl)])
-        masks = self.sam.postprocess_masks(low_res.view(-1, slots, hl, wl), self.input_size,
-                                           self.original_size)
+        masks = self.sam.postprocess_masks(low_res.view(-1, slots, hl, wl),
+                                           self.input_sizes[image], self.original_sizes[image])
         return masks.view(-1, *masks.shape[2:])[:n]
 
     @torch.no_grad()
@@ -347,28 +368,72 @@ class PointDecoder:
         ``iou.flatten()`` (point-major, level-minor, ascending), and ``logits`` (K, H, W) float32
         at the original image size, in the order of ``index``.
         """
+        return self.predict_images([(0, coords)], select)[0]
+
+    @torch.no_grad()
+    def predict_images(self, groups, select: Callable[[Tensor], Tensor],
+                       ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`predict` of several images' prompts in one batch.
+
+        ``groups``: (image index, coords (n, 2) in that image's input frame) in batch order, each
+        image at most once. Every group but the last is padded to a multiple of
+        :data:`PROMPT_ALIGN` prompts (its last point repeated; the padding is never selected), so
+        that each group starts where a batch of its own would put it and gets its bits (module
+        docstring). Returns :meth:`predict`'s (iou, index, logits) per group, in order, the
+        logits at that image's original size.
+        """
         # No cast: like stock, the prompt encoder shifts and scales the (float64) coordinates
         # before it casts them to float32.
-        coords = coords.to(self.device)
+        parts, starts, sizes, valid = [], [], [], []
+        for k, (_, coords) in enumerate(groups):
+            coords = torch.as_tensor(coords).to(self.device)
+            n = coords.shape[0]
+            pad = 0 if k == len(groups) - 1 else -n % PROMPT_ALIGN
+            starts.append(sum(len(p) for p in parts))
+            sizes.append(n)
+            parts.append(torch.cat([coords, coords[-1:].expand(pad, 2)]) if pad else coords)
+            valid += [True] * n + [False] * pad
+        coords = parts[0] if len(parts) == 1 else torch.cat(parts)
+        images = [image for image, _ in groups]
+        if len(groups) == 1:  # one image: its (1, ...) tensors, broadcast over the prompts
+            image = None if self.keys0.shape[0] == 1 else slice(images[0], images[0] + 1)
+        else:
+            image = torch.tensor(np.repeat(images, [len(p) for p in parts]), device=self.device)
         b = coords.shape[0]
         sparse = self._sparse_embeddings(coords)
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
-        queries, keys = self._transformer(tokens)
+        queries, keys = self._transformer(tokens, image)
         decoder = self.decoder
         multimask = slice(1, decoder.num_mask_tokens)
         iou = _mlp(decoder.iou_prediction_head, queries[:, 0, :])[:, multimask].float()
         chosen = select(iou).to(iou.device)
+        if not all(valid):
+            chosen &= torch.tensor(valid, device=iou.device)[:, None]
         index = torch.nonzero(chosen.flatten()).flatten()
         prompts = torch.nonzero(chosen.any(1)).flatten()
         n_slots = iou.shape[1]
-        if not len(index):
-            return iou, index, iou.new_zeros(0, *self.original_size)
-        mask_tokens = queries[:, 1:1 + decoder.num_mask_tokens, :]
-        if len(prompts) < b:
-            keys, mask_tokens = keys[prompts], mask_tokens[prompts]
-        low_res = self._upscaled_masks(keys, mask_tokens)[:, multimask].float()
-        del keys
-        # Rows of low_res are the chosen prompts; pick their chosen slots in flat order.
-        row = torch.searchsorted(prompts, torch.div(index, n_slots, rounding_mode="floor"))
-        low_res = low_res[row, index % n_slots]
-        return iou, index, self._to_image(low_res)
+        logits = None
+        if len(index):
+            mask_tokens = queries[:, 1:1 + decoder.num_mask_tokens, :]
+            if len(prompts) < b:
+                keys, mask_tokens = keys[prompts], mask_tokens[prompts]
+            low_res = self._upscaled_masks(keys, mask_tokens)[:, multimask].float()
+            del keys
+            # Rows of low_res are the chosen prompts; pick their chosen slots in flat order.
+            row = torch.searchsorted(prompts, torch.div(index, n_slots, rounding_mode="floor"))
+            logits = low_res[row, index % n_slots]
+        if len(groups) == 1:
+            cuts = [0, len(index)]
+        else:  # each group's selected slots: one sync for all groups
+            bounds = torch.tensor([s * n_slots for s in starts[1:]], device=index.device)
+            cuts = [0, *torch.searchsorted(index, bounds).tolist(), len(index)]
+        out = []
+        for k, image_k in enumerate(images):
+            a, z = cuts[k], cuts[k + 1]
+            iou_k = iou[starts[k]:starts[k] + sizes[k]]
+            index_k = index[a:z] - starts[k] * n_slots if starts[k] else index[a:z]
+            if a == z:
+                out.append((iou_k, index_k, iou.new_zeros(0, *self.original_sizes[image_k])))
+            else:
+                out.append((iou_k, index_k, self._to_image(logits[a:z], image_k)))
+        return out

@@ -32,7 +32,9 @@ counts the batched path's ops, syncs and copies on the simulated CUDA device.
 
 When the predictor holds a real segment-anything ``Sam``, the image and its crops go through the
 image encoder together, as many per pass as the memory budget allows
-(:mod:`pipeline.sam.image_encoder`), and the network side runs through
+(:mod:`pipeline.sam.image_encoder`), and the prompts of the crops encoded together go through
+the decoder packed into shared batches (:meth:`PointDecoder.predict_images`; each crop's masks are
+then post-processed in its own frame). The network side runs through
 :class:`pipeline.sam.point_decoder.PointDecoder` (the same numbers with less work: shared first
 block, IoU test before the mask upscaling) in prompt batches chosen from a memory budget (by
 default half the free memory of a CUDA device); any other object with ``SamPredictor``'s
@@ -57,6 +59,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 from pipeline.precision import autocast
 from pipeline.sam.image_encoder import crops_per_pass, encode_crops, set_features
 from pipeline.sam.point_decoder import (
+    PROMPT_ALIGN,
     PointDecoder,
     batch_memory_bytes,
     has_sam,
@@ -443,9 +446,8 @@ class QuasiSuperpixelGenerator:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data = _concat([self._process_crop(image, crop_box, layer_idx, orig_size, encoded)
-                        for crop_box, layer_idx, encoded
-                        in self._encoded(image, crop_boxes, layer_idxs)])
+        data = _concat([crop for group in self._encoded(image, crop_boxes, layer_idxs)
+                        for crop in self._process_crops(image, group, orig_size)])
 
         if len(crop_boxes) > 1:
             # Prefer masks from smaller crops (segment-anything's rule; level plays no part).
@@ -481,23 +483,24 @@ class QuasiSuperpixelGenerator:
             self._device_constants[key] = tuple(table)
         return self._device_constants[key]
 
-    def _encoded(self, image: np.ndarray, crop_boxes: list, layers: list) -> Iterator[tuple]:
-        """(crop box, layer index, image embedding and input size or None) of each crop, in
-        order. With a real ``Sam`` the crops (the whole image first) go through the image encoder
-        several at a time, as many as ``max_batch_memory_mb`` allows
-        (:mod:`pipeline.sam.image_encoder`: the same bits as one at a time); other predictors get
-        None and ``set_image`` each crop."""
-        if not has_sam(self.predictor):
-            for box, layer in zip(crop_boxes, layers):
-                yield box, layer, None
-            return
-        budget = batch_memory_bytes(self.max_batch_memory_mb, self.predictor.device)
-        per_pass = crops_per_pass(budget, self.predictor.model, len(crop_boxes))
+    def _encoded(self, image: np.ndarray, crop_boxes: list, layers: list) -> Iterator[list]:
+        """The crops in groups encoded together, in order: lists of (crop box, layer index,
+        image embedding and input size or None). With a real ``Sam`` the crops (the whole image
+        first) go through the image encoder several at a time, as many as
+        ``max_batch_memory_mb`` allows (:mod:`pipeline.sam.image_encoder`: the same bits as one
+        at a time); a group of one, and every crop of other predictors, gets None:
+        ``set_image`` then encodes it (through any wrapper of the predictor)."""
+        per_pass = 1
+        if has_sam(self.predictor):
+            budget = batch_memory_bytes(self.max_batch_memory_mb, self.predictor.device)
+            per_pass = crops_per_pass(budget, self.predictor.model, len(crop_boxes))
         for start in range(0, len(crop_boxes), per_pass):
-            boxes = crop_boxes[start:start + per_pass]
+            boxes, group_layers = crop_boxes[start:start + per_pass], layers[start:start + per_pass]
+            if per_pass == 1:
+                yield [(boxes[0], group_layers[0], None)]
+                continue
             encoded = self._encode([image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes])
-            for box, layer, item in zip(boxes, layers[start:start + per_pass], encoded):
-                yield box, layer, item
+            yield list(zip(boxes, group_layers, encoded))
             del encoded
 
     def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
@@ -505,10 +508,59 @@ class QuasiSuperpixelGenerator:
         with autocast(self.predictor.device, self.precision):
             return encode_crops(self.predictor, crops)
 
+    def _process_crops(self, image, group: list, orig_size) -> list[dict]:
+        """The masks of each crop of ``group`` (see :meth:`_encoded`), by crop. Crops encoded
+        together have their prompts decoded together (:meth:`_decode_together`)."""
+        if len(group) > 1:
+            return self._decode_together(group, orig_size)
+        (crop_box, layer_idx, encoded), = group
+        return [self._process_crop(image, crop_box, layer_idx, orig_size, encoded)]
+
+    def _crop_frame(self, crop_box, layer_idx, orig_size) -> tuple:
+        """A crop's size, prompt points (crop frame) and frame tensor (:func:`_near_crop_edge`)."""
+        x0, y0, x1, y1 = crop_box
+        crop_size = (y1 - y0, x1 - x0)
+        points_for_image = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        # One copy for the crop: its box shift, the crop box and the image box.
+        frame = torch.tensor([[x0, y0, x0, y0], crop_box, [0, 0, orig_size[1], orig_size[0]]],
+                             dtype=torch.int64, device=self.predictor.device)
+        return crop_size, points_for_image, frame
+
+    def _decode_together(self, group: list, orig_size) -> list[dict]:
+        """The masks of each crop of a group encoded together: their prompts go through the
+        decoder packed into as few batches as ``max_batch_memory_mb`` allows (a batch holds
+        several crops' prompts, :meth:`PointDecoder.predict_images`: each crop's bits), then
+        each crop's masks are post-processed in its own frame, as :meth:`_process_crop` does."""
+        crops = [self._crop_frame(box, layer, orig_size) for box, layer, _ in group]
+        sam = self.predictor.model
+        with autocast(self.predictor.device, self.precision):
+            decoder = PointDecoder.of_images(sam, [(features, input_size, crop[0]) for
+                                                   (_, _, (features, input_size)), crop
+                                                   in zip(group, crops)])
+        largest = max((crop[0] for crop in crops), key=lambda size: size[0] * size[1])
+        budget = batch_memory_bytes(self.max_batch_memory_mb, decoder.device)
+        batch_size = prompts_per_batch(budget, sam, largest, self.points_per_batch)
+        pieces = [[] for _ in crops]
+        for batch in _pack_prompts([len(points) for _, points, _ in crops], batch_size):
+            groups = [(c, self.predictor.transform.apply_coords(crops[c][1][a:z], crops[c][0]))
+                      for c, a, z in batch]
+            outputs = self._predict_together(decoder, groups)
+            for (c, a, z), (iou_preds, index, logits) in zip(batch, outputs):
+                pieces[c].append(self._postprocess_batch(crops[c][1][a:z], iou_preds, index,
+                                                         logits, crops[c][2]))
+        del decoder
+        return [self._finish_crop(_concat(parts), frame, box, orig_size)
+                for parts, (_, _, frame), (box, _, _) in zip(pieces, crops, group)]
+
+    def _predict_together(self, decoder: PointDecoder, groups: list) -> list[tuple]:
+        """:meth:`PointDecoder.predict_images` of one packed batch, with the IoU test."""
+        with autocast(self.predictor.device, self.precision):
+            return decoder.predict_images(groups, self._iou_survivors)
+
     def _process_crop(self, image, crop_box, layer_idx, orig_size, encoded=None) -> dict:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
-        crop_size = cropped.shape[:2]
+        crop_size, points_for_image, frame = self._crop_frame(crop_box, layer_idx, orig_size)
         with autocast(self.predictor.device, self.precision):
             if encoded is None:
                 self.predictor.set_image(cropped)
@@ -520,16 +572,14 @@ class QuasiSuperpixelGenerator:
             budget = batch_memory_bytes(self.max_batch_memory_mb, decoder.device)
             batch_size = prompts_per_batch(budget, self.predictor.model, crop_size,
                                            self.points_per_batch)
-        points_for_image = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
-        # One copy for the crop: its box shift, the crop box and the image box.
-        frame = torch.tensor([[x0, y0, x0, y0], crop_box, [0, 0, orig_size[1], orig_size[0]]],
-                             dtype=torch.int64, device=self.predictor.device)
         batches = [self._process_batch(points, crop_size, frame, decoder)
                    for (points,) in batch_iterator(batch_size, points_for_image)]
         del decoder
         self.predictor.reset_image()
-        data = _concat(batches)
+        return self._finish_crop(_concat(batches), frame, crop_box, orig_size)
 
+    def _finish_crop(self, data: dict, frame: torch.Tensor, crop_box, orig_size) -> dict:
+        """A crop's within-crop NMS and uncropping."""
         # Whole-first NMS (change 2): the level offset only ranks, it is not stored.
         nms_scores = data["iou_preds"] + self._constants(frame.device)[1][data["levels"]]
         data = _take(data, _nms(data["boxes"], nms_scores, self.box_nms_thresh))
@@ -569,7 +619,11 @@ class QuasiSuperpixelGenerator:
         return iou_preds, index, logits.flatten(0, 1).float()
 
     def _process_batch(self, points, crop_size, frame, decoder) -> dict:
-        iou_preds, index, logits = self._predict(points, crop_size, decoder)
+        return self._postprocess_batch(points, *self._predict(points, crop_size, decoder), frame)
+
+    def _postprocess_batch(self, points, iou_preds, index, logits, frame) -> dict:
+        """Stability, boxes, filters of a prompt batch's masks (:meth:`_predict`'s outputs) in
+        the crop ``frame``."""
         n_levels = iou_preds.shape[1]
         device = iou_preds.device
         # Point-major, level-minor: p0L0, p0L1, p0L2, p1L0, ...
@@ -745,6 +799,31 @@ def _uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], size) -> torch.T
     out = masks.new_zeros((len(masks), *size))
     out[:, y0:y1, x0:x1] = masks
     return out
+
+
+def _pack_prompts(counts: Sequence[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Decoder batches over several crops' prompts, in order: lists of (crop, start, stop).
+    A batch holds up to ``batch_size`` prompts (a multiple of PROMPT_ALIGN), counting the
+    padding that aligns each crop's part but the batch's last
+    (:meth:`PointDecoder.predict_images`); a crop is split only at multiples of PROMPT_ALIGN."""
+    batches, batch, used = [], [], 0
+    for crop, count in enumerate(counts):
+        start = 0
+        while start < count:
+            space = batch_size - used
+            take = count - start
+            if take > space:
+                take = space - space % PROMPT_ALIGN
+            if take <= 0:
+                batches.append(batch)
+                batch, used = [], 0
+                continue
+            batch.append((crop, start, start + take))
+            used += take + (-take % PROMPT_ALIGN)
+            start += take
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def _take(data: dict, keep: torch.Tensor) -> dict:
