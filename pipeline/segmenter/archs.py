@@ -39,9 +39,6 @@ class SegmenterArch:
         "resnet101-63fe2227.pth) or any torchvision-layout ResNet-101 state dict"
     )
     """What ``segmenter.encoder_weights`` should be, for error messages."""
-    low_level_channels: int = 0
-    """clip_vit: channels of the stride-4 features fused before the classifier (DeepLabV3+'s
-    decoder; :class:`pipeline.segmenter.clip_vit.ClipViTSegmenter`); 0: stride-16 logits."""
 
     @property
     def output_strides(self) -> tuple[int, ...]:

@@ -134,7 +134,6 @@ def _clip_vit_network(arch: SegmenterArch, num_classes: int) -> torch.nn.Module:
         num_classes, width=vision["width"], depth=vision["layers"],
         heads=vision["width"] // vision.get("head_width", 64), patch_size=vision["patch_size"],
         image_size=vision["image_size"], channels=arch.decoder_channels,
-        low_level_channels=arch.low_level_channels,
     )
 
 
