@@ -47,7 +47,7 @@ def _encoder_shape(encoder: torch.nn.Module) -> tuple[int, int, int]:
 def encoder_image_bytes(sam) -> int:
     """Estimated peak working memory of one image through ``sam.image_encoder``, in bytes
     (float32; the largest block, a global attention's scores, dominates: ViT-H at 1024 px about
-    3.3 GiB, ViT-B 2.5 GiB)."""
+    3.2 GiB, ViT-B 2.4 GiB)."""
     tokens, width, heads = _encoder_shape(sam.image_encoder)
     return 4 * (ATTENTION_SCORE_TENSORS * heads * tokens * tokens + TOKEN_TENSORS * tokens * width)
 
