@@ -81,9 +81,9 @@ class WorldOracleGenerator(QuasiSuperpixelGenerator):
                                "call generate_world(image, sample)")
         return super().generate(image)
 
-    def _process_crop(self, image, crop_box, layer_idx, orig_size, encoded=None):
+    def _process_crop(self, image, crop_box, layer_idx, orig_size):
         self._crop_box = crop_box
-        return super()._process_crop(image, crop_box, layer_idx, orig_size, encoded)
+        return super()._process_crop(image, crop_box, layer_idx, orig_size)
 
     def _predict(self, points, crop_size, decoder):
         """The base ``_predict``'s outputs: iou_preds (B, 3), the flat IoU-survivor index

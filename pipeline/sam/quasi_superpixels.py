@@ -57,7 +57,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms, box_area
 
 from pipeline.precision import autocast
-from pipeline.sam.image_encoder import crops_per_pass, encode_crops, set_features
+from pipeline.sam.image_encoder import crops_per_pass, encode_crops
 from pipeline.sam.point_decoder import (
     PROMPT_ALIGN,
     PointDecoder,
@@ -513,8 +513,8 @@ class QuasiSuperpixelGenerator:
         together have their prompts decoded together (:meth:`_decode_together`)."""
         if len(group) > 1:
             return self._decode_together(group, orig_size)
-        (crop_box, layer_idx, encoded), = group
-        return [self._process_crop(image, crop_box, layer_idx, orig_size, encoded)]
+        (crop_box, layer_idx, _), = group
+        return [self._process_crop(image, crop_box, layer_idx, orig_size)]
 
     def _crop_frame(self, crop_box, layer_idx, orig_size) -> tuple:
         """A crop's size, prompt points (crop frame) and frame tensor (:func:`_near_crop_edge`)."""
@@ -557,15 +557,12 @@ class QuasiSuperpixelGenerator:
         with autocast(self.predictor.device, self.precision):
             return decoder.predict_images(groups, self._iou_survivors)
 
-    def _process_crop(self, image, crop_box, layer_idx, orig_size, encoded=None) -> dict:
+    def _process_crop(self, image, crop_box, layer_idx, orig_size) -> dict:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size, points_for_image, frame = self._crop_frame(crop_box, layer_idx, orig_size)
         with autocast(self.predictor.device, self.precision):
-            if encoded is None:
-                self.predictor.set_image(cropped)
-            else:
-                set_features(self.predictor, encoded[0], crop_size, encoded[1])
+            self.predictor.set_image(cropped)
             decoder = PointDecoder(self.predictor) if has_sam(self.predictor) else None
         batch_size = self.points_per_batch
         if decoder is not None:
